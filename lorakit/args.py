@@ -1,0 +1,329 @@
+"""Every command-line flag, as small typed dataclasses.
+
+Each field's docstring (the string literal under it) is its `--help` text. Commands compose
+groups (`SftArgs` = model + data + lora + train + fast); the CLI flattens the groups into one
+flag namespace, so a flag name is unique across the groups a command uses. Spellings follow
+ms-swift (`--lora_rank`, `--train_type`), and `aliases` maps the other names people type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorakit.errors import UserError
+
+# Other spellings of a flag -> its canonical field name (ms-swift 4.x renamed some flags).
+ALIASES = {
+    "tuner_type": "train_type",
+    "lora_r": "lora_rank",
+    "max_seq_length": "max_length",
+    "cutoff_len": "max_length",
+    "model_name_or_path": "model",
+    "adapter_name_or_path": "adapters",
+    "ckpt_dir": "adapters",
+    "batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size",
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+}
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = None
+    "Base model: a local Hugging Face folder, a hub ID, or a .gguf file. Empty: the embedded SmolLM2-135M-Instruct."
+    gguf_file: str | None = None
+    "Name of the .gguf file inside --model's folder (transformers de-quantises it)."
+    use_hf: bool = True
+    "Download from the Hugging Face hub (true) or ModelScope (false, needs the modelscope package)."
+    torch_dtype: str = "auto"
+    "auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), bfloat16, float16 or float32."
+    device: str | None = None
+    "cuda, cuda:N, cpu or mps. Empty: the first GPU if there is one, else the CPU."
+    attn_impl: str = "sdpa"
+    "Attention implementation passed to transformers: sdpa (default), eager or flash_attention_2."
+    template: str | None = None
+    "Chat template: empty uses the tokenizer's own; 'chatml' is the built-in fallback for tokenizers without one."
+    model_type: str | None = None
+    "Accepted for ms-swift compatibility and ignored: the architecture comes from config.json."
+
+    def __post_init__(self):
+        _check_choice("torch_dtype", self.torch_dtype, ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
+        self.torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.torch_dtype, self.torch_dtype)
+
+
+@dataclass
+class DataArgs:
+    dataset: list[str] = field(default_factory=list)
+    "Training data: files (.json/.jsonl/.csv/.parquet), hub IDs or built-in names, each optionally PATH#N to sample N rows."
+    val_dataset: list[str] = field(default_factory=list)
+    "Validation data, same forms as --dataset."
+    split_dataset_ratio: float | None = None
+    "Share of --dataset held out for validation. Empty: 0 for datasets under 500 rows, else 0.01."
+    max_length: int = 2048
+    "Longest sample in tokens; longer samples follow --truncation_strategy."
+    truncation_strategy: str = "delete"
+    "delete (drop the row), left (cut the start) or right (cut the end) for samples over --max_length."
+    packing: bool = False
+    "Pack samples into --max_length bins with attention kept within each sample."
+    system: str | None = None
+    "System prompt (text, or a path to a .txt file) used where a row has none. Empty: the template's default."
+    loss_on_prompt: bool = False
+    "Train on every token, not only on the assistant's replies."
+    model_name: list[str] = field(default_factory=list)
+    "Your model's name for the built-in self-cognition data: one value, or a Chinese and an English value."
+    model_author: list[str] = field(default_factory=list)
+    "Your model's author for the built-in self-cognition data: one value, or a Chinese and an English value."
+    seed: int = 42
+    "Random seed for sampling, shuffling, initialisation and dropout."
+    dataset_num_proc: int = 1
+    "Processes used to tokenise the data."
+    data_cache: bool = True
+    "Cache tokenised data on disk, keyed by file contents, tokenizer, template and flags."
+    streaming: bool = False
+    "Accepted for ms-swift compatibility; datasets are read whole."
+
+    def __post_init__(self):
+        _check_choice("truncation_strategy", self.truncation_strategy, ("delete", "left", "right"))
+        if self.max_length <= 0:
+            raise UserError(f"--max_length must be positive, got {self.max_length}.")
+        if self.split_dataset_ratio is not None and not 0 <= self.split_dataset_ratio < 1:
+            raise UserError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}.")
+
+
+@dataclass
+class LoraArgs:
+    train_type: str = "lora"
+    "lora (default) or full. ms-swift 4.x calls this --tuner_type; both are accepted."
+    lora_rank: int = 8
+    "LoRA rank r."
+    lora_alpha: int = 32
+    "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --use_rslora)."
+    lora_dropout: float = 0.05
+    "Dropout on the LoRA input."
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    "Modules to adapt: all-linear (every linear layer except the output head) or module names such as q_proj v_proj."
+    modules_to_save: list[str] = field(default_factory=list)
+    "Modules trained in full and saved beside the adapter, e.g. embed_tokens lm_head."
+    use_rslora: bool = False
+    "Rank-stabilised LoRA scaling (alpha / sqrt(r))."
+    use_dora: bool = False
+    "Weight-decomposed LoRA (DoRA)."
+
+    def __post_init__(self):
+        _check_choice("train_type", self.train_type, ("lora", "full"))
+        if self.lora_rank <= 0:
+            raise UserError(f"--lora_rank must be positive, got {self.lora_rank}.")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "output"
+    "Folder that receives the run folder vN-YYYYMMDD-HHMMSS/."
+    num_train_epochs: float = 1.0
+    "Passes over the training data (ignored when --max_steps is set)."
+    max_steps: int = -1
+    "Optimizer steps to run; -1 means use --num_train_epochs."
+    per_device_train_batch_size: int = 1
+    "Samples per micro-batch."
+    per_device_eval_batch_size: int = 1
+    "Samples per evaluation batch."
+    gradient_accumulation_steps: int = 1
+    "Micro-batches per optimizer step; the loss is normalised over all loss tokens of the step."
+    learning_rate: float | None = None
+    "Peak learning rate. Empty: 1e-4 for LoRA, 1e-5 for full fine-tuning."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    adam_beta1: float = 0.9
+    "AdamW beta1."
+    adam_beta2: float = 0.999
+    "AdamW beta2."
+    lr_scheduler_type: str = "cosine"
+    "cosine, linear or constant (after warm-up)."
+    warmup_ratio: float = 0.0
+    "Share of the steps spent warming up the learning rate linearly from 0."
+    warmup_steps: int = 0
+    "Warm-up steps (wins over --warmup_ratio when set)."
+    max_grad_norm: float = 1.0
+    "Clip the gradient norm to this value; 0 disables clipping."
+    gradient_checkpointing: bool | None = None
+    "Recompute activations in the backward pass to save memory. Empty: on for GPU, off for CPU."
+    logging_steps: int = 5
+    "Write a line to logging.jsonl every N optimizer steps."
+    eval_steps: int | None = None
+    "Evaluate on the validation set every N steps. Empty: same as --save_steps."
+    save_steps: int = 500
+    "Save a checkpoint every N optimizer steps (and always at the end)."
+    save_total_limit: int | None = None
+    "Keep only the newest N checkpoints, plus the best by eval loss."
+    save_only_model: bool = False
+    "Save weights without optimizer state (smaller; such a checkpoint cannot be resumed exactly)."
+    resume_from_checkpoint: str | None = None
+    "Checkpoint (or run folder) to continue exactly: weights, optimizer, scheduler, RNG and data order."
+    resume_only_model: bool = False
+    "With --resume_from_checkpoint: load only the weights and start a new run."
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    "Where to log: tensorboard, wandb, none."
+    dataloader_num_workers: int = 0
+    "Accepted for compatibility; tokenised data is already in memory, so it is not needed."
+    replay: int = 0
+    "Mix in the base model's own answers to N built-in general prompts (keeps general ability)."
+    dry_run: bool = False
+    "Load and check the data, print the summary, and stop before loading weights."
+    add_version: bool = True
+    "Write into a new vN-YYYYMMDD-HHMMSS folder inside --output_dir."
+
+    def __post_init__(self):
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, ("cosine", "linear", "constant"))
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+
+
+@dataclass
+class GenerationArgs:
+    max_new_tokens: int = 512
+    "Most tokens generated per reply; a reply cut here is marked as cut."
+    temperature: float = 0.0
+    "Sampling temperature; 0 means greedy and exactly reproducible."
+    top_p: float = 1.0
+    "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."
+    top_k: int = 0
+    "Keep only the k most likely tokens (0: no limit)."
+    repetition_penalty: float = 1.0
+    "Penalty > 1 lowers the probability of tokens already in the text."
+    seed: int = 42
+    "Random seed for sampling."
+    stream: bool = True
+    "Print the reply token by token."
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0, got {self.temperature}.")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
+
+
+@dataclass
+class AdapterArgs:
+    adapters: list[str] = field(default_factory=list)
+    "Checkpoint folder (or run folder: its last checkpoint). deploy also takes NAME=PATH pairs."
+    merge_lora: bool = False
+    "Merge the adapter into the base weights."
+    system: str | None = None
+    "System prompt (text or a .txt path). Empty: the checkpoint's, else the template's default."
+
+
+@dataclass
+class InferArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+    query: str | None = None
+    "Ask one question, print the answer and exit."
+    val_dataset: list[str] = field(default_factory=list)
+    "Answer every row of these datasets (batch mode); needs --result_path or writes next to the checkpoint."
+    result_path: str | None = None
+    "JSONL file for batch results."
+    max_batch_size: int = 16
+    "Rows generated together in batch mode."
+    infer_backend: str = "pt"
+    "pt (lorakit's own engine) or vllm (if installed)."
+
+    def __post_init__(self):
+        _check_choice("infer_backend", self.infer_backend, ("pt", "vllm"))
+
+
+@dataclass
+class SftArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+
+@dataclass
+class CheckDataArgs(SftArgs):
+    """check-data takes every sft flag, so a user can run the same command line through it."""
+
+
+@dataclass
+class EvalArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    model_name: list[str] = field(default_factory=list)
+    "The new name the identity probes expect (default: the checkpoint's)."
+    model_author: list[str] = field(default_factory=list)
+    "The new author the identity probes expect (default: the checkpoint's)."
+    eval_output: str | None = None
+    "JSON file for the results (default: eval.json beside the checkpoint, or ./eval.json)."
+    max_batch_size: int = 32
+    "Prompts generated together."
+    max_new_tokens: int = 96
+    "Most tokens generated per probe answer."
+
+
+@dataclass
+class QuickstartArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    model_name: list[str] = field(default_factory=list)
+    "Your model's name: one value, or a Chinese and an English value."
+    model_author: list[str] = field(default_factory=list)
+    "Your model's author: one value, or a Chinese and an English value."
+    dataset: list[str] = field(default_factory=list)
+    "Extra training data mixed in (any --dataset form)."
+    replay: int = 320
+    "Base-model answers to built-in general prompts mixed in against forgetting (0: off)."
+    output_dir: str = "output"
+    "Folder that receives the run folder."
+    num_train_epochs: float | None = None
+    "Epochs (default: chosen from the data size)."
+    learning_rate: float | None = None
+    "Peak learning rate (default: chosen from the model size)."
+    lora_rank: int = 8
+    "LoRA rank r."
+    seed: int = 42
+    "Random seed."
+
+
+@dataclass
+class ExportArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    output_dir: str | None = None
+    "Output folder (default: <checkpoint>-merged)."
+    to_gguf: str | None = None
+    "Also write a GGUF file: f16, bf16 or q8_0."
+    to_ollama: bool = False
+    "Also write an Ollama Modelfile (implies a GGUF file)."
+    push_to_hub: str | None = None
+    "Upload the result to this hub repository (needs a token and network)."
+    hub_token: str | None = None
+    "Hub token (default: the one huggingface_hub finds)."
+    max_shard_size: str = "5GB"
+    "Largest safetensors shard."
+
+
+@dataclass
+class DeployArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    host: str = "127.0.0.1"
+    "Address to listen on."
+    port: int = 8000
+    "Port to listen on."
+    api_key: str | None = None
+    "Require 'Authorization: Bearer KEY' on every request."
+    served_model_name: str | None = None
+    "Name of the model in the API (default: the folder name)."
+    max_concurrency: int = 16
+    "Requests generated together; more wait in a bounded queue."
+    max_queue: int = 64
+    "Requests that may wait; past it the server answers 503 with Retry-After."
+    max_new_tokens: int = 512
+    "Default max_tokens when a request gives none."
