@@ -1,0 +1,603 @@
+"""`lorakit sft`: the fine-tuning loop, top to bottom.
+
+train() = resolve the model -> tokenizer -> data summary (before any weights load) -> weights ->
+tuner (LoRA or full) -> optimizer -> loop over optimizer steps -> checkpoints -> summary.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches whose summed token loss is divided
+by the number of loss tokens in the WHOLE step, so the gradient does not depend on how the tokens
+fall into micro-batches. The data order is a pure function of (seed, epoch), and the learning rate
+a pure function of the step, so a checkpoint's step, optimizer state and RNG states are all that
+exact resumption needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lorakit import __version__
+from lorakit.args import SftArgs
+from lorakit.checkpoint import (
+    TrainState,
+    best_checkpoint,
+    capture_rng,
+    find_checkpoint,
+    list_checkpoints,
+    load_train_state,
+    load_weights_into,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from lorakit.errors import UserError
+from lorakit.plots import plot_loss
+from lorakit.loss import IGNORE_INDEX, LossOutput, causal_lm_loss, shift_targets
+from lorakit.schedule import lr_factor, warmup_steps_for
+from lorakit.tuners import attach_tuner, trainable_parameters
+
+# Test hook: make the loss of this optimizer step (1-based) NaN, to exercise the non-finite guard.
+_INJECT_NAN_ENV = "LORAKIT_INJECT_NAN_AT_STEP"
+_FEW_STEPS = 30
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path | None
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    train_loss: float | None
+    eval_loss: float | None
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepPlan:
+    """Which samples each optimizer step sees: a pure function of (seed, step)."""
+
+    n_samples: int
+    micro_batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed after `step` optimizer steps."""
+        return step / self.steps_per_epoch
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Sample indices of each micro-batch of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        span = self.micro_batch_size * self.grad_accum
+        chunk = order[within * span : (within + 1) * span]
+        return [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
+
+
+def plan_steps(n_samples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int, seed: int) -> StepPlan:
+    """Steps per epoch and in total (--max_steps wins over --num_train_epochs)."""
+    steps_per_epoch = math.ceil(math.ceil(n_samples / batch_size) / grad_accum)
+    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
+    return StepPlan(n_samples, batch_size, grad_accum, steps_per_epoch, total, seed)
+
+
+def collate(samples: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad rendered samples into a batch: input_ids, labels (-100 on padding), attention_mask."""
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[row, :n] = torch.tensor(s.input_ids)
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if getattr(samples[0], "position_ids", None) is not None:  # packed bins restart positions per sample
+        pos = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, s in enumerate(samples):
+            pos[row, : len(s.position_ids)] = torch.tensor(s.position_ids)
+        batch["position_ids"] = pos
+        del batch["attention_mask"]  # attention stays within each packed sample via position_ids
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of `batch` that carry loss once labels are shifted (what causal_lm_loss sums over)."""
+    return int((shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
+
+
+def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scaler=None) -> tuple[float, int]:
+    """Backward through every micro-batch of one optimizer step; return (mean loss per token, tokens).
+
+    Each micro-batch's summed loss is divided by the loss tokens of the whole step, so the
+    accumulated gradient equals that of one big batch, whatever the split.
+    """
+    n_tokens = sum(count_loss_tokens(b) for b in micro_batches)
+    denominator = max(n_tokens, 1)
+    total = 0.0
+    for batch in micro_batches:
+        out = loss_fn(model, batch)
+        part = out.loss_sum / denominator
+        (scaler.scale(part) if scaler is not None else part).backward()
+        total += float(out.loss_sum.detach())
+    return total / denominator, n_tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, loss_fn: LossFn) -> float:
+    """Mean loss per loss token over the validation batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum, n_tokens = 0.0, 0
+    for batch in batches:
+        out = loss_fn(model, batch)
+        loss_sum += float(out.loss_sum)
+        n_tokens += int(out.n_tokens)
+    model.train(was_training)
+    return loss_sum / max(n_tokens, 1)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory so far: GPU allocations on CUDA, the process's resident size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (LoRA init, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def new_run_dir(output_dir: str, add_version: bool) -> Path:
+    """output_dir/vN-YYYYMMDD-HHMMSS (N one past the highest existing), or output_dir itself."""
+    root = Path(output_dir).expanduser().resolve()
+    if not add_version:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[1:].split("-")[0]) for p in root.glob("v*-*") if p.name[1:].split("-")[0].isdigit()]
+    run = root / f"v{max(taken, default=-1) + 1}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run.mkdir()
+    return run
+
+
+def resolve_system(system: str | None) -> str | None:
+    """--system as text: a path to a .txt file means its contents."""
+    if system and system.endswith(".txt") and Path(system).expanduser().is_file():
+        return Path(system).expanduser().read_text(encoding="utf-8").strip()
+    return system
+
+
+def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, device: torch.device, dtype: torch.dtype,
+                  learning_rate: float) -> dict[str, Any]:
+    """args.json: every flag group plus what it resolved to (absolute model path, template, system, lr)."""
+    out = asdict(args)
+    out["model"]["model"] = str(model_path)
+    out["train"]["learning_rate"] = learning_rate
+    out["train"]["output_dir"] = str(Path(args.train.output_dir).expanduser().resolve())
+    out.update(
+        model_path=str(model_path),
+        train_type=args.lora.train_type,
+        template=args.model.template or "tokenizer",
+        chat_template=getattr(tokenizer, "chat_template", None),
+        system=resolve_system(args.data.system),
+        model_name=list(args.data.model_name),
+        model_author=list(args.data.model_author),
+        torch_dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+        lorakit_version=__version__,
+    )
+    return out
+
+
+def load_data(args: SftArgs, tokenizer):
+    """Render the datasets, print the check-data summary, and refuse to go on without rows."""
+    from lorakit.data.check import print_summary
+    from lorakit.data.loading import build_datasets
+
+    data = build_datasets(args.data, tokenizer)
+    print_summary(data, file=sys.stderr)
+    if not data.train:
+        raise UserError("No training rows: every dataset gave zero usable rows (see the summary above). "
+                        "Check --dataset paths, --max_length and --truncation_strategy.")
+    return data
+
+
+def prepare_model(model, args: SftArgs, device: torch.device):
+    """Gradient checkpointing, fast GPU paths, then the tuner; prints the trainable share."""
+    checkpointing = args.train.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = device.type == "cuda"
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if device.type == "cuda":
+        try:
+            from lorakit.fast import FastOptions, prepare_for_training
+        except ImportError:
+            pass
+        else:
+            model = prepare_for_training(model, FastOptions()) or model
+    model, summary = attach_tuner(model, args.lora)
+    print(summary.line(), file=sys.stderr)
+    return model
+
+
+def make_loss_fn(device: torch.device) -> LossFn:
+    """causal_lm_loss, with the chunked head+CE on GPU (same value, far less memory)."""
+    fused = False
+    if device.type == "cuda":
+        try:
+            import lorakit.fast.linear_ce  # noqa: F401
+
+            fused = True
+        except ImportError:
+            pass
+    return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
+
+
+def inject_nan_at(step: int, loss_fn: LossFn) -> LossFn:
+    """The loss function, made NaN at optimizer step `step` when the test hook asks for it."""
+    target = int(os.environ.get(_INJECT_NAN_ENV, "0") or 0)
+    if target != step:
+        return loss_fn
+
+    def poisoned(model, batch):
+        out = loss_fn(model, batch)
+        return LossOutput(loss_sum=out.loss_sum * float("nan"), n_tokens=out.n_tokens)
+
+    return poisoned
+
+
+def build_optimizer(model, args: SftArgs, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters."""
+    params = trainable_parameters(model)
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(args.train.adam_beta1, args.train.adam_beta2),
+                             weight_decay=args.train.weight_decay)
+
+
+def default_learning_rate(args: SftArgs) -> float:
+    """--learning_rate, else 1e-4 for LoRA and 1e-5 for full fine-tuning."""
+    if args.train.learning_rate is not None:
+        return args.train.learning_rate
+    return 1e-4 if args.lora.train_type == "lora" else 1e-5
+
+
+@dataclass
+class Session:
+    """Everything the loop reads and updates; built by train(), stepped by run_loop()."""
+
+    args: SftArgs
+    saved_args: dict[str, Any]
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    plan: StepPlan
+    train_samples: list
+    val_samples: list
+    device: torch.device
+    loss_fn: LossFn
+    learning_rate: float
+    warmup: int
+    scaler: Any = None
+    step: int = 0
+    eval_loss: float | None = None
+    last_checkpoint: Path | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    tokens: int = 0
+    writer: Any = None
+
+
+def open_writers(run_dir: Path, report_to: list[str], config: dict) -> Any:
+    """A TensorBoard SummaryWriter when asked for and installed (wandb is started beside it)."""
+    writer = None
+    if "tensorboard" in report_to:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=str(run_dir / "runs"))
+        except ImportError:
+            print("notice: --report_to tensorboard, but tensorboard is not installed (pip install tensorboard); "
+                  "logging.jsonl still has every value.", file=sys.stderr)
+    if "wandb" in report_to:
+        try:
+            import wandb
+
+            wandb.init(project="lorakit", name=run_dir.name, dir=str(run_dir), config=config)
+        except Exception as exc:  # missing package or no login: the run goes on, logging.jsonl has it all
+            print(f"notice: --report_to wandb failed ({type(exc).__name__}: {exc}); continuing without it.",
+                  file=sys.stderr)
+    return writer
+
+
+def log_record(s: Session, record: dict[str, Any]) -> None:
+    """Append one record to logging.jsonl, the log history, TensorBoard and wandb."""
+    s.log_history.append(record)
+    with open(s.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
+    if s.writer is not None:
+        for key, value in scalars.items():
+            s.writer.add_scalar(("eval/" if key.startswith("eval") else "train/") + key, value, record["step"])
+    if "wandb" in s.args.train.report_to and "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log(scalars, step=record["step"])
+
+
+def save(s: Session) -> Path:
+    """Checkpoint the current step (atomic), then prune to --save_total_limit."""
+    state = TrainState(
+        step=s.step, epoch=s.plan.epoch_of(s.step), total_steps=s.plan.total_steps,
+        train_loss=next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None),
+        eval_loss=s.eval_loss, data_order=asdict(s.plan), log_history=s.log_history,
+        optimizer=None if s.args.train.save_only_model else s.optimizer.state_dict(),
+        rng=None if s.args.train.save_only_model else capture_rng(),
+    )
+    s.last_checkpoint = save_checkpoint(s.run_dir / f"checkpoint-{s.step}", model=s.model, tokenizer=s.tokenizer,
+                                        args=s.saved_args, train_state=state)
+    if s.args.train.save_total_limit:
+        prune_checkpoints(s.run_dir, s.args.train.save_total_limit)
+    return s.last_checkpoint
+
+
+def stop_on_non_finite(s: Session, loss: float, grad_norm: float, rows: list[int]) -> None:
+    """Raise a UserError naming the step and what to change when the loss or gradient norm blew up."""
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    value = loss if what == "loss" else grad_norm
+    where = [getattr(s.train_samples[i], "source", None) or f"training row #{i}" for i in rows[:8]]
+    kept = f"The last good checkpoint is {s.last_checkpoint}." if s.last_checkpoint else (
+        f"No checkpoint was saved yet (--save_steps {s.args.train.save_steps}).")
+    advice = [f"lower --learning_rate (now {s.learning_rate:g}; try {s.learning_rate / 10:g}) or add warm-up "
+              f"(--warmup_ratio 0.05)"]
+    if s.saved_args.get("torch_dtype") == "float16":
+        advice.append("use --torch_dtype bfloat16 (or float32): float16 overflows easily")
+    advice.append(f"check the rows of this step for broken text: {', '.join(where)}")
+    raise UserError(
+        f"Training stopped at step {s.step + 1}/{s.plan.total_steps} (epoch {s.plan.epoch_of(s.step):.2f}): "
+        f"the {what} is {value}. This step was not applied. {kept} To fix: " + "; ".join(advice) + "."
+    )
+
+
+def optimizer_step(s: Session) -> tuple[float, float, int]:
+    """One optimizer step: set the lr, accumulate, clip, check, apply. Returns (loss, grad norm, tokens seen)."""
+    lr = s.learning_rate * lr_factor(s.step, total_steps=s.plan.total_steps, warmup=s.warmup,
+                                     kind=s.args.train.lr_scheduler_type)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    indices = s.plan.micro_batches(s.step)
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    batches = [collate([s.train_samples[i] for i in idx], pad_id, s.device) for idx in indices]
+    loss, _ = accumulate_gradients(s.model, batches, inject_nan_at(s.step + 1, s.loss_fn), scaler=s.scaler)
+    if s.scaler is not None:
+        s.scaler.unscale_(s.optimizer)
+    max_norm = s.args.train.max_grad_norm if s.args.train.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(s.model), max_norm))
+    if not math.isfinite(loss) or (s.scaler is None and not math.isfinite(grad_norm)):
+        s.optimizer.zero_grad(set_to_none=True)
+        stop_on_non_finite(s, loss, grad_norm, [i for idx in indices for i in idx])
+    if s.scaler is not None:  # fp16: the scaler skips steps whose gradients overflowed and lowers its scale
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    return loss, grad_norm, seen
+
+
+def run_loop(s: Session) -> None:
+    """Step until the plan's total: log every --logging_steps, evaluate every --eval_steps, save every --save_steps."""
+    from tqdm import tqdm
+
+    t = s.args.train
+    eval_every = t.eval_steps or t.save_steps
+    bar = tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True)
+    window: list[float] = []
+    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    s.model.train()
+    while s.step < s.plan.total_steps:
+        loss, grad_norm, seen = optimizer_step(s)
+        s.tokens += seen
+        window.append(loss)
+        window_tokens += seen
+        last = s.step == s.plan.total_steps
+        tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+        lr = s.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{memory_gb(s.device):.1f}G")
+        bar.update(1)
+        if s.step % t.logging_steps == 0 or last:
+            log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), loss=sum(window) / len(window),
+                               learning_rate=lr, grad_norm=grad_norm, tokens_per_second=round(tok_s, 1),
+                               memory_gb=round(memory_gb(s.device), 3),
+                               elapsed_s=round(time.perf_counter() - started, 2)))
+            window, window_tokens, window_start = [], 0, time.perf_counter()
+        if s.val_samples and (s.step % eval_every == 0 or last):
+            s.eval_loss = evaluate_loss(s.model, val_batches(s), s.loss_fn)
+            log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss))
+            bar.write(f"step {s.step}: eval loss {s.eval_loss:.4f}")
+        if s.step % t.save_steps == 0 or last:
+            save(s)
+    bar.close()
+
+
+def val_batches(s: Session):
+    """Validation batches, collated one at a time (the whole set need not sit on the GPU)."""
+    size = s.args.train.per_device_eval_batch_size
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(s.val_samples), size):
+        yield collate(s.val_samples[i : i + size], pad_id, s.device)
+
+
+def oom_message(device: torch.device, args: SftArgs) -> str:
+    """What to do after running out of GPU memory, with the peak the run reached."""
+    peak = memory_gb(device)
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
+    options = [f"--max_length {max(256, args.data.max_length // 2)} (now {args.data.max_length})"]
+    if not args.train.gradient_checkpointing:
+        options.append("--gradient_checkpointing true")
+    if args.train.per_device_train_batch_size > 1:
+        options.append(f"--per_device_train_batch_size 1 with --gradient_accumulation_steps "
+                       f"{args.train.gradient_accumulation_steps * args.train.per_device_train_batch_size}")
+    if args.lora.train_type == "full":
+        options.append("--train_type lora")
+    elif args.lora.lora_rank > 8:
+        options.append(f"--lora_rank 8 (now {args.lora.lora_rank})")
+    options.append("a smaller model, or QLoRA (4-bit base weights; not built into lorakit yet)")
+    return (f"Out of GPU memory: peak {peak:.1f} GiB allocated of {total:.1f} GiB. Options: " + "; ".join(options) + ".")
+
+
+def warn_if_short(plan: StepPlan, args: SftArgs) -> None:
+    """Say so when a run has too few optimizer steps to learn much."""
+    if args.train.max_steps > 0 or plan.total_steps >= _FEW_STEPS:
+        return
+    print(f"warning: only {plan.total_steps} optimizer steps ({plan.n_samples} samples, batch "
+          f"{plan.micro_batch_size} x {plan.grad_accum} accumulation, {args.train.num_train_epochs:g} epochs): "
+          f"too few to learn much. Use fewer --gradient_accumulation_steps or more --num_train_epochs "
+          f"(about {_FEW_STEPS} steps or more).", file=sys.stderr)
+
+
+def resume(s: Session, checkpoint: str, only_model: bool) -> None:
+    """Load a checkpoint's weights; unless only_model, also its optimizer, step, history and RNG."""
+    ckpt = find_checkpoint(checkpoint)
+    if only_model:
+        load_weights_into(s.model, ckpt)
+        print(f"starting a new run from the weights of {ckpt}", file=sys.stderr)
+        return
+    state = load_train_state(ckpt)
+    if state.data_order and state.data_order != asdict(s.plan):
+        print(f"warning: {ckpt} was trained with a different data plan ({state.data_order}); resuming at step "
+              f"{state.step} with the current one, so the data order will differ from the original run.",
+              file=sys.stderr)
+    if state.step >= s.plan.total_steps:
+        raise UserError(f"{ckpt} is already at step {state.step} of {s.plan.total_steps}: raise --max_steps or "
+                        f"--num_train_epochs to train further.")
+    load_weights_into(s.model, ckpt)
+    s.optimizer.load_state_dict(state.optimizer)
+    s.step, s.eval_loss = state.step, state.eval_loss
+    for record in state.log_history:  # the new run's logging.jsonl reads like one uninterrupted run
+        log_record(s, record)
+    if state.rng is not None:
+        restore_rng(state.rng)
+    print(f"resuming from {ckpt} at step {state.step} of {s.plan.total_steps}", file=sys.stderr)
+
+
+def train(args: SftArgs) -> TrainResult:
+    """Fine-tune as `args` says; returns where the checkpoints are and the final losses."""
+    from lorakit.data.render import set_chat_template
+    from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+
+    started = time.perf_counter()
+    device = pick_device(args.model.device)
+    dtype = pick_dtype(args.model.torch_dtype, device)
+    model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
+    tokenizer = load_tokenizer(model_path)
+    set_chat_template(tokenizer, args.model.template)
+    data = load_data(args, tokenizer)  # before any weights load: a data mistake costs seconds, not minutes
+    if args.train.dry_run:
+        print("--dry_run: data checked, stopping before loading weights.", file=sys.stderr)
+        return TrainResult(None, None, None, None, None)
+    if dtype == torch.float16 and args.lora.train_type == "full":
+        raise UserError("--train_type full with float16 weights cannot use loss scaling: use --torch_dtype "
+                        "bfloat16 (or float32), or --train_type lora.")
+    seed_everything(args.data.seed)
+    model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
+                       attn_impl=args.model.attn_impl)
+    model = prepare_model(model, args, device)
+    learning_rate = default_learning_rate(args)
+    t = args.train
+    plan = plan_steps(len(data.train), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+                      epochs=t.num_train_epochs, max_steps=t.max_steps, seed=args.data.seed)
+    warn_if_short(plan, args)
+    run_dir = new_run_dir(t.output_dir, t.add_version)
+    saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, device=device, dtype=dtype,
+                          learning_rate=learning_rate)
+    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
+    s = Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
+                optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=data.train,
+                val_samples=data.val, device=device, loss_fn=make_loss_fn(device), learning_rate=learning_rate,
+                warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
+                scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
+    print(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
+          f"{len(data.train)} training and {len(data.val)} validation samples", file=sys.stderr)
+    if t.resume_from_checkpoint:
+        resume(s, t.resume_from_checkpoint, t.resume_only_model)
+    s.writer = open_writers(run_dir, t.report_to, saved)
+    try:
+        run_loop(s)
+    except torch.OutOfMemoryError as exc:
+        raise UserError(oom_message(device, args)) from exc
+    finally:
+        if s.writer is not None:
+            s.writer.close()
+        plot_loss(s.log_history, run_dir / "images" / "loss.png")
+    train_loss = next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None)
+    return TrainResult(run_dir=run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=best_checkpoint(run_dir),
+                       train_loss=train_loss, eval_loss=s.eval_loss, steps=s.step, tokens=s.tokens,
+                       seconds=time.perf_counter() - started, log_history=s.log_history)
+
+
+def format_duration(seconds: float) -> str:
+    """1h 02m 03s / 2m 03s / 3.2s."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
+
+
+def print_summary(result: TrainResult, args: SftArgs) -> None:
+    """What the run did, where the checkpoint is, and the command to try it."""
+    if result.run_dir is None:
+        return
+    losses = f"final train loss {result.train_loss:.4f}" if result.train_loss is not None else "no train loss"
+    if result.eval_loss is not None:
+        losses += f", eval loss {result.eval_loss:.4f}"
+    flag = "--adapters" if args.lora.train_type == "lora" else "--model"
+    lines = [
+        f"Training finished in {format_duration(result.seconds)}: {result.steps} steps, {result.tokens:,} tokens.",
+        f"  {losses}",
+        f"  run folder: {result.run_dir}",
+        f"  checkpoint: {result.last_checkpoint}",
+    ]
+    if result.best_checkpoint and result.best_checkpoint != result.last_checkpoint:
+        lines.append(f"  best by eval loss: {result.best_checkpoint}")
+    lines += ["Try it:", f"  lorakit infer {flag} {result.last_checkpoint}"]
+    print("\n".join(lines))
+
+
+def main(args: SftArgs) -> int:
+    """`lorakit sft`."""
+    print_summary(train(args), args)
+    return 0
