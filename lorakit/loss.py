@@ -69,7 +69,7 @@ def reference_linear_ce(
 
 
 def causal_lm_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False, chunk_size: int = 4096
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False, chunk_size: int = 1024
 ) -> LossOutput:
     """Summed next-token cross-entropy of `batch` under `model`.
 
@@ -83,9 +83,10 @@ def causal_lm_loss(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     n_tokens = (targets != IGNORE_INDEX).sum()
     if fused:
-        from lorakit.fast.linear_ce import chunked_linear_ce
+        from lorakit.fast.linear_ce import chunk_fn_for, chunked_linear_ce
 
-        loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size)
+        chunk_fn = chunk_fn_for(hidden.device)
+        loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size, chunk_fn=chunk_fn)
     else:
         loss_sum = reference_linear_ce(hidden, head.weight, targets, head.bias)
     return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens)

@@ -1,0 +1,113 @@
+"""causal_lm_loss: reference equals HF's own loss; the chunked path equals the reference."""
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lorakit.fast.linear_ce import ce_chunk_grad, chunked_linear_ce
+from lorakit.loss import causal_lm_loss, reference_linear_ce, shift_targets
+
+VOCAB = 1000
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=VOCAB, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(cfg).float().eval()
+
+
+def random_batch(b: int = 2, t: int = 24, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[0, 10:13] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(t).expand(b, t)}
+
+
+def test_shift_targets_masks_sample_starts():
+    labels = torch.tensor([[10, 11, 12, 20, 21, 22]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert shift_targets(labels, pos).tolist() == [[11, 12, -100, 21, 22, -100]]
+    assert shift_targets(labels).tolist() == [[11, 12, 20, 21, 22, -100]]
+
+
+def test_reference_loss_matches_hf_loss():
+    model, batch = tiny_model(), random_batch()
+    out = causal_lm_loss(model, batch)
+    hf = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    assert out.n_tokens.item() == (batch["labels"][:, 1:] != -100).sum().item()
+    torch.testing.assert_close(out.loss_sum / out.n_tokens, hf, rtol=1e-6, atol=1e-6)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_fused_loss_and_grads_equal_reference(chunk_size):
+    batch = random_batch()
+    results = []
+    for fused in (False, True):
+        model = tiny_model()
+        out = causal_lm_loss(model, batch, fused=fused, chunk_size=chunk_size)
+        (out.loss_sum * 0.37).backward()  # a non-unit upstream gradient must be applied too
+        results.append((out.loss_sum.detach(), out.n_tokens, _grads(model)))
+    (ref_loss, ref_n, ref_g), (loss, n, g) = results
+    assert n.item() == ref_n.item()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    assert ref_g.keys() == g.keys() and "lm_head.weight" in g
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_linear_ce_with_bias_and_all_ignored():
+    torch.manual_seed(0)
+    h = torch.randn(9, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (9,))
+    t[3] = -100
+    ref = reference_linear_ce(h, w, t, b)
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    got = chunked_linear_ce(h, w, t, b, chunk_size=4)
+    got_grads = torch.autograd.grad(got, (h, w, b))
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    for a, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    none = chunked_linear_ce(h, w, torch.full((9,), -100), b)
+    assert none.item() == 0.0
+    none.backward()
+    assert h.grad.abs().sum().item() == 0.0
+
+
+def test_ce_chunk_grad_is_softmax_minus_onehot():
+    logits = torch.randn(4, 10)
+    targets = torch.tensor([1, -100, 9, 0])
+    loss, grad = ce_chunk_grad(logits, targets)
+    expected = torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets.clamp_min(0), 10)
+    expected[1] = 0
+    torch.testing.assert_close(grad, expected)
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+
+
+def test_packed_batch_loss_equals_separate_samples():
+    """Packing two samples in one row (position_ids restarting) gives each its own loss."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, VOCAB, (1, 9), generator=g), torch.randint(0, VOCAB, (1, 14), generator=g)
+    separate = sum(
+        causal_lm_loss(model, {"input_ids": x, "labels": x, "position_ids": torch.arange(x.shape[1])[None]}).loss_sum
+        for x in (a, b)
+    )
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(9), torch.arange(14)])[None]
+    for fused in (False, True):
+        packed = causal_lm_loss(model, {"input_ids": ids, "labels": ids, "position_ids": pos}, fused=fused)
+        assert packed.n_tokens.item() == 8 + 13
+        torch.testing.assert_close(packed.loss_sum, separate, rtol=1e-5, atol=1e-4)
