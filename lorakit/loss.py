@@ -5,10 +5,18 @@ Two paths compute the same number:
 - fused (chunked): the lm_head matmul and the cross-entropy run over chunks of rows, so the
   [tokens, vocab] fp32 logits (2.5 GB per 4096 tokens on a 152k vocabulary) never exist at once,
   and rows without a target are skipped before the head runs.
+
+The reference builds [N, V] logits in bf16 and again in fp32 (6 bytes x 4096 x 152064 = 3.7 GB
+per 4096 tokens), plus the same again for their gradient. The chunked path computes each
+chunk's gradient during the forward pass (the loss is a sum, so d loss / d logits =
+softmax - onehot needs nothing from later), keeps only d hidden (and d weight, if the head
+trains), and backward() just scales them. Extra memory: about 10 bytes x chunk_size x V
+(1.5 GB at 1024 x 152064).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +76,88 @@ def reference_linear_ce(
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over rows, d sum / d logits in logits' dtype) for one chunk.
+
+    logits: [n, V] (any float dtype, upcast to fp32 as the reference does); targets: [n],
+    -100 rows contribute neither loss nor gradient.
+    """
+    x = logits.float()
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp_min(0).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = ((lse - x.gather(1, safe).squeeze(1)) * valid).sum()
+    grad = torch.exp(x - lse.unsqueeze(1))
+    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+    grad.mul_(valid.unsqueeze(1))
+    return loss, grad.to(logits.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def chunk_fn_for(device: torch.device):
+    """ce_chunk_grad, compiled on CUDA (one fused pass instead of six over the chunk's logits)."""
+    if torch.device(device).type != "cuda":
+        return ce_chunk_grad
+    return torch.compile(ce_chunk_grad, dynamic=True)
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, chunk_fn):
+        n = hidden.shape[0]
+        want_h, want_w = hidden.requires_grad, weight.requires_grad
+        want_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            h = hidden[start : start + chunk_size]
+            loss_c, dlogits = chunk_fn(F.linear(h, weight, bias), targets[start : start + chunk_size])
+            loss += loss_c
+            if want_h:
+                torch.matmul(dlogits, weight, out=grad_h[start : start + chunk_size])
+            if want_w:
+                grad_w.add_(dlogits.t() @ h)
+            if want_b:
+                grad_b.add_(dlogits.sum(0))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def chunked_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+    chunk_fn=None,
+) -> torch.Tensor:
+    """Sum over rows of CE(hidden @ weight.T (+ bias), targets), never holding all logits.
+
+    hidden: [N, H]; weight: [V, H]; targets: [N] (-100 ignored). Rows without a target are
+    dropped before the matmul. chunk_fn defaults to ce_chunk_grad (lorakit.fast may pass a
+    compiled copy). Returns an fp32 scalar with the same value and gradients as the reference.
+    """
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if keep.numel() < targets.numel():
+        hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    if hidden.shape[0] == 0:
+        return (hidden.sum() * 0.0).float()
+    return _ChunkedLinearCE.apply(hidden, weight, bias, targets, chunk_size, chunk_fn or ce_chunk_grad)
+
+
 def causal_lm_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = False, chunk_size: int = 1024
 ) -> LossOutput:
@@ -83,8 +173,6 @@ def causal_lm_loss(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     n_tokens = (targets != IGNORE_INDEX).sum()
     if fused:
-        from lorakit.fast.linear_ce import chunk_fn_for, chunked_linear_ce
-
         chunk_fn = chunk_fn_for(hidden.device)
         loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size, chunk_fn=chunk_fn)
     else:
