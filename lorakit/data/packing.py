@@ -1,0 +1,88 @@
+"""Pack rendered samples into max_length rows, and collate samples into padded tensors.
+
+A packed row concatenates whole samples; its position_ids restart at 0 for each sample. With no
+2-D attention_mask, transformers (masking_utils.find_packed_sequence_indices) reads those restarts
+and builds a block-diagonal causal mask, so no token attends across samples. The model must be
+called with use_cache=False: with a KV cache present transformers skips that detection.
+Each sample's first label is set to -100 so the previous sample's last token never predicts it;
+that label is never used unpacked either (targets are labels shifted by one), so the packed loss
+equals the unpacked loss.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.data.render import IGNORE_INDEX, Rendered
+
+
+@dataclass
+class Packed:
+    """Several samples in one row: position_ids restart at 0 where each sample starts."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    lengths: list[int]  # length of each sample, in order
+
+
+def pack_sequences(samples: list[Rendered], max_length: int) -> list[Packed]:
+    """Best-fit decreasing: longest sample first, each into the fullest bin it still fits."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
+    for i in order:
+        n = len(samples[i].input_ids)
+        if n > max_length:
+            raise ValueError(f"sample {i} has {n} tokens, more than max_length={max_length}; truncate before packing")
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            bisect.insort(free, (max_length - n, len(bins) - 1))
+            continue
+        space, b = free.pop(k)
+        bins[b].append(i)
+        bisect.insort(free, (space - n, b))
+    return [_join([samples[i] for i in members]) for members in bins]
+
+
+def _join(members: list[Rendered]) -> Packed:
+    ids, labels, positions, lengths = [], [], [], []
+    for s in members:
+        ids += s.input_ids
+        labels += [IGNORE_INDEX] + s.labels[1:]
+        positions += range(len(s.input_ids))
+        lengths.append(len(s.input_ids))
+    return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths)
+
+
+def collate(batch: list[Rendered] | list[Packed], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into int64 tensors [B, T].
+
+    Rendered samples: input_ids, labels (-100 on padding), attention_mask (1 real, 0 padding).
+    Packed rows: input_ids, labels, position_ids and no attention_mask, so the model isolates each
+    sample; padding forms its own segment (positions 0..p-1) after the real tokens.
+    """
+    width = max(len(x.input_ids) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for r, x in enumerate(batch):
+        input_ids[r, : len(x.input_ids)] = torch.tensor(x.input_ids, dtype=torch.long)
+        labels[r, : len(x.labels)] = torch.tensor(x.labels, dtype=torch.long)
+    out = {"input_ids": input_ids, "labels": labels}
+    if isinstance(batch[0], Packed):
+        position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, x in enumerate(batch):
+            n = len(x.position_ids)
+            position_ids[r, :n] = torch.tensor(x.position_ids, dtype=torch.long)
+            position_ids[r, n:] = torch.arange(width - n)
+        out["position_ids"] = position_ids
+    else:
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, x in enumerate(batch):
+            attention_mask[r, : len(x.input_ids)] = 1
+        out["attention_mask"] = attention_mask
+    return out
