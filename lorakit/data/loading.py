@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lorakit.data import cache
 from lorakit.data.formats import Conversation, detect_format, normalise_row
-from lorakit.data.render import IGNORE_INDEX, Rendered, render_conversations
+from lorakit.data.render import Rendered, render_conversations, set_chat_template
 from lorakit.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -269,7 +269,7 @@ def render_part(
     """Render one dataset's conversations (in `num_proc` processes, from the disk cache when possible)."""
     messages = [c.messages for c in part.conversations]
     key = None
-    if use_cache:
+    if use_cache and messages:
         fp = tokenizer_fp or cache.tokenizer_fingerprint(tokenizer)
         key = cache.cache_key(messages, tokenizer_fp=fp, system=system, loss_on_prompt=loss_on_prompt)
         hit = cache.load_cached(key)
@@ -362,13 +362,17 @@ def split_val(samples: list, ratio: float, seed: int) -> tuple[list, list]:
     return train, val
 
 
-def build_datasets(data_args, tokenizer, *, use_hf: bool = True, strict: bool = True, log=None) -> TrainData:
+def build_datasets(
+    data_args, tokenizer, *, use_hf: bool = True, template: str | None = None, strict: bool = True, log=None
+) -> TrainData:
     """Load, validate, render, truncate and split every --dataset/--val_dataset; a report per dataset.
 
-    strict=False (check-data) keeps going past malformed rows and empty datasets, recording them in
-    the reports; strict=True raises UserError on either.
+    `template` is --template: it is applied to `tokenizer` (set_chat_template) before rendering, so
+    save that tokenizer with the checkpoint. strict=False (check-data) keeps going past malformed
+    rows and empty datasets, recording them in the reports; strict=True raises UserError on either.
     """
     log = log or _log
+    set_chat_template(tokenizer, template)
     system = resolve_system(data_args.system)
     fp = cache.tokenizer_fingerprint(tokenizer) if data_args.data_cache else None
     train, val, reports = [], [], []
