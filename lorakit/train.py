@@ -64,6 +64,8 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the trained model, still in memory (quickstart evaluates it without reloading)
+    tokenizer: Any = None
 
 
 @dataclass
@@ -189,15 +191,8 @@ def new_run_dir(output_dir: str, add_version: bool) -> Path:
     return run
 
 
-def resolve_system(system: str | None) -> str | None:
-    """--system as text: a path to a .txt file means its contents."""
-    if system and system.endswith(".txt") and Path(system).expanduser().is_file():
-        return Path(system).expanduser().read_text(encoding="utf-8").strip()
-    return system
-
-
-def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, device: torch.device, dtype: torch.dtype,
-                  learning_rate: float) -> dict[str, Any]:
+def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, system: str | None, device: torch.device,
+                  dtype: torch.dtype, learning_rate: float) -> dict[str, Any]:
     """args.json: every flag group plus what it resolved to (absolute model path, template, system, lr)."""
     out = asdict(args)
     out["model"]["model"] = str(model_path)
@@ -208,7 +203,7 @@ def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, device: torch.d
         train_type=args.lora.train_type,
         template=args.model.template or "tokenizer",
         chat_template=getattr(tokenizer, "chat_template", None),
-        system=resolve_system(args.data.system),
+        system=system,
         model_name=list(args.data.model_name),
         model_author=list(args.data.model_author),
         torch_dtype=str(dtype).removeprefix("torch."),
@@ -219,15 +214,16 @@ def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, device: torch.d
 
 
 def load_data(args: SftArgs, tokenizer):
-    """Render the datasets, print the check-data summary, and refuse to go on without rows."""
-    from lorakit.data.check import print_summary
+    """Render the datasets and print the check-data summary; a dataset with zero rows is an error."""
     from lorakit.data.loading import build_datasets
 
-    data = build_datasets(args.data, tokenizer)
-    print_summary(data, file=sys.stderr)
-    if not data.train:
-        raise UserError("No training rows: every dataset gave zero usable rows (see the summary above). "
-                        "Check --dataset paths, --max_length and --truncation_strategy.")
+    data = build_datasets(args.data, tokenizer, use_hf=args.model.use_hf)
+    try:
+        from lorakit.data.check import print_summary
+    except ImportError:  # the check-data report is optional here; the counts below always print
+        print_summary = None
+    if print_summary is not None:
+        print_summary(data, file=sys.stderr)
     return data
 
 
@@ -541,8 +537,8 @@ def train(args: SftArgs) -> TrainResult:
                       epochs=t.num_train_epochs, max_steps=t.max_steps, seed=args.data.seed)
     warn_if_short(plan, args)
     run_dir = new_run_dir(t.output_dir, t.add_version)
-    saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, device=device, dtype=dtype,
-                          learning_rate=learning_rate)
+    saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,
+                          dtype=dtype, learning_rate=learning_rate)
     (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
     s = Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
                 optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=data.train,
@@ -565,7 +561,8 @@ def train(args: SftArgs) -> TrainResult:
     train_loss = next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None)
     return TrainResult(run_dir=run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=best_checkpoint(run_dir),
                        train_loss=train_loss, eval_loss=s.eval_loss, steps=s.step, tokens=s.tokens,
-                       seconds=time.perf_counter() - started, log_history=s.log_history)
+                       seconds=time.perf_counter() - started, log_history=s.log_history, model=s.model.eval(),
+                       tokenizer=tokenizer)
 
 
 def format_duration(seconds: float) -> str:
