@@ -1,0 +1,257 @@
+"""GPU fast path of the engine: a static KV cache and a hand-written decode step.
+
+Decoding one token is bound by reading the weights once, so what matters is launching few
+kernels and never re-allocating. This decoder:
+- pre-allocates the KV cache [B, n_kv, L, head_dim] per layer for a (batch, length) bucket;
+- runs the prompt through the model's own forward (the reference computation) and copies its
+  cache in, so time to first token is one ordinary forward;
+- decodes with `decode_step`, written over the model's weights for the Llama/Qwen2 family
+  (RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP): the step only reads and
+  writes fixed buffers, so on CUDA it is captured once in a CUDA graph and replayed, and its
+  two per-layer halves are compiled with torch.compile so elementwise work fuses.
+
+`tests/test_engine.py` checks on the CPU (no graph, no compile) that it picks the same greedy
+tokens as `engine.ReferenceDecoder`; `bench/decode.py` checks the same on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+LENGTH_BUCKET = 256
+
+
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast decoder cannot run `model`, or None when it can."""
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {cfg.model_type!r} is not one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r} is not silu"
+    if getattr(cfg, "use_sliding_window", False) or any(
+            t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "sliding-window attention"
+    for layer in base_model(model).model.layers:
+        linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                   layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return "the LoRA adapter is not merged into the weights (pass --merge_lora true)"
+    return None
+
+
+# ---------------------------------------------------------------- the math (pure functions)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Llama/Qwen2 compute it: normalise in float32, scale in the input dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form). x [B, H, D]; cos, sin [B, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_in(h, ln, wq, bq, wk, bk, wv, bv, cos, sin, eps: float, n_heads: int, n_kv: int):
+    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D], k, v [B, KV, D]."""
+    x = rms_norm(h, ln, eps)
+    batch = h.shape[0]
+    q = F.linear(x, wq, bq).view(batch, n_heads, -1)
+    k = F.linear(x, wk, bk).view(batch, n_kv, -1)
+    v = F.linear(x, wv, bv).view(batch, n_kv, -1)
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, wd, bd, eps: float):
+    """Second half: attend over the cache, project, residual, SwiGLU MLP, residual.
+
+    q [B, H, D]; k_cache, v_cache [B, KV, L, D]; mask [B, L] (0 where visible, -inf elsewhere).
+    The H // KV query heads sharing a KV head attend as that head's 'query rows', so grouped
+    attention needs no copy of the cache.
+    """
+    batch, n_heads, dim = q.shape
+    n_kv = k_cache.shape[1]
+    grouped = q.view(batch, n_kv, n_heads // n_kv, dim)
+    o = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask[:, None, None, :])
+    h = h + F.linear(o.reshape(batch, n_heads * dim), wo, bo)
+    x = rms_norm(h, ln, eps)
+    return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+
+
+def final_logits(h, norm, head, eps: float) -> torch.Tensor:
+    return F.linear(rms_norm(h, norm, eps), head).float()
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+@dataclass
+class LayerWeights:
+    attn_in: tuple
+    attn_out: tuple
+
+
+@dataclass
+class DecodeState:
+    """Every buffer the step reads or writes, for one (batch, length) bucket."""
+
+    tokens: torch.Tensor  # [B] long: the token fed next
+    positions: torch.Tensor  # [B] long: its rotary position
+    slot: torch.Tensor  # [1] long: the cache column it is written to
+    mask: torch.Tensor  # [B, L] model dtype: 0 visible, -inf not
+    keys: list[torch.Tensor]  # per layer [B, KV, L, D]
+    values: list[torch.Tensor]
+    cos: torch.Tensor  # [L, D]
+    sin: torch.Tensor
+    graph: object = None
+    logits: torch.Tensor | None = None  # the graph's output buffer [B, V]
+
+
+def _layer_weights(layer) -> LayerWeights:
+    a, m = layer.self_attn, layer.mlp
+    return LayerWeights(
+        attn_in=(layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                 a.v_proj.weight, a.v_proj.bias),
+        attn_out=(a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, m.gate_proj.weight,
+                  m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias),
+    )
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Batch sizes round up to a power of two, so a few captured graphs serve every batch."""
+    return min(1 << (n - 1).bit_length(), max(cap, n))
+
+
+class StaticDecoder:
+    """Engine decoder with a static cache; CUDA graph + torch.compile on the GPU (see module doc)."""
+
+    def __init__(self, model, *, compile: bool, cuda_graphs: bool, max_batch_bucket: int = 64):
+        self.model = model
+        base = base_model(model)
+        cfg = model.config
+        self.eps = cfg.rms_norm_eps
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
+        self.layers = [_layer_weights(layer) for layer in base.model.layers]
+        self.embed = base.get_input_embeddings().weight
+        self.norm = base.model.norm.weight
+        self.head = base.get_output_embeddings().weight
+        self.rotary = base.model.rotary_emb
+        self.cuda_graphs = cuda_graphs
+        self.max_batch_bucket = max_batch_bucket
+        wrap = torch.compile if compile else (lambda f: f)
+        self.attention_in, self.attention_out_mlp, self.final_logits = map(
+            wrap, (attention_in, attention_out_mlp, final_logits))
+        self.state: DecodeState | None = None
+        self.rows = 0
+
+    # -- public: the engine's Decoder protocol
+
+    def prefill(self, batch, max_new_tokens: int) -> torch.Tensor:
+        rows, width = batch.input_ids.shape
+        length = min(-(-(width + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET, max(self.context, width + 1))
+        state = self._state_for(_bucket(rows, self.max_batch_bucket), length)
+        self.rows = rows
+        extra = state.tokens.shape[0] - rows  # dummy rows fill the bucket: copies of the last prompt
+        ids = torch.cat([batch.input_ids, batch.input_ids[-1:].expand(extra, -1)])
+        mask = torch.cat([batch.attention_mask, batch.attention_mask[-1:].expand(extra, -1)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        for layer, (keys, values) in enumerate(_cache_tensors(out.past_key_values)):
+            state.keys[layer][:, :, :width].copy_(keys)
+            state.values[layer][:, :, :width].copy_(values)
+        state.mask.fill_(float("-inf"))
+        state.mask[:, :width].masked_fill_(mask.bool(), 0.0)
+        state.slot.fill_(width)
+        state.positions.copy_(mask.sum(-1))
+        return out.logits[:rows, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        state.tokens[:self.rows].copy_(tokens)
+        if state.graph is not None:
+            state.graph.replay()
+            logits = state.logits
+        else:
+            logits = self.decode_step(state)
+        return logits[:self.rows]
+
+    # -- the step
+
+    def decode_step(self, s: DecodeState) -> torch.Tensor:
+        """One token per row: write its K/V at `slot`, attend, return logits; advance slot and positions.
+
+        Only reads and writes `s`'s fixed buffers (no host sync, no allocation that outlives it),
+        which is what makes it capturable in a CUDA graph.
+        """
+        s.mask.index_fill_(1, s.slot, 0.0)
+        h = F.embedding(s.tokens, self.embed)
+        cos, sin = s.cos[s.positions][:, None], s.sin[s.positions][:, None]
+        for weights, keys, values in zip(self.layers, s.keys, s.values):
+            q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv)
+            keys.index_copy_(2, s.slot, k[:, :, None])
+            values.index_copy_(2, s.slot, v[:, :, None])
+            h = self.attention_out_mlp(h, q, keys, values, s.mask, *weights.attn_out, self.eps)
+        logits = self.final_logits(h, self.norm, self.head, self.eps)
+        s.slot.add_(1)
+        s.positions.add_(1)
+        return logits
+
+    def _state_for(self, rows: int, length: int) -> DecodeState:
+        s = self.state
+        if s is not None and s.tokens.shape[0] == rows and s.mask.shape[1] == length:
+            return s
+        self.state = None  # free the old bucket's cache first
+        if self.embed.is_cuda:
+            torch.cuda.empty_cache()
+        dev, dtype = self.embed.device, self.embed.dtype
+        cache_shape = (rows, self.n_kv, length, self.head_dim)
+        cos, sin = self.rotary(torch.zeros((), dtype=dtype, device=dev), torch.arange(length, device=dev)[None])
+        s = DecodeState(
+            tokens=torch.zeros(rows, dtype=torch.long, device=dev),
+            positions=torch.zeros(rows, dtype=torch.long, device=dev),
+            slot=torch.zeros(1, dtype=torch.long, device=dev),
+            mask=torch.full((rows, length), float("-inf"), dtype=dtype, device=dev),
+            keys=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
+            values=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
+            cos=cos[0], sin=sin[0],
+        )
+        if self.cuda_graphs:
+            self._capture(s)
+        self.state = s
+        return s
+
+    def _capture(self, s: DecodeState) -> None:
+        """Warm up (compiles on first use) on a side stream, then record one step as a CUDA graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.decode_step(s)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            s.logits = self.decode_step(s)
+        s.graph = graph
+
+
+def _cache_tensors(cache):
+    """(keys, values) per layer from a transformers cache, old and new layouts."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))

@@ -1,0 +1,177 @@
+"""The generation engine on a tiny random Qwen2: fast path == reference == HF generate, stopping,
+streaming, sampling rules, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.errors import UserError
+from lorakit.infer.engine import (Engine, SamplingParams, TextStream, apply_repetition_penalty,
+                                  end_of_turn_ids, filter_top_k_top_p)
+from lorakit.infer.fast_decode import unsupported_reason
+from tests.conftest import tiny_qwen2_config
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
+
+
+def _model(**overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_qwen2_config(**overrides), dtype=torch.float32)
+    # Larger weights than the init default make the logits peaked, so greedy picks are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def prompts(qwen_tokenizer):
+    from lorakit.data.render import render_prompt
+
+    questions = ["Who are you?", "Write a long poem about the sea, the wind and the old lighthouse keeper.", "2+2?"]
+    return [render_prompt(qwen_tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_fast_path_matches_reference_and_hf_generate(model, qwen_tokenizer, prompts):
+    reference = Engine(model, qwen_tokenizer, fast=False).generate(prompts, GREEDY)
+    fast_engine = Engine(model, qwen_tokenizer, fast=True)
+    assert fast_engine.uses_fast_path
+    fast = fast_engine.generate(prompts, GREEDY)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in reference]
+    for prompt, gen in zip(prompts, reference):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(end_of_turn_ids(qwen_tokenizer, model)), pad_token_id=0)
+        hf = out[0, len(prompt):].tolist()
+        assert gen.token_ids == [t for t in hf if t not in end_of_turn_ids(qwen_tokenizer, model)]
+    assert len(set(tuple(g.token_ids) for g in reference)) == 3  # the prompts really differ
+
+
+def test_batched_equals_one_by_one_with_left_padding(model, qwen_tokenizer, prompts):
+    for fast in (False, True):
+        engine = Engine(model, qwen_tokenizer, fast=fast)
+        batched = engine.generate(prompts, GREEDY)
+        single = [engine.generate([p], GREEDY)[0] for p in prompts]
+        assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+        assert [g.prompt_tokens for g in batched] == [len(p) for p in prompts]
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(model, qwen_tokenizer, prompts):
+    engine = Engine(model, qwen_tokenizer, fast=False)
+    assert engine.generate(prompts, GREEDY)[1].token_ids == engine.generate(prompts, GREEDY)[1].token_ids
+    hot = SamplingParams(temperature=1.5, top_p=0.95, top_k=50, max_new_tokens=16, seed=7)
+    first, again = (engine.generate(prompts[:1], hot)[0].token_ids for _ in range(2))
+    other = engine.generate(prompts[:1], SamplingParams(**{**hot.__dict__, "seed": 8}))[0].token_ids
+    assert first == again and first != other
+    assert first != engine.generate(prompts[:1], GREEDY)[0].token_ids[:16]
+
+
+def test_stop_tokens_end_each_sequence_on_its_own(model, qwen_tokenizer, prompts):
+    engine = Engine(model, qwen_tokenizer, fast=False)
+    free = engine.generate(prompts, GREEDY)
+    stop_token = free[1].token_ids[5]  # the sixth token of the second reply becomes a stop token
+    cut = free[1].token_ids.index(stop_token)
+    for fast in (False, True):
+        stopped = Engine(model, qwen_tokenizer, fast=fast).generate(
+            prompts, SamplingParams(max_new_tokens=24, stop_token_ids=(stop_token,)))
+        assert stopped[1].token_ids == free[1].token_ids[:cut]
+        assert stopped[1].finish_reason == "stop" and stopped[1].completion_tokens == cut + 1
+        for k in (0, 2):  # the other rows are unaffected unless they emit the same token
+            expect = free[k].token_ids
+            if stop_token in expect:
+                expect = expect[:expect.index(stop_token)]
+            assert stopped[k].token_ids == expect
+    assert free[0].finish_reason == "length" and len(free[0].token_ids) == 24 == free[0].completion_tokens
+
+
+def test_end_of_turn_token_stops_and_is_never_printed(model, qwen_tokenizer, prompts):
+    """Bias the head so the model says '<|im_end|>' after a few tokens: the reply stops there."""
+    im_end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in end_of_turn_ids(qwen_tokenizer, model)
+    free = Engine(model, qwen_tokenizer, fast=False).generate(prompts[:1], GREEDY)[0]
+    third = free.token_ids[2]
+    saved = model.lm_head.weight[im_end].clone()
+    try:
+        with torch.no_grad():  # make <|im_end|> win wherever the third token would
+            model.lm_head.weight[im_end] = model.lm_head.weight[third] * 1.5
+        for fast in (False, True):
+            gen = Engine(model, qwen_tokenizer, fast=fast).generate(prompts[:1], GREEDY)[0]
+            assert gen.finish_reason == "stop" and im_end not in gen.token_ids
+            assert gen.token_ids == free.token_ids[:free.token_ids.index(third)]
+            assert "<|im_end|>" not in gen.text
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[im_end] = saved
+
+
+def test_stream_yields_incremental_pieces_that_add_up(model, qwen_tokenizer, prompts):
+    for fast in (False, True):
+        engine = Engine(model, qwen_tokenizer, fast=fast)
+        whole = engine.generate(prompts[1:2], GREEDY)[0]
+        pieces = list(engine.stream(prompts[1], GREEDY))
+        assert len(pieces) > 5 and all(pieces)
+        assert "".join(pieces) == whole.text
+        assert engine.last_generation.token_ids == whole.token_ids
+
+
+def test_text_stream_never_splits_characters_or_prints_special_tokens(qwen_tokenizer):
+    text = "Hi 你好 🙂 café"
+    ids = qwen_tokenizer.encode(text, add_special_tokens=False)
+    ids = ids[:3] + [qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")] + ids[3:]
+    stream = TextStream(qwen_tokenizer)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p or "<|" in p for p in pieces)
+    assert sum(1 for p in pieces if p) >= 4
+
+
+def test_max_new_tokens_marks_length(model, qwen_tokenizer, prompts):
+    gen = Engine(model, qwen_tokenizer).generate(prompts[:1], SamplingParams(max_new_tokens=3))[0]
+    assert gen.finish_reason == "length" and len(gen.token_ids) == 3
+
+
+def test_prompt_longer_than_context_is_a_clear_error_and_generation_stops_at_the_context(model, qwen_tokenizer):
+    for fast in (False, True):
+        engine = Engine(model, qwen_tokenizer, fast=fast)
+        engine.context = 40
+        with pytest.raises(UserError, match="prompt has 45 tokens but the model's context is 40"):
+            engine.generate([list(range(100, 145))], GREEDY)
+        gen = engine.generate([list(range(100, 130))], SamplingParams(max_new_tokens=50))[0]
+        assert gen.completion_tokens <= 10
+
+
+def test_sampling_filters_are_exact():
+    logits = torch.tensor([[3.0, -2.0, 1.0, 0.5]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.5, -4.0, 1.0, 0.5]]
+    assert filter_top_k_top_p(logits, 2, 1.0).isinf().tolist() == [[False, True, False, True]]
+    # probs ~ [0.80, 0.005, 0.11, 0.07]: top_p 0.85 keeps tokens 0 and 2 (0.80 < 0.85 <= 0.91)
+    assert filter_top_k_top_p(logits, 0, 0.85).isinf().tolist() == [[False, True, False, True]]
+    assert filter_top_k_top_p(logits, 0, 0.5).isinf().tolist() == [[False, True, True, True]]
+
+
+def test_unmerged_lora_falls_back_to_the_reference(qwen_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert "merge_lora" in unsupported_reason(peft_model)
+    assert not Engine(peft_model, qwen_tokenizer).uses_fast_path
+    merged = peft_model.merge_and_unload()
+    assert unsupported_reason(merged) is None
