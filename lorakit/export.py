@@ -1,0 +1,319 @@
+"""`lorakit export`: merge an adapter into its base, check the merge, write HF / GGUF / Ollama files, push.
+
+The merge happens in float32 (base weights up-cast exactly, adapter weights as trained), then the
+result is cast to the model's dtype. Before anything is written, the merged model is compared with
+base+adapter on a few chat prompts: the largest logit difference and the greedy answers. The
+float32 merge must match base+adapter to float32 rounding; the cast model must stay within its
+dtype's tolerance. A miss is an error, because a merged model that answers differently from the
+adapter it came from is the bug users report most.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.args import ExportArgs
+from lorakit.errors import UserError
+
+# Questions the merge check renders with the chat template (short answers keep it fast).
+VERIFY_QUESTIONS = ("Who are you?", "What is the capital of France?", "Write one sentence about the sea.")
+VERIFY_NEW_TOKENS = 24
+# Largest logit difference allowed, relative to the largest reference logit (at least 1.0).
+# float32: reassociation only; half types: one rounding of every weight, summed over the layers.
+RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.08}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+HUB_SKIP = ["optimizer.pt", "rng_state.pt", "trainer_state.json", "*.tmp*"]
+
+
+@dataclass
+class MergeCheck:
+    """How the merged model compares with base+adapter (float32) on the check prompts."""
+
+    dtype: str
+    prompts: int
+    adapter_effect: float
+    "Largest logit change the adapter makes over the base (shows the check is not vacuous)."
+    fp32_diff: float
+    "Largest logit difference, float32 merge vs base+adapter."
+    dtype_diff: float
+    "Largest logit difference, merged model in its final dtype vs base+adapter."
+    fp32_tolerance: float
+    dtype_tolerance: float
+    fp32_greedy_same: int
+    dtype_greedy_same: int
+
+    @property
+    def ok(self) -> bool:
+        return (self.fp32_diff <= self.fp32_tolerance and self.fp32_greedy_same == self.prompts
+                and self.dtype_diff <= self.dtype_tolerance)
+
+    def lines(self) -> list[str]:
+        """The report printed after the merge."""
+        verdict = "OK" if self.ok else "MISMATCH"
+        return [
+            f"merge check ({self.prompts} prompts, greedy {VERIFY_NEW_TOKENS} tokens): {verdict}",
+            f"  adapter changes the base logits by up to {self.adapter_effect:.4g}",
+            f"  float32 merge vs base+adapter: max logit diff {self.fp32_diff:.3g} (tolerance "
+            f"{self.fp32_tolerance:.3g}), greedy answers identical {self.fp32_greedy_same}/{self.prompts}",
+            f"  {self.dtype} merged model vs base+adapter: max logit diff {self.dtype_diff:.3g} (tolerance "
+            f"{self.dtype_tolerance:.3g}), greedy answers identical {self.dtype_greedy_same}/{self.prompts}",
+        ]
+
+
+@dataclass
+class _Reference:
+    logits: list[torch.Tensor]
+    answers: list[list[int]]
+
+
+def main(args: ExportArgs) -> int:
+    """Run `lorakit export`: merge and check, then write the requested files."""
+    from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint, read_args
+
+    if not args.adapter.adapters:
+        raise UserError("lorakit export needs --adapters CHECKPOINT (a checkpoint-N folder or a run folder from sft).")
+    ckpt = find_checkpoint(args.adapter.adapters[0])
+    is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
+    wants_files = bool(args.to_gguf or args.to_ollama)
+    if is_adapter and not (args.adapter.merge_lora or wants_files):
+        if args.push_to_hub:
+            return _push(ckpt, args, ignore=HUB_SKIP)
+        raise UserError(f"{ckpt} holds a LoRA adapter: pass --merge_lora true to merge it into a full model "
+                        f"(and --to_gguf f16 / --to_ollama true / --push_to_hub REPO for more).")
+    out = Path(args.output_dir or f"{ckpt}-merged").expanduser().resolve()
+    system = args.adapter.system if args.adapter.system is not None else read_args(ckpt).get("system")
+    if is_adapter:
+        model, tokenizer, check = merge_and_check(ckpt, args.model.torch_dtype, args.model.device, system)
+    else:
+        model, tokenizer, check = _load_full(ckpt, args.model.device)
+    save_merged(model, tokenizer, out, max_shard_size=args.max_shard_size,
+                info={"checkpoint": str(ckpt), "system": system, "merge_check": asdict(check) if check else None})
+    print(f"wrote {out}")
+    del model
+    gguf_path = None
+    if args.to_gguf or args.to_ollama:
+        from lorakit.gguf_writer import write_gguf
+
+        outtype = args.to_gguf or "f16"
+        gguf_path = out / f"{out.name}-{outtype}.gguf"
+        summary = write_gguf(out, gguf_path, outtype=outtype, name=out.name)
+        print(f"wrote {gguf_path} ({summary.architecture}, {outtype}, {summary.tensor_count} tensors, "
+              f"{summary.file_bytes / 2**20:.1f} MiB)")
+    if args.to_ollama:
+        modelfile = write_modelfile(out, gguf_path, tokenizer, system)
+        print(f"wrote {modelfile}; create the model with: ollama create {out.name.lower()} -f {modelfile}")
+    if args.push_to_hub:
+        _push(out, args, ignore=[])
+    return 0
+
+
+# ---------------------------------------------------------------- merge and check
+
+
+def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: str | None):
+    """Merge the adapter in float32, cast to the final dtype, and compare both with base+adapter."""
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.data.render import render_prompt
+
+    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
+    peft_model, tokenizer = loaded.model, loaded.tokenizer
+    dtype = final_dtype(torch_dtype, loaded.args, peft_model)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in VERIFY_QUESTIONS]
+    with peft_model.disable_adapter():
+        base_logits = prompt_logits(peft_model, prompts)
+    reference = _Reference(prompt_logits(peft_model, prompts), greedy_answers(peft_model, tokenizer, prompts))
+    merged = peft_model.merge_and_unload().eval()
+    merged32 = _Reference(prompt_logits(merged, prompts), greedy_answers(merged, tokenizer, prompts))
+    merged = merged.to(dtype)
+    mergedd = merged32 if dtype == torch.float32 else _Reference(
+        prompt_logits(merged, prompts), greedy_answers(merged, tokenizer, prompts))
+    scale = max(1.0, max(float(x.abs().max()) for x in reference.logits))
+    check = MergeCheck(
+        dtype=str(dtype).removeprefix("torch."),
+        prompts=len(prompts),
+        adapter_effect=max_diff(base_logits, reference.logits),
+        fp32_diff=max_diff(merged32.logits, reference.logits),
+        dtype_diff=max_diff(mergedd.logits, reference.logits),
+        fp32_tolerance=RELATIVE_TOLERANCE[torch.float32] * scale,
+        dtype_tolerance=RELATIVE_TOLERANCE[dtype] * scale,
+        fp32_greedy_same=sum(a == b for a, b in zip(merged32.answers, reference.answers)),
+        dtype_greedy_same=sum(a == b for a, b in zip(mergedd.answers, reference.answers)),
+    )
+    print("\n".join(check.lines()))
+    if not check.ok:
+        raise UserError(f"the merged model of {ckpt} does not answer like base+adapter (see the merge check above); "
+                        f"nothing was written. Re-run with --torch_dtype float32 to export an unrounded merge, and "
+                        f"report the numbers if the float32 line is the one that failed.")
+    return merged, tokenizer, check
+
+
+def final_dtype(torch_dtype: str, ckpt_args: dict, model) -> torch.dtype:
+    """--torch_dtype if given, else the dtype the base model was saved in (config.json), else float32."""
+    if torch_dtype and torch_dtype != "auto":
+        return TORCH_DTYPES[torch_dtype]
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = str(saved).removeprefix("torch.") if saved is not None else "float32"
+    return TORCH_DTYPES.get(saved, torch.float32)
+
+
+def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Float32 logits [T, V] of every prompt, each run alone (no padding to blur the comparison)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        return [model(input_ids=torch.tensor([p], device=device)).logits[0].float().cpu() for p in prompts]
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy reply token ids through lorakit's engine (reference decoder, so paths do not differ)."""
+    from lorakit.infer.engine import Engine, SamplingParams
+
+    engine = Engine(model, tokenizer, fast=False)
+    params = SamplingParams(temperature=0.0, max_new_tokens=VERIFY_NEW_TOKENS)
+    return [engine.generate([p], params)[0].token_ids for p in prompts]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference over matching tensors."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _load_full(ckpt: Path, device: str | None):
+    from lorakit.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt, torch_dtype="auto", device=device)
+    print(f"{ckpt} holds full weights: nothing to merge, exporting them as they are")
+    return loaded.model, loaded.tokenizer, None
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_merged(model, tokenizer, out: Path, *, max_shard_size: str, info: dict) -> Path:
+    """A plain Hugging Face folder: sharded safetensors, config, generation_config, tokenizer + chat template."""
+    from lorakit.infer.engine import end_of_turn_ids
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output_dir {out} exists and is not empty: remove it or pass another --output_dir.")
+    stops = sorted(end_of_turn_ids(tokenizer, model))
+    # Plain transformers `generate` then stops at the end of the assistant's turn, as lorakit does.
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.dtype = next(model.parameters()).dtype
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lorakit_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+@dataclass
+class ChatPieces:
+    """The fixed text the chat template puts around each turn, found by rendering placeholder turns."""
+
+    system_prefix: str
+    system_suffix: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    default_system: str | None
+
+
+_MARK = "\u2063{}\u2063"  # invisible separators around placeholder words; no template writes them
+
+
+def chat_pieces(tokenizer) -> ChatPieces:
+    """Split the tokenizer's chat template into per-role prefix/suffix text by rendering placeholder turns."""
+    s, u, a, u2 = (_MARK.format(w) for w in ("SYS", "USR", "AST", "US2"))
+    sys_turn, user_turn = {"role": "system", "content": s}, {"role": "user", "content": u}
+
+    def render(messages, gen=False):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    full = render([sys_turn, user_turn, {"role": "assistant", "content": a}, {"role": "user", "content": u2}])
+    sys_pre, sys_to_user, user_to_ast, ast_to_user, user2_suffix = re.split("\u2063(?:SYS|USR|AST|US2)\u2063", full)
+    ast_suffix = render([sys_turn, user_turn, {"role": "assistant", "content": a}]).split(a)[-1]
+    gen_prompt = render([sys_turn, user_turn], gen=True).split(u)[-1]
+    user_suffix = render([sys_turn, user_turn]).split(u)[-1]
+    pieces = ChatPieces(sys_pre, "", "", user_suffix, gen_prompt[len(user_suffix):], ast_suffix, None)
+    pieces.user_prefix = ast_to_user[len(ast_suffix):]
+    pieces.system_suffix = sys_to_user[:len(sys_to_user) - len(pieces.user_prefix)]
+    consistent = (gen_prompt.startswith(user_suffix) and user_to_ast == gen_prompt and user2_suffix == user_suffix
+                  and ast_to_user.startswith(ast_suffix) and sys_to_user.endswith(pieces.user_prefix))
+    if not consistent:
+        raise UserError("--to_ollama: the chat template does not wrap each turn in fixed text, so no Ollama "
+                        "TEMPLATE can be derived from it; write the Modelfile's TEMPLATE by hand.")
+    default = render([user_turn], gen=True)
+    head = default.split(pieces.system_suffix + pieces.user_prefix + u)[0]
+    if head.startswith(sys_pre) and head != default:
+        pieces.default_system = head[len(sys_pre):] or None
+    return pieces
+
+
+def render_with_pieces(pieces: ChatPieces, messages: list[dict[str, str]]) -> str:
+    """What the Ollama TEMPLATE written by `modelfile_text` produces for `messages` (generation prompt included)."""
+    wrap = {"system": (pieces.system_prefix, pieces.system_suffix), "user": (pieces.user_prefix, pieces.user_suffix),
+            "assistant": (pieces.assistant_prefix, pieces.assistant_suffix)}
+    return "".join(wrap[m["role"]][0] + m["content"] + wrap[m["role"]][1] for m in messages) + pieces.assistant_prefix
+
+
+def modelfile_text(gguf_name: str, pieces: ChatPieces, system: str | None, stops: list[str]) -> str:
+    """An Ollama Modelfile: the GGUF, a TEMPLATE rendering turns like the chat template, SYSTEM and stop tokens."""
+    def q(text: str) -> str:
+        return text.replace('"""', '\\"\\"\\"')
+
+    # No {{- trim markers: the template's own newlines after each turn must survive.
+    body = ("{{ range .Messages }}"
+            f'{{{{ if eq .Role "system" }}}}{q(pieces.system_prefix)}{{{{ .Content }}}}{q(pieces.system_suffix)}'
+            f'{{{{ else if eq .Role "user" }}}}{q(pieces.user_prefix)}{{{{ .Content }}}}{q(pieces.user_suffix)}'
+            f'{{{{ else if eq .Role "assistant" }}}}{q(pieces.assistant_prefix)}{{{{ .Content }}}}'
+            f"{q(pieces.assistant_suffix)}"
+            "{{ end }}{{ end }}" + q(pieces.assistant_prefix))
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{body}"""']
+    system = system if system is not None else pieces.default_system
+    if system:
+        lines.append(f'SYSTEM """{q(system)}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(out: Path, gguf_path: Path, tokenizer, system: str | None) -> Path:
+    """Write `out/Modelfile` next to the GGUF file."""
+    from lorakit.infer.engine import end_of_turn_ids
+
+    pieces = chat_pieces(tokenizer)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(end_of_turn_ids(tokenizer))]
+    path = out / "Modelfile"
+    path.write_text(modelfile_text(gguf_path.name, pieces, system, stops))
+    return path
+
+
+def _push(folder: Path, args: ExportArgs, *, ignore: list[str]) -> int:
+    """Upload `folder` to the hub repository --push_to_hub; offline or unauthorised is a clear error."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.hub_token)
+    try:
+        api.create_repo(args.push_to_hub, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=args.push_to_hub, ignore_patterns=ignore or None,
+                                 commit_message="Upload from lorakit export")
+    except Exception as exc:  # network, auth and offline-mode errors all mean: the upload did not happen
+        raise UserError(f"--push_to_hub {args.push_to_hub}: the upload failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}). The files are in {folder}; check the "
+                        f"network and your token (huggingface-cli login or --hub_token), then upload them with "
+                        f"`huggingface-cli upload {args.push_to_hub} {folder}`.") from exc
+    print(f"pushed {folder} to {getattr(info, 'commit_url', args.push_to_hub)}", file=sys.stderr)
+    return 0
