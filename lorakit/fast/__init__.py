@@ -1,0 +1,142 @@
+"""GPU fast paths for LoRA training, each switchable off, each with its reference beside it.
+
+| part (FastOptions field) | fast path                               | reference                      |
+|--------------------------|-----------------------------------------|--------------------------------|
+| fused_loss               | chunked linear+CE (lorakit.loss)        | full fp32 logits + CE          |
+| fused_lora               | lorakit.fast.lora (bf16, fused GEMMs)   | PEFT's LoRA forward            |
+| packed_attention         | varlen flash attention per sample       | SDPA (+ 4-D mask when packed)  |
+| compile                  | torch.compile of each decoder layer     | eager                          |
+| checkpointing            | 'auto': only as many layers as memory   | 'full' (HF) or 'none'          |
+|                          | needs are recomputed                    |                                |
+
+The sft loop calls `prepare_for_training(model, opts)` once after LoRA is attached, then
+`causal_lm_loss(model, batch, fused=opts.fused_loss)` each micro-step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.fast import attention
+from lorakit.fast.lora import fuse_lora_layers
+
+GIB = 1024**3
+CHECKPOINTING_MODES = ("auto", "full", "none")
+
+
+@dataclass
+class FastOptions:
+    """Which fast paths prepare_for_training turns on."""
+
+    fused_loss: bool = True
+    """Chunked lm_head + cross-entropy: never holds [tokens, vocab] fp32 logits."""
+    fused_lora: bool = True
+    """LoRA projections through lorakit.fast.lora (bf16 adapter math, fused GEMM epilogues)."""
+    packed_attention: bool = True
+    """Per-sample causal attention on packed rows via varlen flash attention (no T x T mask)."""
+    compile: bool = True
+    """torch.compile each decoder layer (fuses RMSNorm, RoPE, SwiGLU, residual adds)."""
+    checkpointing: str = "auto"
+    """'auto': recompute only as many layers as the memory limit needs; 'full': every layer; 'none'."""
+    memory_limit_gib: float | None = None
+    """Peak memory 'auto' plans for; None = 92% of the card."""
+
+    def __post_init__(self):
+        if self.checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {self.checkpointing!r}")
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> FastOptions:
+        """Everything on for CUDA; the plain reference path elsewhere."""
+        return cls() if torch.device(device).type == "cuda" else cls.reference()
+
+    @classmethod
+    def reference(cls, checkpointing: str = "none") -> FastOptions:
+        """Every fast path off (the plain transformers + PEFT computation)."""
+        return cls(fused_loss=False, fused_lora=False, packed_attention=False, compile=False, checkpointing=checkpointing)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of transformer blocks (PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers
+
+
+def activation_bytes_per_token(config) -> tuple[int, int]:
+    """(bytes a layer keeps per token without recompute, bytes with full recompute), bf16.
+
+    Without recompute a Qwen2/Llama block keeps ~6 hidden-sized tensors (input, two norm outputs,
+    q, attention output, mid residual), k and v, and 3 intermediate-sized ones (gate, up, act).
+    With recompute it keeps its input only. Calibrated on the H100 (bench/NOTES-train-speed.md).
+    """
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    return 2 * (6 * h + 2 * kv + 3 * i) + 256, 2 * h
+
+
+def plan_checkpointing(n_layers: int, tokens: int, full: int, ckpt: int, budget_bytes: float) -> int:
+    """How many of n_layers to recompute so that their activations fit budget_bytes.
+
+    full/ckpt: bytes per token per layer without/with recompute. The recomputed layer's own
+    activations during backward count once.
+    """
+    spare = budget_bytes - tokens * (n_layers * ckpt + full)
+    keep = math.floor(spare / max(1, tokens * (full - ckpt)))
+    return min(n_layers, max(0, n_layers - keep))
+
+
+def _memory_budget(opts: FastOptions, device: torch.device, reserve_bytes: float) -> float:
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = opts.memory_limit_gib * GIB if opts.memory_limit_gib else 0.92 * total
+    return limit - torch.cuda.memory_allocated(device) - reserve_bytes
+
+
+def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
+    """Per forward: cu_seqlens for packed attention; which layers recompute ('auto')."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"]
+    b, t = ids.shape[:2]
+    if opts.packed_attention:
+        kwargs["cu_seq_lens_q"] = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
+        kwargs["attention_mask"] = None
+    if opts.checkpointing == "auto" and module.training and ids.is_cuda:
+        full, ckpt = activation_bytes_per_token(config)
+        reserve = 1.5 * GIB + 12 * 1024 * config.vocab_size  # misc + one chunk of lm_head logits/grad
+        n = plan_checkpointing(len(layers), b * t, full, ckpt, _memory_budget(opts, ids.device, reserve))
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < n
+    return args, kwargs
+
+
+def set_checkpointing(layers, enabled: list[bool]) -> None:
+    """Per-layer activation recompute through transformers' own layer switch (non-reentrant)."""
+    func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer, on in zip(layers, enabled):
+        layer._gradient_checkpointing_func = func
+        layer.gradient_checkpointing = on
+
+
+def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.Module:
+    """Switch the fast paths in opts on, in place; returns the model (call after LoRA is attached)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, layers = base.get_decoder(), decoder_layers(model)
+    base.config.use_cache = False
+    if opts.packed_attention:
+        base.set_attn_implementation(attention.register())
+    if opts.fused_lora:
+        fuse_lora_layers(model)
+    set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
+    if opts.packed_attention or opts.checkpointing == "auto":
+        hook = functools.partial(_body_pre_hook, opts, layers, base.config)
+        body.register_forward_pre_hook(hook, with_kwargs=True)
+    if opts.compile:
+        # all blocks share one graph; dynamo counts each block's first call against the limit
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
+        for layer in layers:
+            layer.compile()
+    return model

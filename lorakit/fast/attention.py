@@ -1,0 +1,112 @@
+"""Per-sample causal attention for packed rows, without a [T, T] mask.
+
+A packed row holds several samples; position_ids restart at 0 at each. The transformers SDPA path
+then builds a 4-D boolean mask, which rules out the flash kernel and spends the full T^2 causal
+work on pairs that are masked anyway. Here the rows are flattened to one token stream with
+cumulative sample boundaries (cu_seqlens) and handed to torch's variable-length flash attention
+(torch.nn.attention.varlen), which does only the per-sample work.
+
+Reference beside it: `masked_attention`, plain SDPA with the block-diagonal causal mask built from
+the same boundaries (used on CPU, and by the CPU test that checks it against separate samples).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "lorakit_varlen"
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # pragma: no cover - older torch
+    _varlen_attn, _VARLEN_PARAMS = None, set()
+
+
+def packed_boundaries(
+    position_ids: torch.Tensor | None, shape: tuple[int, int], attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int32 cu_seqlens [S + 1] over the flattened [B * T] tokens.
+
+    A segment starts at each row start, at each position_id == 0, and wherever attention_mask
+    switches between real and padding tokens (so padding never shares a segment with a sample).
+    """
+    b, t = shape
+    device = position_ids.device if position_ids is not None else None
+    starts = torch.zeros(b, t, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None:
+        starts |= position_ids.expand(b, t) == 0
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        starts[:, 1:] |= m[:, 1:] != m[:, :-1]
+    idx = starts.reshape(-1).nonzero().squeeze(1)
+    end = torch.tensor([b * t], device=idx.device, dtype=idx.dtype)
+    return torch.cat([idx, end]).to(torch.int32)
+
+
+def masked_attention(q, k, v, cu_seqlens, scale):
+    """Reference: SDPA over the flattened stream with a block-diagonal causal mask.
+
+    q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S + 1]. Returns [N, Hq, D].
+    """
+    n = q.shape[0]
+    seg = torch.zeros(n, dtype=torch.int64, device=q.device)
+    seg[cu_seqlens[1:-1].long()] = 1
+    seg = seg.cumsum(0)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    mask = causal & (seg[:, None] == seg[None, :])
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=scale
+    )
+    return out[0].transpose(0, 1)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_len: int, scale):
+    """torch varlen flash attention (causal within each segment). Shapes as masked_attention."""
+    kwargs = {"scale": scale}
+    if "window_size" in _VARLEN_PARAMS:
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "enable_gqa" in _VARLEN_PARAMS and q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+
+
+def packed_attention_forward(
+    module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs
+):
+    """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D].
+
+    Needs cu_seq_lens_q (from packed_boundaries, passed through the model's forward kwargs);
+    without it every row is one causal sequence. Uses varlen flash attention on CUDA, the masked
+    reference elsewhere.
+    """
+    if dropout:
+        raise ValueError("lorakit packed attention has no attention dropout; set attention_dropout=0")
+    b, hq, t, d = query.shape
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=query.device)
+    q = query.transpose(1, 2).reshape(b * t, hq, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    if query.is_cuda and _varlen_attn is not None:
+        out = varlen_attention(q, k, v, cu_seq_lens_q, t, scaling)
+    else:
+        out = masked_attention(q, k, v, cu_seq_lens_q, scaling)
+    return out.reshape(b, t, hq, d), None
+
+
+def register() -> str:
+    """Make the packed attention selectable as config._attn_implementation; returns its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, packed_attention_forward)
+    return ATTN_IMPLEMENTATION

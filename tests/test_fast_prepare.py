@@ -1,0 +1,101 @@
+"""prepare_for_training: every combination of fast paths computes the reference loss and grads."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from lorakit.fast import FastOptions, decoder_layers, plan_checkpointing, prepare_for_training
+from lorakit.loss import causal_lm_loss
+
+CFG = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, vocab_size=1000, attn_implementation="sdpa",
+)
+
+
+def lora_model():
+    torch.manual_seed(0)
+    model = get_peft_model(Qwen2ForCausalLM(Qwen2Config(**CFG)).float(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def packed_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (2, 20), generator=g)
+    pos = torch.stack([torch.cat([torch.arange(9), torch.arange(11)]), torch.cat([torch.arange(4), torch.arange(16)])])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def loss_and_grads(model, fused, saved=None):
+    """Loss, grads; `saved` (a list) collects the bytes autograd keeps for backward."""
+    saved = [] if saved is None else saved
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = causal_lm_loss(model, packed_batch(), fused=fused)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_for_device_cpu_is_reference():
+    assert FastOptions.for_device("cpu") == FastOptions.reference()
+    assert FastOptions.for_device("cuda") == FastOptions()
+    with pytest.raises(ValueError, match="checkpointing"):
+        FastOptions(checkpointing="selective")
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        FastOptions(compile=False, checkpointing="none"),
+        FastOptions(compile=False, checkpointing="full"),
+        FastOptions(compile=False, fused_lora=False, fused_loss=False, checkpointing="full"),
+        FastOptions(compile=False, packed_attention=False, checkpointing="none"),
+    ],
+)
+def test_fast_paths_equal_reference(opts):
+    ref_saved, saved = [], []
+    ref_loss, ref_grads = loss_and_grads(lora_model(), fused=False, saved=ref_saved)
+    model = prepare_for_training(lora_model(), opts)
+    loss, grads = loss_and_grads(model, fused=opts.fused_loss, saved=saved)
+    if opts.checkpointing == "full":  # only the layer inputs (and the head's needs) are kept
+        no_ckpt = []
+        loss_and_grads(prepare_for_training(lora_model(), replace(opts, checkpointing="none")), opts.fused_loss, no_ckpt)
+        assert sum(saved) < 0.5 * sum(no_ckpt)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_layers_trace_without_graph_breaks():
+    """The GPU default compiles each block; check dynamo traces our code on CPU (aot_eager)."""
+    torch._dynamo.reset()
+    ref_loss, ref_grads = loss_and_grads(lora_model(), fused=False)
+    model = prepare_for_training(lora_model(), FastOptions(compile=False, checkpointing="full"))
+    for layer in decoder_layers(model):
+        layer.compile(backend="aot_eager", fullgraph=True)
+    loss, grads = loss_and_grads(model, fused=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_plan_checkpointing_fits_budget():
+    # 10 layers, 100 tokens, 50 B/token/layer kept, 5 with recompute
+    assert plan_checkpointing(10, 100, 50, 5, budget_bytes=10 * 100 * 50 + 100 * 50) == 0
+    assert plan_checkpointing(10, 100, 50, 5, budget_bytes=0) == 10
+    n = plan_checkpointing(10, 100, 50, 5, budget_bytes=30_000)
+    kept = 10 - n
+    assert 100 * (kept * 50 + n * 5 + 50) <= 30_000 < 100 * ((kept + 1) * 50 + (n - 1) * 5 + 50)
