@@ -71,15 +71,66 @@ def render_conversation(
     tokenizer, messages: list[dict[str, str]], *, system: str | None = None, loss_on_prompt: bool = False
 ) -> Rendered:
     """Token ids and labels of a whole conversation; loss on every assistant turn plus its end-of-turn token."""
-    messages = with_system(messages, system)
-    text = _apply(tokenizer, messages, add_generation_prompt=False)
-    spans = assistant_spans(tokenizer, messages, text)
-    if not spans:
-        raise UserError("conversation has no assistant turn, so there is nothing to learn from it")
-    ids, labels = _tokenize_with_spans(tokenizer, text, spans)
-    if loss_on_prompt:
-        labels = list(ids)
-    return Rendered(input_ids=ids, labels=labels)
+    return render_conversations(tokenizer, [messages], system=system, loss_on_prompt=loss_on_prompt)[0]
+
+
+def render_conversations(
+    tokenizer,
+    conversations: list[list[dict[str, str]]],
+    *,
+    system: str | None = None,
+    loss_on_prompt: bool = False,
+    sources: list[str] | None = None,
+) -> list[Rendered]:
+    """render_conversation for many conversations, tokenized in one batch call (errors name `sources`)."""
+    texts, all_spans = [], []
+    for k, messages in enumerate(conversations):
+        try:
+            messages = with_system(messages, system)
+            text = _apply(tokenizer, messages, add_generation_prompt=False)
+            spans = assistant_spans(tokenizer, messages, text)
+            if not spans:
+                raise UserError("conversation has no assistant turn, so there is nothing to learn from it")
+        except UserError as e:
+            raise UserError(f"{sources[k]}: {e}" if sources else str(e)) from None
+        texts.append(text)
+        all_spans.append(spans)
+    if not texts:
+        return []
+    encodings = _encode_batch(tokenizer, texts)
+    out = []
+    for k, (text, spans) in enumerate(zip(texts, all_spans)):
+        labels = None
+        if encodings is not None:
+            ids = encodings[k].ids
+            labels = _labels_from_encoding(encodings[k], ids, spans, len(text))
+        if labels is None:
+            ids, labels = _tokenize_piecewise(tokenizer, text, spans)
+        out.append(Rendered(input_ids=ids, labels=list(ids) if loss_on_prompt else labels))
+    return out
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> list | None:
+    """Rust `tokenizers.Encoding`s (ids + character offsets); None for slow tokenizers, which have no offsets."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    return backend.encode_batch(texts, add_special_tokens=False)
+
+
+def template_default_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (None if it inserts none)."""
+    marker_sys, marker_user = "\x01SYSTEM\x01", "\x02"
+    with_sys = _apply(tokenizer, [{"role": "system", "content": marker_sys}, {"role": "user", "content": marker_user}],
+                      add_generation_prompt=False)
+    without = _apply(tokenizer, [{"role": "user", "content": marker_user}], add_generation_prompt=False)
+    if marker_sys not in with_sys or marker_user not in without:
+        return None
+    before, after = with_sys.split(marker_user)[0].split(marker_sys)
+    head = without.split(marker_user)[0]
+    if head.startswith(before) and head.endswith(after) and len(head) > len(before) + len(after):
+        return head[len(before): len(head) - len(after)]
+    return None
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
@@ -110,27 +161,27 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]], text: str) -> lis
     return spans
 
 
-def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Tokenize once with offsets; fall back to piecewise tokenization if a token straddles a span edge."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    starts = [a for a, _ in offsets]
-    ends = [b for _, b in offsets]
-    cuts = [c for span in spans for c in span]
-    if all(_is_token_boundary(starts, ends, c, len(text)) for c in cuts):
-        labels = [IGNORE_INDEX] * len(ids)
-        for k, (a, b) in enumerate(offsets):
-            if any(s <= a and b <= e and b > a for s, e in spans):
-                labels[k] = ids[k]
-        return list(ids), labels
-    return _tokenize_piecewise(tokenizer, text, spans)
+def _labels_from_encoding(encoding, ids: list[int], spans: list[tuple[int, int]], n: int) -> list[int] | None:
+    """Labels from the encoding's character offsets; None when a token straddles a span edge (go piecewise)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        k0, k1 = _token_at(encoding, start, n, len(ids)), _token_at(encoding, end, n, len(ids))
+        if k0 is None or k1 is None:
+            return None
+        labels[k0:k1] = ids[k0:k1]
+    return labels
 
 
-def _is_token_boundary(starts: list[int], ends: list[int], cut: int, n: int) -> bool:
+def _token_at(encoding, cut: int, n: int, n_tokens: int) -> int | None:
+    """Index of the token that starts exactly at character `cut` (n_tokens at the end), else None."""
     if cut >= n:
-        return True
-    # Some token starts exactly at `cut` and no token spans across it.
-    return cut in set(starts) and not any(a < cut < b for a, b in zip(starts, ends))
+        return n_tokens
+    k = encoding.char_to_token(cut)
+    if k is None or encoding.token_to_chars(k)[0] != cut:
+        return None
+    if k > 0 and encoding.token_to_chars(k - 1)[1] > cut:
+        return None
+    return k
 
 
 def _tokenize_piecewise(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
