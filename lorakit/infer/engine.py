@@ -146,6 +146,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def _record_event(device):
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def seen_tokens(batch: Batch, vocab: int) -> torch.Tensor:
     """[B, V] bool: which tokens each prompt contains (padding excluded)."""
     ids = torch.where(batch.attention_mask.bool(), batch.input_ids, batch.input_ids[:, -1:])
@@ -314,8 +322,15 @@ class Engine:
                 tokens = sample_next(logits, params, seen, generator)
                 if seen is not None:
                     seen[torch.arange(len(tokens), device=self.device), tokens] = True
-                is_stop = torch.isin(tokens, stop).tolist()
-                for seq, tok, stopped in zip(seqs, tokens.tolist(), is_stop):
+                # Copy the picks to the host and start the next step before waiting for the copy,
+                # so the GPU decodes while Python does the bookkeeping (one spare step at the end).
+                picked = torch.stack([tokens, torch.isin(tokens, stop).long()]).to("cpu", non_blocking=True)
+                ready = _record_event(self.device)
+                if step < max_new - 1:
+                    logits = decoder.step(tokens)
+                if ready is not None:
+                    ready.synchronize()
+                for seq, tok, stopped in zip(seqs, *picked.tolist()):
                     if seq.finish_reason is None:
                         if stopped:
                             seq.finish_reason = "stop"
@@ -324,7 +339,6 @@ class Engine:
                             if len(seq.tokens) >= seq.budget:
                                 seq.finish_reason = "length"
                 yield seqs
-                if all(s.finish_reason for s in seqs) or step == max_new - 1:
+                if all(s.finish_reason for s in seqs):
                     break
-                logits = decoder.step(tokens)
 

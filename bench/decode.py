@@ -1,0 +1,254 @@
+"""Decode benchmark: lorakit's engine against Hugging Face `generate` on the Qwen2.5-7B architecture.
+
+Random bf16 weights are built directly on the GPU (no download). Prompt 512 tokens, 256 new
+tokens, greedy. Reports single-stream decode tokens/s, time to first token, batch-16 aggregate
+tokens/s, and HF `generate` timed in the same process; and checks the fast path's tokens:
+- exactly, against the reference decoder, on a 2-layer float32 model of the same width
+  (float32 keeps numerical noise far below the gaps between the top logits);
+- on the 7B bf16 model, by teacher forcing: one HF forward over prompt + fast reply must rank
+  each fast token first, or within bf16 noise of first.
+
+Run on the device machine:  python bench/decode.py --out $OUT
+Smoke test on a CPU:        python bench/decode.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lorakit.infer.engine import Engine, SamplingParams  # noqa: E402
+
+QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+               max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
+TINY = dict(QWEN_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def build_model(settings: dict, dtype, device, weight_std: float | None = None):
+    """A random Qwen2 created directly on `device` (HF init: normal(0, 0.02) weights)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**settings), dtype=dtype)
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, weight_std)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_engine(engine: Engine, prompts, params, device, repeats: int) -> dict:
+    """Median over `repeats` runs of: time to first token, decode tokens/s, end-to-end tokens/s."""
+    runs = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        steps = engine._run(prompts, params)
+        seqs = next(steps)
+        first = time.perf_counter()
+        for seqs in steps:
+            pass
+        sync(device)
+        end = time.perf_counter()
+        new = sum(len(s.tokens) for s in seqs)
+        runs.append(dict(ttft_ms=(first - start) * 1e3, decode_tok_s=(new - len(prompts)) / (end - first),
+                         e2e_tok_s=new / (end - start), tokens=[s.tokens for s in seqs]))
+    med = {k: statistics.median(r[k] for r in runs) for k in ("ttft_ms", "decode_tok_s", "e2e_tok_s")}
+    return {**med, "tokens": runs[-1]["tokens"], "new_tokens": sum(len(t) for t in runs[-1]["tokens"])}
+
+
+def time_hf_generate(model, prompts, new_tokens: int, device) -> dict:
+    ids = torch.tensor(prompts, device=device)
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    sync(device)
+    seconds = time.perf_counter() - start
+    n = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return dict(tok_s=n / seconds, seconds=seconds, tokens=out[:, ids.shape[1]:].tolist())
+
+
+def exact_check(tokenizer, device, settings: dict, compile: bool, graphs: bool) -> dict:
+    """Fast path vs reference decoder, float32, ragged batch: the tokens must be identical."""
+    model = build_model(dict(settings, num_hidden_layers=2), torch.float32, device, weight_std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (37, 120, 5)]
+    params = SamplingParams(max_new_tokens=48)
+    ref = Engine(model, tokenizer, fast=False).generate(prompts, params)
+    fast_engine = Engine(model, tokenizer, fast=True, compile=compile, cuda_graphs=graphs)
+    fast = fast_engine.generate(prompts, params)
+    same = [a.token_ids == b.token_ids for a, b in zip(ref, fast)]
+    del model, fast_engine
+    return dict(identical=all(same), rows=len(same), tokens_per_row=params.max_new_tokens)
+
+
+def teacher_forced_check(model, prompt: list[int], reply: list[int], device) -> dict:
+    """Rank of each fast-path token in one HF forward over prompt + reply."""
+    ids = torch.tensor([prompt + reply], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(-1, torch.tensor(reply, device=device)[:, None])[:, 0]
+    gap = logits.max(-1).values - chosen
+    return dict(argmax_agree=float((gap == 0).float().mean()), max_gap=float(gap.max()),
+                logit_std=float(logits.std()), positions=len(reply))
+
+
+def graph_step_ms(engine: Engine, prompt_len: int, replays: int = 100) -> float | None:
+    """GPU time of one decode step alone: replay the captured graph (state reset to a valid slot)."""
+    state = engine._fast.state
+    if state is None or state.graph is None:
+        return None
+    replays = min(replays, state.mask.shape[1] - prompt_len - 1)
+    state.slot.fill_(prompt_len)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        state.graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def prefix_match(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of this script)")
+    parser.add_argument("--prompt_len", type=int, default=512)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_hf_batch", action="store_true")
+    parser.add_argument("--out", default=None, help="folder for results.json")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    on_gpu = device.type == "cuda"
+    settings = TINY if args.tiny else QWEN_7B
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer")
+    results: dict = dict(date=time.strftime("%Y-%m-%d", time.gmtime()), torch=torch.__version__,
+                         device=torch.cuda.get_device_name() if on_gpu else "cpu")
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    out_dir = Path(args.out) if args.out else None
+
+    def save():
+        print(json.dumps({k: v for k, v in results.items() if k != "tokens"}, indent=1), flush=True)
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+
+    t0 = time.perf_counter()
+    results["exact_fp32"] = exact_check(tokenizer, device, settings, compile=on_gpu, graphs=on_gpu)
+    results["exact_fp32_seconds"] = time.perf_counter() - t0
+    save()
+
+    model = build_model(settings, torch.bfloat16 if on_gpu else torch.float32, device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 150000, (args.batch, args.prompt_len), generator=gen).tolist()
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    with torch.inference_mode():
+        hf1 = time_hf_generate(model, prompts[:1], args.new_tokens, device)
+    results["hf_generate_bs1_tok_s"] = hf1["tok_s"]
+    save()
+
+    variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]
+    for name, flags in variants:
+        try:
+            engine = Engine(model, tokenizer, fast=True, **flags)
+            engine.stop_ids = set()  # random weights: always generate the full 256 tokens
+            t0 = time.perf_counter()
+            time_engine(engine, prompts[:1], params, device, repeats=1)  # warm-up: compile + capture
+            results[f"{name}_warmup_s"] = time.perf_counter() - t0
+            single = time_engine(engine, prompts[:1], params, device, args.repeats)
+            results[f"{name}_bs1"] = {k: v for k, v in single.items() if k != "tokens"}
+            results[f"{name}_bs1_prefix_match_hf"] = prefix_match(single["tokens"][0], hf1["tokens"][0])
+            results[f"{name}_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], single["tokens"][0], device)
+            if on_gpu:
+                results[f"{name}_bs1_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+        except Exception as e:  # keep the other measurements of this (scarce) run
+            results[f"{name}_error"] = repr(e)
+            traceback.print_exc()
+        save()
+    try:
+        time_engine(engine, prompts, params, device, repeats=1)  # warm-up at batch 16
+        batch = time_engine(engine, prompts, params, device, max(1, args.repeats - 1))
+        results[f"graph+compile_bs{args.batch}"] = {k: v for k, v in batch.items() if k != "tokens"}
+        results[f"graph+compile_bs{args.batch}_row0_prefix_match_bs1"] = prefix_match(batch["tokens"][0], single["tokens"][0])
+        if on_gpu:
+            results[f"graph+compile_bs{args.batch}_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+    except Exception as e:
+        results["batch_error"] = repr(e)
+        traceback.print_exc()
+    save()
+    if not args.skip_hf_batch:
+        with torch.inference_mode():
+            hfb = time_hf_generate(model, prompts, args.new_tokens, device)
+        results[f"hf_generate_bs{args.batch}_tok_s"] = hfb["tok_s"]
+        save()
+    print_table(results, args)
+    return 0 if results["exact_fp32"]["identical"] else 1
+
+
+def print_table(r: dict, args) -> None:
+    b = args.batch
+    nan = float("nan")
+
+    def get(key, field=None):
+        value = r.get(key, {} if field else nan)
+        return value.get(field, nan) if field else value
+
+    rows = [
+        ("HF generate, bs1 (tok/s)", get("hf_generate_bs1_tok_s")),
+        ("lorakit graph only, bs1 decode (tok/s)", get("graph_bs1", "decode_tok_s")),
+        ("lorakit graph+compile, bs1 decode (tok/s)", get("graph+compile_bs1", "decode_tok_s")),
+        ("lorakit graph+compile, bs1 end-to-end (tok/s)", get("graph+compile_bs1", "e2e_tok_s")),
+        (f"lorakit time to first token, {args.prompt_len}-token prompt (ms)", get("graph+compile_bs1", "ttft_ms")),
+        ("graph+compile bs1: GPU time of one step (ms)", get("graph+compile_bs1_graph_step_ms")),
+        (f"HF generate, bs{b} aggregate (tok/s)", get(f"hf_generate_bs{b}_tok_s")),
+        (f"lorakit graph+compile, bs{b} aggregate end-to-end (tok/s)", get(f"graph+compile_bs{b}", "e2e_tok_s")),
+        (f"lorakit graph+compile, bs{b} aggregate decode (tok/s)", get(f"graph+compile_bs{b}", "decode_tok_s")),
+        (f"graph+compile bs{b}: GPU time of one step (ms)", get(f"graph+compile_bs{b}_graph_step_ms")),
+        ("fast == reference, fp32 2-layer, ragged batch", get("exact_fp32", "identical")),
+        ("bf16 7B teacher-forced argmax agreement", get("graph+compile_bs1_teacher_forced", "argmax_agree")),
+        ("bf16 7B tokens equal to HF generate (prefix)", get("graph+compile_bs1_prefix_match_hf")),
+    ]
+    print(f"\nDecode benchmark, {r['date']}, {r['device']}, torch {r['torch']}, transformers {r['transformers']}")
+    print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
+    width = max(len(a) for a, _ in rows)
+    for name, value in rows:
+        text = f"{value:.3f}" if isinstance(value, float) and not isinstance(value, bool) else str(value)
+        print(f"| {name:<{width}} | {text:>10} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
