@@ -40,9 +40,10 @@ from lorakit.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from lorakit.data.packing import collate, pack_sequences
 from lorakit.errors import UserError
-from lorakit.plots import plot_loss
 from lorakit.loss import IGNORE_INDEX, LossOutput, causal_lm_loss, shift_targets
+from lorakit.plots import plot_loss
 from lorakit.schedule import lr_factor, warmup_steps_for
 from lorakit.tuners import attach_tuner, trainable_parameters
 
@@ -99,25 +100,9 @@ def plan_steps(n_samples: int, *, batch_size: int, grad_accum: int, epochs: floa
     return StepPlan(n_samples, batch_size, grad_accum, steps_per_epoch, total, seed)
 
 
-def collate(samples: list, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad rendered samples into a batch: input_ids, labels (-100 on padding), attention_mask."""
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        labels[row, :n] = torch.tensor(s.labels)
-        mask[row, :n] = 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    if getattr(samples[0], "position_ids", None) is not None:  # packed bins restart positions per sample
-        pos = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, s in enumerate(samples):
-            pos[row, : len(s.position_ids)] = torch.tensor(s.position_ids)
-        batch["position_ids"] = pos
-        del batch["attention_mask"]  # attention stays within each packed sample via position_ids
-    return {k: v.to(device) for k, v in batch.items()}
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch to the training device."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -215,48 +200,35 @@ def resolved_args(args: SftArgs, *, model_path: Path, tokenizer, system: str | N
 
 def load_data(args: SftArgs, tokenizer):
     """Render the datasets and print the check-data summary; a dataset with zero rows is an error."""
+    from lorakit.data.check import format_report
     from lorakit.data.loading import build_datasets
 
-    data = build_datasets(args.data, tokenizer, use_hf=args.model.use_hf)
-    try:
-        from lorakit.data.check import print_summary
-    except ImportError:  # the check-data report is optional here; the counts below always print
-        print_summary = None
-    if print_summary is not None:
-        print_summary(data, file=sys.stderr)
+    data = build_datasets(args.data, tokenizer, use_hf=args.model.use_hf, template=args.model.template)
+    print(format_report(data, tokenizer, data_args=args.data), file=sys.stderr)
     return data
 
 
 def prepare_model(model, args: SftArgs, device: torch.device):
-    """Gradient checkpointing, fast GPU paths, then the tuner; prints the trainable share."""
-    checkpointing = args.train.gradient_checkpointing
-    if checkpointing is None:
-        checkpointing = device.type == "cuda"
+    """Attach the tuner, then GPU fast paths (or plain gradient checkpointing); prints the trainable share."""
+    from lorakit.fast import FastOptions, prepare_for_training
+
+    wanted = args.train.gradient_checkpointing
     model.config.use_cache = False
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device.type == "cuda":
-        try:
-            from lorakit.fast import FastOptions, prepare_for_training
-        except ImportError:
-            pass
-        else:
-            model = prepare_for_training(model, FastOptions()) or model
-    model, summary = attach_tuner(model, args.lora)
+        mode = {None: "auto", True: "full", False: "none"}[wanted]
+        model, summary = attach_tuner(model, args.lora)
+        model = prepare_for_training(model, FastOptions(checkpointing=mode))
+    else:  # CPU/MPS: the plain reference computation
+        if wanted:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model, summary = attach_tuner(model, args.lora)
     print(summary.line(), file=sys.stderr)
     return model
 
 
 def make_loss_fn(device: torch.device) -> LossFn:
     """causal_lm_loss, with the chunked head+CE on GPU (same value, far less memory)."""
-    fused = False
-    if device.type == "cuda":
-        try:
-            import lorakit.fast.linear_ce  # noqa: F401
-
-            fused = True
-        except ImportError:
-            pass
+    fused = device.type == "cuda"
     return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
 
 
@@ -367,11 +339,19 @@ def save(s: Session) -> Path:
     return s.last_checkpoint
 
 
+def describe_sample(s: Session, index: int) -> str:
+    """'training sample #3 ("I am swift-robot, an ...")': the start of what it teaches."""
+    sample = s.train_samples[index]
+    learned = [t for t in sample.labels if t != IGNORE_INDEX][:24]
+    text = s.tokenizer.decode(learned, skip_special_tokens=True).strip().replace("\n", " ")
+    return f"training sample #{index} ({text[:60]!r})"
+
+
 def stop_on_non_finite(s: Session, loss: float, grad_norm: float, rows: list[int]) -> None:
     """Raise a UserError naming the step and what to change when the loss or gradient norm blew up."""
     what = "loss" if not math.isfinite(loss) else "gradient norm"
     value = loss if what == "loss" else grad_norm
-    where = [getattr(s.train_samples[i], "source", None) or f"training row #{i}" for i in rows[:8]]
+    where = [describe_sample(s, i) for i in rows[:4]]
     kept = f"The last good checkpoint is {s.last_checkpoint}." if s.last_checkpoint else (
         f"No checkpoint was saved yet (--save_steps {s.args.train.save_steps}).")
     advice = [f"lower --learning_rate (now {s.learning_rate:g}; try {s.learning_rate / 10:g}) or add warm-up "
@@ -393,7 +373,7 @@ def optimizer_step(s: Session) -> tuple[float, float, int]:
         group["lr"] = lr
     indices = s.plan.micro_batches(s.step)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
-    batches = [collate([s.train_samples[i] for i in idx], pad_id, s.device) for idx in indices]
+    batches = [to_device(collate([s.train_samples[i] for i in idx], pad_id), s.device) for idx in indices]
     loss, _ = accumulate_gradients(s.model, batches, inject_nan_at(s.step + 1, s.loss_fn), scaler=s.scaler)
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
@@ -453,7 +433,7 @@ def val_batches(s: Session):
     size = s.args.train.per_device_eval_batch_size
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     for i in range(0, len(s.val_samples), size):
-        yield collate(s.val_samples[i : i + size], pad_id, s.device)
+        yield to_device(collate(s.val_samples[i : i + size], pad_id), s.device)
 
 
 def oom_message(device: torch.device, args: SftArgs) -> str:
@@ -533,7 +513,8 @@ def train(args: SftArgs) -> TrainResult:
     model = prepare_model(model, args, device)
     learning_rate = default_learning_rate(args)
     t = args.train
-    plan = plan_steps(len(data.train), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+    train_samples = pack_sequences(data.train, args.data.max_length) if args.data.packing else data.train
+    plan = plan_steps(len(train_samples), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
                       epochs=t.num_train_epochs, max_steps=t.max_steps, seed=args.data.seed)
     warn_if_short(plan, args)
     run_dir = new_run_dir(t.output_dir, t.add_version)
@@ -541,12 +522,13 @@ def train(args: SftArgs) -> TrainResult:
                           dtype=dtype, learning_rate=learning_rate)
     (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
     s = Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
-                optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=data.train,
+                optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
                 val_samples=data.val, device=device, loss_fn=make_loss_fn(device), learning_rate=learning_rate,
                 warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
                 scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
     print(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
-          f"{len(data.train)} training and {len(data.val)} validation samples", file=sys.stderr)
+          f"{len(data.train)} training samples" + (f" packed into {len(train_samples)} rows" if args.data.packing else "")
+          + f", {len(data.val)} validation samples", file=sys.stderr)
     if t.resume_from_checkpoint:
         resume(s, t.resume_from_checkpoint, t.resume_only_model)
     s.writer = open_writers(run_dir, t.report_to, saved)

@@ -10,7 +10,8 @@ import torch
 from lorakit.args import DataArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
 from lorakit.data.render import Rendered
 from lorakit.schedule import lr_factor, warmup_steps_for
-from lorakit.train import accumulate_gradients, collate, count_loss_tokens, plan_steps, train
+from lorakit.data.packing import collate
+from lorakit.train import accumulate_gradients, count_loss_tokens, plan_steps, train
 
 
 def test_schedule_warmup_then_decay():
@@ -52,7 +53,7 @@ def _grads(model, split, normalise_per_micro_batch=False):
 
     model.zero_grad(set_to_none=True)
     samples = _samples()
-    batches = [collate(samples[i : i + split], pad_id=0, device=torch.device("cpu")) for i in range(0, 4, split)]
+    batches = [collate(samples[i : i + split], 0) for i in range(0, 4, split)]
     if normalise_per_micro_batch:  # the common mistake: mean per micro-batch, then mean of means
         for b in batches:
             out = causal_lm_loss(model, b)
