@@ -1,0 +1,483 @@
+"""`lorakit deploy`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over lorakit's engine.
+
+- One base model, several LoRA adapters on it (peft `load_adapter` + `set_adapter`), chosen by the
+  request's `model` field; the base model answers under its own name (adapters disabled).
+- Requests are batched: a worker thread takes up to --max_concurrency waiting requests that share
+  an adapter and sampling settings and runs them as one batch through the engine's decode loop,
+  streaming every sequence's text as the steps come. Requests that arrive during a batch wait for
+  the next one in a bounded queue; past --max_queue the server answers 503 with Retry-After.
+- Every error is OpenAI-shaped JSON: 400 names the bad field, 401 a missing/wrong key, 404 an
+  unknown model or route, 503 a full queue; bad input never causes a 500 or a traceback.
+- A client that disconnects mid-stream frees its slot at once; its batch stops early when every
+  request in it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request  # at module level: FastAPI resolves the (string) annotations in these globals
+
+from lorakit.args import DeployArgs
+from lorakit.errors import UserError
+from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
+                               parse_chat_request, parse_completion_request, usage)
+
+BATCH_GATHER_SECONDS = 0.01  # after the first request of a batch, wait this long for others to join
+
+
+# ---------------------------------------------------------------- the served models
+
+
+@dataclass
+class ServedModel:
+    """One name in /v1/models: the base (adapter None) or one LoRA adapter over it."""
+
+    name: str
+    adapter: str | None
+    system: str | None
+    path: str
+
+
+@dataclass
+class Served:
+    model: Any
+    tokenizer: Any
+    engine: Any
+    models: dict[str, ServedModel]
+    context: int
+
+
+def _adapter_specs(adapters: list[str]) -> list[tuple[str | None, str]]:
+    """--adapters values as (name or None, path): NAME=PATH pairs or plain paths."""
+    specs = []
+    for item in adapters:
+        name, sep, path = item.partition("=")
+        specs.append((name, path) if sep and name and not Path(item).exists() else (None, item))
+    return specs
+
+
+def _served_name(ckpt: Path) -> str:
+    """A checkpoint's default API name: its run folder for checkpoint-N, else the folder itself."""
+    return ckpt.parent.name if ckpt.name.startswith("checkpoint-") else ckpt.name
+
+
+def _read_system(value: str | None) -> str | None:
+    if value and value.endswith(".txt") and Path(value).expanduser().is_file():
+        return Path(value).expanduser().read_text(encoding="utf-8").strip()
+    return value
+
+
+def load_served(args: DeployArgs) -> Served:
+    """Load the base model and every adapter; name them for the API."""
+    from lorakit.checkpoint import find_checkpoint, load_checkpoint, read_args
+    from lorakit.infer.engine import Engine
+    from lorakit.model import load_model, load_tokenizer, resolve_model_path
+
+    m = args.model
+    system = _read_system(args.adapter.system)
+    specs = _adapter_specs(args.adapter.adapters)
+    base = None
+    base_path = None
+    if m.model or not specs:
+        base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
+        base = load_model(base_path, torch_dtype=m.torch_dtype, device=m.device, attn_impl=m.attn_impl)
+    models: dict[str, ServedModel] = {}
+    if not specs:
+        name = args.served_model_name or base_path.name
+        models[name] = ServedModel(name, None, system, str(base_path))
+        tokenizer = load_tokenizer(base_path)
+        model = base
+    else:
+        ckpts = [find_checkpoint(path) for _, path in specs]
+        merge = args.adapter.merge_lora and len(specs) == 1
+        first = load_checkpoint(ckpts[0], model=base, torch_dtype=m.torch_dtype, device=m.device, merge_lora=merge)
+        model, tokenizer = first.model, first.tokenizer
+        base_path = Path(base_path or first.args.get("model_path") or model.peft_config["default"].base_model_name_or_path)
+        for i, ((name, _), ckpt) in enumerate(zip(specs, ckpts)):
+            other_base = read_args(ckpt).get("model_path")
+            if other_base and Path(other_base).resolve() != base_path.resolve():
+                raise UserError(f"--adapters {ckpt}: trained on {other_base}, but the served base is {base_path}; "
+                                f"all adapters of one server must share the base model.")
+            if i > 0:
+                model.load_adapter(str(ckpt), adapter_name=f"adapter_{i}")
+            served = name or (args.served_model_name if len(specs) == 1 else None) or _served_name(ckpt)
+            ckpt_system = system if system is not None else read_args(ckpt).get("system")
+            models[served] = ServedModel(served, None if merge else ("default" if i == 0 else f"adapter_{i}"),
+                                         ckpt_system, str(ckpt))
+        if not merge:
+            models.setdefault(base_path.name, ServedModel(base_path.name, None, system, str(base_path)))
+    if len(models) != len(set(models)):
+        raise UserError("--adapters: two adapters have the same name; give them NAME=PATH names.")
+    engine = Engine(model, tokenizer, max_batch_size=args.max_concurrency)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    return Served(model, tokenizer, engine, models, context)
+
+
+# ---------------------------------------------------------------- the scheduler
+
+
+@dataclass
+class Job:
+    """One request in flight: its prompt and settings, and the queue its events go to."""
+
+    served: ServedModel
+    prompt: list[int]
+    temperature: float
+    top_p: float
+    seed: int | None
+    max_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False
+    done: bool = False
+    text: str = ""
+    sent: int = 0
+    tokens: int = 0
+
+    @property
+    def key(self) -> tuple:
+        """Requests with the same key can share a batch (one adapter, one sampling setup)."""
+        return (self.served.adapter, self.served.name if self.served.adapter is None else None,
+                self.temperature, self.top_p, self.seed)
+
+    def emit(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Scheduler:
+    """A bounded queue of jobs and one worker thread that runs them in batches."""
+
+    def __init__(self, served: Served, max_concurrency: int, max_queue: int):
+        self.served = served
+        self.max_concurrency = max_concurrency
+        self.capacity = max_concurrency + max_queue
+        self.pending: deque[Job] = deque()
+        self.active = 0  # admitted and not yet finished or cancelled
+        self.running = 0
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._work, name="lorakit-batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.active >= self.capacity:
+                raise ApiError(503, f"The server is busy ({self.active} requests in flight, limit {self.capacity}); "
+                               "retry shortly.", type="server_busy", headers={"Retry-After": "1"})
+            self.active += 1
+            self.pending.append(job)
+            self.cond.notify()
+
+    def release(self, job: Job, *, cancelled: bool = False) -> None:
+        """Free a job's slot once (finished, failed, or its client went away)."""
+        with self.cond:
+            if cancelled:
+                job.cancelled = True
+            if not job.done:
+                job.done = True
+                self.active -= 1
+
+    def _next_batch(self) -> list[Job]:
+        with self.cond:
+            while not self.pending:
+                self.cond.wait()
+        time.sleep(BATCH_GATHER_SECONDS)
+        with self.cond:
+            key = self.pending[0].key
+            batch, rest = [], deque()
+            while self.pending:
+                job = self.pending.popleft()
+                if job.cancelled:
+                    continue
+                (batch if job.key == key and len(batch) < self.max_concurrency else rest).append(job)
+            self.pending = rest
+            self.running = len(batch)
+            return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # a failed batch must fail its requests, not the server
+                error = exc if isinstance(exc, ApiError) else ApiError(
+                    400 if isinstance(exc, UserError) else 500,
+                    str(exc) if isinstance(exc, UserError) else f"generation failed: {type(exc).__name__}",
+                    type="invalid_request_error" if isinstance(exc, UserError) else "server_error")
+                if not isinstance(exc, (UserError, ApiError)):
+                    import traceback
+
+                    traceback.print_exc(file=sys.stderr)
+                for job in batch:
+                    if not job.done:
+                        job.emit(("error", error))
+                        self.release(job)
+            finally:
+                self.running = 0
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        from lorakit.infer.engine import SamplingParams, TextStream
+
+        first = batch[0]
+        params = SamplingParams(temperature=first.temperature, top_p=first.top_p, seed=first.seed,
+                                max_new_tokens=max(j.max_tokens for j in batch))
+        streams = [TextStream(self.served.tokenizer) for _ in batch]
+        model = self.served.model
+        with _adapter(model, first.served.adapter):
+            seqs = []
+            for seqs in self.served.engine._run([j.prompt for j in batch], params):
+                for job, seq, stream in zip(batch, seqs, streams):
+                    if not job.done:
+                        self._advance(job, seq, stream)
+                if all(j.done for j in batch):
+                    break
+        for job, seq, stream in zip(batch, seqs, streams):
+            if not job.done:
+                self._finish(job, seq.finish_reason or "length", stream.flush(),
+                             stop_token=seq.finish_reason == "stop")
+
+    def _advance(self, job: Job, seq, stream) -> None:
+        """Feed a sequence's new tokens into its job: text pieces, stop strings, max_tokens."""
+        for token in seq.tokens[job.tokens:]:
+            job.tokens += 1
+            job.text += stream.push(token)
+            if _cut_at_stop(job):
+                return self._finish(job, "stop", "")
+            if job.tokens >= job.max_tokens:
+                return self._finish(job, "length", stream.flush())
+        if seq.finish_reason:
+            return self._finish(job, seq.finish_reason, stream.flush(), stop_token=seq.finish_reason == "stop")
+        hold = max((len(s) - 1 for s in job.stop), default=0)  # a stop string may still be forming
+        safe = len(job.text) - hold
+        if safe > job.sent:
+            job.emit(("delta", job.text[job.sent:safe]))
+            job.sent = safe
+
+    def _finish(self, job: Job, reason: str, tail: str, *, stop_token: bool = False) -> None:
+        job.text += tail
+        if _cut_at_stop(job):
+            reason = "stop"
+        if len(job.text) > job.sent:
+            job.emit(("delta", job.text[job.sent:]))
+            job.sent = len(job.text)
+        # Like OpenAI, the end-of-turn token the model generated counts as a completion token.
+        job.emit(("done", reason, len(job.prompt), job.tokens + int(stop_token)))
+        self.release(job)
+
+
+def _cut_at_stop(job: Job) -> bool:
+    """Cut the job's text at the first stop string; True if one was found."""
+    cuts = [job.text.find(s) for s in job.stop if s and s in job.text]
+    if not cuts:
+        return False
+    job.text = job.text[:min(cuts)]
+    job.sent = min(job.sent, len(job.text))
+    return True
+
+
+class _adapter:
+    """Context: run the peft model with one adapter active, or with adapters off (base model)."""
+
+    def __init__(self, model, adapter: str | None):
+        self.model, self.adapter, self.ctx = model, adapter, None
+
+    def __enter__(self):
+        if not hasattr(self.model, "peft_config"):
+            return
+        if self.adapter is None:
+            self.ctx = self.model.disable_adapter()
+            self.ctx.__enter__()
+        else:
+            self.model.set_adapter(self.adapter)
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------- the HTTP app
+
+
+def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, default_max_tokens: int):
+    """The FastAPI app: /health, /v1/models, /v1/chat/completions, /v1/completions."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):  # a bug of ours: answer JSON, log the traceback here only
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        error = ApiError(500, f"internal error ({type(exc).__name__}); see the server log.", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[len("Bearer "):].strip() != api_key:
+            raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY' (the --api_key value).",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request):
+        check_key(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}.")
+        raw = await request.body()
+        if not raw.strip():
+            raise ApiError(400, "The request body is empty; send a JSON object.")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+
+    def find_model(name: str) -> ServedModel:
+        if name not in served.models:
+            raise ApiError(404, f"The model '{name}' does not exist; this server has: {', '.join(served.models)}.",
+                           param="model", code="model_not_found")
+        return served.models[name]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(served.models), "in_flight": scheduler.active,
+                "running": scheduler.running}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "lorakit",
+                                            "root": m.path}
+                                           for m in served.models.values()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        from lorakit.data.render import render_prompt
+
+        req = parse_chat_request(await read_json(request))
+        model = find_model(req.model)
+        prompt = render_prompt(served.tokenizer, req.messages, system=model.system)
+        job = _submit(model, prompt, req.sampling, "messages")
+        return await _respond(request, job, req.sampling, model.name, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = parse_completion_request(await read_json(request))
+        model = find_model(req.model)
+        prompt = req.prompt if isinstance(req.prompt, list) else served.tokenizer(req.prompt)["input_ids"]
+        if isinstance(req.prompt, list) and (max(prompt) >= len(served.tokenizer) or min(prompt) < 0):
+            raise ApiError(400, f"Invalid 'prompt': token ids must be in [0, {len(served.tokenizer)}).", param="prompt")
+        job = _submit(model, prompt, req.sampling, "prompt")
+        return await _respond(request, job, req.sampling, model.name, chat=False)
+
+    def _submit(model: ServedModel, prompt: list[int], sampling, field_name: str) -> Job:
+        if len(prompt) >= served.context:
+            raise ApiError(400, f"The prompt is {len(prompt)} tokens long, but the model's context is "
+                           f"{served.context} tokens; shorten '{field_name}'.", param=field_name,
+                           code="context_length_exceeded")
+        room = served.context - len(prompt)
+        job = Job(served=model, prompt=prompt, temperature=sampling.temperature, top_p=sampling.top_p,
+                  seed=sampling.seed, max_tokens=min(sampling.max_tokens or default_max_tokens, room),
+                  stop=sampling.stop, loop=asyncio.get_running_loop(), events=asyncio.Queue())
+        scheduler.submit(job)
+        return job
+
+    async def _respond(request: Request, job: Job, sampling, name: str, *, chat: bool):
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        if sampling.stream:
+            return StreamingResponse(_sse(job, rid, name, chat, sampling.include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text, reason, use = "", "length", None
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        scheduler.release(job, cancelled=True)
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if event[0] == "delta":
+                    text += event[1]
+                elif event[0] == "error":
+                    raise event[1]
+                else:
+                    reason, use = event[1], usage(event[2], event[3])
+                    break
+        finally:
+            scheduler.release(job, cancelled=not job.done)
+        body = chat_response(rid, name, text, reason, use) if chat else completion_response(rid, name, text, reason, use)
+        return JSONResponse(body)
+
+    async def _sse(job: Job, rid: str, name: str, chat: bool, include_usage: bool):
+        def line(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield line(chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+            while True:
+                event = await job.events.get()
+                if event[0] == "delta":
+                    yield line(chat_chunk(rid, name, {"content": event[1]}) if chat
+                               else completion_chunk(rid, name, event[1]))
+                elif event[0] == "error":
+                    yield line(event[1].body())
+                    break
+                else:
+                    yield line(chat_chunk(rid, name, {}, event[1]) if chat else completion_chunk(rid, name, "", event[1]))
+                    if include_usage:
+                        use = usage(event[2], event[3])
+                        yield line(chat_chunk(rid, name, {}, use=use) if chat else completion_chunk(rid, name, "", use=use))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects: the generator is closed mid-stream
+            scheduler.release(job, cancelled=not job.done)
+
+    return app
+
+
+def main(args: DeployArgs) -> int:
+    """Run `lorakit deploy`: load the models and serve them until interrupted."""
+    import uvicorn
+
+    if args.max_concurrency <= 0 or args.max_queue < 0:
+        raise UserError(f"--max_concurrency must be positive and --max_queue >= 0, got "
+                        f"{args.max_concurrency} and {args.max_queue}.")
+    served = load_served(args)
+    scheduler = Scheduler(served, args.max_concurrency, args.max_queue)
+    app = build_app(served, scheduler, api_key=args.api_key, default_max_tokens=args.max_new_tokens)
+    names = ", ".join(served.models)
+    print(f"serving {names} on http://{args.host}:{args.port}/v1 (context {served.context} tokens, "
+          f"{args.max_concurrency} per batch, queue {args.max_queue})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    return 0
