@@ -106,3 +106,27 @@ def test_bad_rows_name_the_problem_and_source(row, expected):
 def test_non_object_row():
     with pytest.raises(UserError, match="expected a JSON object per row, got list"):
         normalise_row(["q", "a"], SRC)
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"query": "q"}, [("user", "q")]),
+        ({"instruction": "i", "input": "x"}, [("user", "i\nx")]),
+        ({"prompt": "q", "system": "S"}, [("system", "S"), ("user", "q")]),
+        ({"messages": [{"role": "user", "content": "q"}]}, [("user", "q")]),
+        ({"query": "q", "response": "a"}, [("user", "q"), ("assistant", "a")]),
+    ],
+)
+def test_prompt_only_rows_for_inference(row, expected):
+    assert normalise_row(row, SRC, require_answer=False).messages == msgs(*expected)
+    if expected[-1][0] != "assistant":  # training still refuses a row with nothing to learn
+        with pytest.raises(UserError):
+            normalise_row(row, SRC)
+
+
+def test_prompt_only_still_rejects_empty_and_wrong_types():
+    with pytest.raises(UserError, match="'query' is empty"):
+        normalise_row({"query": " "}, SRC, require_answer=False)
+    with pytest.raises(UserError, match="'response' must be a string"):
+        normalise_row({"query": "q", "response": 1}, SRC, require_answer=False)

@@ -325,3 +325,11 @@ def test_parallel_rendering_matches_serial(qwen, tmp_path):
     serial = build_datasets(args(dataset=[path], data_cache=False), qwen, log=lambda m: None)
     parallel = build_datasets(args(dataset=[path], data_cache=False, dataset_num_proc=2), qwen, log=lambda m: None)
     assert parallel.train == serial.train and len(serial.train) == 2475
+
+
+def test_prompt_only_rows_load_for_inference(tmp_path):
+    path = str(write_jsonl(tmp_path / "q.jsonl", [{"query": "q1"}, {"query": "q2", "response": "a2"}]))
+    with pytest.raises(UserError, match="1 malformed row"):
+        one([path])
+    part = one([path], require_answer=False)
+    assert [c.messages[-1]["role"] for c in part.conversations] == ["user", "assistant"]

@@ -54,24 +54,34 @@ class Conversation:
     source: str
 
 
-def detect_format(row: dict) -> str | None:
-    """Name of the row's shape (see module docstring), or None if it matches none."""
+def detect_format(row: dict, *, require_answer: bool = True) -> str | None:
+    """Name of the row's shape (see module docstring), or None if it matches none.
+
+    require_answer=False also accepts prompt-only rows (e.g. {"query": ...}) for inference.
+    """
     if not isinstance(row, dict):
         return None
     for name, keys in _SHAPES:
         if all(row.get(k) is not None for k in keys):
             return name
+    if not require_answer:
+        for name, keys in _SHAPES:
+            if row.get(keys[0]) is not None:
+                return name
     return None
 
 
-def normalise_row(row: dict, source: str) -> Conversation:
-    """Turn one row of any accepted shape into a validated Conversation, or raise UserError."""
+def normalise_row(row: dict, source: str, *, require_answer: bool = True) -> Conversation:
+    """Turn one row of any accepted shape into a validated Conversation, or raise UserError.
+
+    require_answer=False (inference rows) allows a conversation that ends with a user turn.
+    """
     if not isinstance(row, dict):
         raise UserError(
             f"{source}: expected a JSON object per row, got {type(row).__name__}. "
             f"Accepted shapes: {ACCEPTED_SHAPES}."
         )
-    shape = detect_format(row)
+    shape = detect_format(row, require_answer=require_answer)
     if shape is None:
         keys = ", ".join(sorted(map(str, row))) or "(none)"
         raise UserError(
@@ -88,18 +98,24 @@ def normalise_row(row: dict, source: str) -> Conversation:
         extra = _optional_text(row, "input", source)
         if extra:
             query = f"{query}\n{extra}"
-        messages = _history(row, source) + _pair(query, _text(row, "output", source))
+        messages = _history(row, source) + _pair(query, _answer(row, "output", source))
         messages = _with_system(messages, row, source)
     else:
         q_key, a_key = dict(_SHAPES)[shape]
-        messages = _history(row, source) + _pair(_text(row, q_key, source), _text(row, a_key, source))
+        messages = _history(row, source) + _pair(_text(row, q_key, source), _answer(row, a_key, source))
         messages = _with_system(messages, row, source)
-    _validate(messages, source)
+    _validate(messages, source, require_answer=require_answer)
     return Conversation(messages=messages, source=source)
 
 
-def _pair(query: str, answer: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+def _pair(query: str, answer: str | None) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": query}]
+    return turns if answer is None else turns + [{"role": "assistant", "content": answer}]
+
+
+def _answer(row: dict, key: str, source: str) -> str | None:
+    """The answer text; None only when the key is absent (prompt-only rows)."""
+    return None if row.get(key) is None else _text(row, key, source)
 
 
 def _text(row: dict, key: str, source: str) -> str:
@@ -182,7 +198,7 @@ def _from_sharegpt(turns: object, source: str) -> list[dict[str, str]]:
     return messages
 
 
-def _validate(messages: list[dict[str, str]], source: str) -> None:
+def _validate(messages: list[dict[str, str]], source: str, *, require_answer: bool = True) -> None:
     """Check the turn order a chat template can render and a trainer can learn from."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
@@ -192,12 +208,12 @@ def _validate(messages: list[dict[str, str]], source: str) -> None:
             raise UserError(f"{source}: turn {i + 1} is a system turn; only the first turn may be a system prompt")
         if message["role"] != "system" and not message["content"].strip():
             raise UserError(f"{source}: turn {i + 1} ({message['role']}) has empty content")
-    if not any(m["role"] == "assistant" for m in body):
+    if require_answer and not any(m["role"] == "assistant" for m in body):
         raise UserError(f"{source}: row has no assistant turn, so there is nothing to learn from it")
     if body[0]["role"] != "user":
         raise UserError(f"{source}: the first turn after the system prompt must be a user turn, got {body[0]['role']}")
     for prev, cur in zip(body, body[1:]):
         if prev["role"] == cur["role"]:
             raise UserError(f"{source}: two {cur['role']} turns in a row; user and assistant turns must alternate")
-    if body[-1]["role"] != "assistant":
+    if require_answer and body[-1]["role"] != "assistant":
         raise UserError(f"{source}: the last turn is a user turn with no answer; end each row with an assistant turn")

@@ -113,9 +113,13 @@ def load_conversations(
     model_name: list[str] | tuple[str, ...] = (),
     model_author: list[str] | tuple[str, ...] = (),
     strict: bool = True,
+    require_answer: bool = True,
     log=None,
 ) -> list[DatasetPart]:
-    """Read and validate every spec; strict=True raises on any malformed row (listing up to 20)."""
+    """Read and validate every spec; strict=True raises on any malformed row (listing up to 20).
+
+    require_answer=False (batch inference) also accepts rows with no answer, ending in a user turn.
+    """
     log = log or _log
     parts = []
     for text in specs:
@@ -125,8 +129,8 @@ def load_conversations(
         conversations, errors, formats = [], [], Counter()
         for row, source in rows:
             try:
-                conversations.append(_normalise(row, source))
-                formats[detect_format(row)] += 1
+                conversations.append(_normalise(row, source, require_answer))
+                formats[detect_format(row, require_answer=require_answer)] += 1
             except UserError as e:
                 errors.append(str(e))
         if strict:
@@ -564,10 +568,10 @@ class _Malformed(dict):
         self.problem = problem
 
 
-def _normalise(row: object, source: str) -> Conversation:
+def _normalise(row: object, source: str, require_answer: bool) -> Conversation:
     if isinstance(row, _Malformed):
         raise UserError(f"{source}: {row.problem}")
-    return normalise_row(row, source)
+    return normalise_row(row, source, require_answer=require_answer)
 
 
 def _log(message: str) -> None:
