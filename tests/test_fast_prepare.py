@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lorakit.fast import FastOptions, decoder_layers, plan_checkpointing, prepare_for_training
+from lorakit.fast import FastOptions, decoder_layers, plan_checkpointing, prepare_for_training, restore_reference
 from lorakit.loss import causal_lm_loss
 
 CFG = dict(
@@ -99,3 +99,14 @@ def test_plan_checkpointing_fits_budget():
     n = plan_checkpointing(10, 100, 50, 5, budget_bytes=30_000)
     kept = 10 - n
     assert 100 * (kept * 50 + n * 5 + 50) <= 30_000 < 100 * ((kept + 1) * 50 + (n - 1) * 5 + 50)
+
+
+def test_restore_reference_undoes_prepare():
+    model = prepare_for_training(lora_model(), FastOptions(compile=False, checkpointing="full"))
+    prepare_for_training(model, FastOptions(compile=False, checkpointing="none"))  # again: replaces
+    restore_reference(model)
+    base = model.get_base_model()
+    assert base.config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert not base.model._forward_pre_hooks
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.fast import attention
-from lorakit.fast.lora import fuse_lora_layers
+from lorakit.fast.lora import fuse_lora_layers, unfuse_lora_layers
 
 GIB = 1024**3
 CHECKPOINTING_MODES = ("auto", "full", "none")
@@ -102,7 +102,9 @@ def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
         ids = kwargs["inputs_embeds"]
     b, t = ids.shape[:2]
     if opts.packed_attention:
-        kwargs["cu_seq_lens_q"] = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
+        cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
+        torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples per row varies: one graph
+        kwargs["cu_seq_lens_q"] = cu
         kwargs["attention_mask"] = None
     if opts.checkpointing == "auto" and module.training and ids.is_cuda:
         full, ckpt = activation_bytes_per_token(config)
@@ -122,21 +124,48 @@ def set_checkpointing(layers, enabled: list[bool]) -> None:
 
 
 def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.Module:
-    """Switch the fast paths in opts on, in place; returns the model (call after LoRA is attached)."""
+    """Switch the fast paths in opts on, in place; returns the model (call after LoRA is attached).
+
+    Calling it again with other options replaces the earlier choice (compiled layers stay compiled).
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, layers = base.get_decoder(), decoder_layers(model)
     base.config.use_cache = False
+    _remove_hook(body)
     if opts.packed_attention:
         base.set_attn_implementation(attention.register())
     if opts.fused_lora:
         fuse_lora_layers(model)
+    else:
+        unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
     if opts.packed_attention or opts.checkpointing == "auto":
         hook = functools.partial(_body_pre_hook, opts, layers, base.config)
-        body.register_forward_pre_hook(hook, with_kwargs=True)
+        body._lorakit_hook = body.register_forward_pre_hook(hook, with_kwargs=True)
     if opts.compile:
         # all blocks share one graph; dynamo counts each block's first call against the limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
         for layer in layers:
-            layer.compile()
+            if layer._compiled_call_impl is None:
+                layer.compile()
+    return model
+
+
+def _remove_hook(body: torch.nn.Module) -> None:
+    handle = getattr(body, "_lorakit_hook", None)
+    if handle is not None:
+        handle.remove()
+        body._lorakit_hook = None
+
+
+def restore_reference(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Undo prepare_for_training: PEFT forward, eager layers, transformers attention, no recompute."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _remove_hook(base.get_decoder())
+    base.set_attn_implementation(attn_implementation)
+    unfuse_lora_layers(model)
+    layers = decoder_layers(model)
+    set_checkpointing(layers, [False] * len(layers))
+    for layer in layers:
+        layer._compiled_call_impl = None
     return model
