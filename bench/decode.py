@@ -113,12 +113,36 @@ def teacher_forced_check(model, prompt: list[int], reply: list[int], device) -> 
                 logit_std=float(logits.std()), positions=len(reply))
 
 
+def _graph_ms(fn, replays: int) -> float:
+    """Median-free simple timing: capture `fn` once in a CUDA graph, replay, ms per replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+@torch.inference_mode()
 def graph_step_ms(engine: Engine, prompt_len: int, replays: int = 100) -> float | None:
     """GPU time of one decode step alone: replay the captured graph (state reset to a valid slot)."""
     state = engine._fast.state
     if state is None or state.graph is None:
         return None
     replays = min(replays, state.mask.shape[1] - prompt_len - 1)
+    state.slot.fill_(prompt_len)
+    state.graph.replay()
+    torch.cuda.synchronize()
     state.slot.fill_(prompt_len)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -127,6 +151,51 @@ def graph_step_ms(engine: Engine, prompt_len: int, replays: int = 100) -> float 
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / replays
+
+
+@torch.inference_mode()
+def diagnostics(engine: Engine, rows: int) -> dict:
+    """Where a step's time goes: the matrix products alone, the attention alone, copy bandwidth."""
+    import torch.nn.functional as F
+
+    fast = engine._fast
+    dev, dtype = fast.embed.device, fast.embed.dtype
+    weights = [w for layer in fast.layers for w in (layer.attn_in[1], layer.attn_out[0], layer.attn_out[3],
+                                                      layer.attn_out[5], layer.attn_out[7])] + [fast.head]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=dev, dtype=dtype) for w in weights}
+
+    def x_for(w):
+        return inputs[w.shape[1]]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    out = dict(matmul_ms=_graph_ms(lambda: [F.linear(x_for(w), w) for w in weights], 20),
+               weight_gb=weight_bytes / 1e9)
+    state = fast.state
+    q = torch.randn(rows, fast.n_kv, fast.n_heads // fast.n_kv, fast.head_dim, device=dev, dtype=dtype)
+    mask = state.mask[:rows, None, None, :]
+    out["attention_ms"] = _graph_ms(lambda: [F.scaled_dot_product_attention(q, k[:rows], v[:rows], attn_mask=mask)
+                                             for k, v in zip(state.keys, state.values)], 20)
+    big = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(big)
+    ms = _graph_ms(lambda: dst.copy_(big), 10)
+    out["copy_tb_s"] = 2 * big.numel() / (ms / 1e3) / 1e12
+    del big, dst
+    out["bandwidth_floor_ms"] = weight_bytes / (out["copy_tb_s"] * 1e12) * 1e3
+    return out
+
+
+@torch.inference_mode()
+def first_step_logit_error(model, engine: Engine, prompt: list[int], device) -> dict:
+    """Relative L2 error of the first decoded logits vs one HF forward over prompt + token, for the
+    fast decoder and (as the bf16 noise baseline) the reference decoder."""
+    from lorakit.infer.engine import ReferenceDecoder, left_pad
+
+    batch = left_pad([prompt], 0, device)
+    out = {}
+    for name, decoder in (("fast", engine._fast), ("reference", ReferenceDecoder(model))):
+        token = decoder.prefill(batch, 8).argmax(-1)
+        out[name] = decoder.step(token)[0].float().clone()
+    full = model(input_ids=torch.tensor([prompt + [int(token)]], device=device)).logits[0, -1].float()
+    return {f"{k}_rel_err": float((v - full).norm() / full.norm()) for k, v in out.items()}
 
 
 def prefix_match(a: list[int], b: list[int]) -> int:
@@ -167,7 +236,7 @@ def main() -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "results.json").write_text(json.dumps(results, indent=1))
 
-    t0 = time.perf_counter()
+    start_all = t0 = time.perf_counter()
     results["exact_fp32"] = exact_check(tokenizer, device, settings, compile=on_gpu, graphs=on_gpu)
     results["exact_fp32_seconds"] = time.perf_counter() - t0
     save()
@@ -179,6 +248,7 @@ def main() -> int:
     with torch.inference_mode():
         hf1 = time_hf_generate(model, prompts[:1], args.new_tokens, device)
     results["hf_generate_bs1_tok_s"] = hf1["tok_s"]
+    results["hf_generate_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], hf1["tokens"][0], device)
     save()
 
     variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]
@@ -195,6 +265,9 @@ def main() -> int:
             results[f"{name}_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], single["tokens"][0], device)
             if on_gpu:
                 results[f"{name}_bs1_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+                if name == "graph+compile":
+                    results["bs1_diagnostics"] = diagnostics(engine, 1)
+                    results["first_step_logits"] = first_step_logit_error(model, engine, prompts[0], device)
         except Exception as e:  # keep the other measurements of this (scarce) run
             results[f"{name}_error"] = repr(e)
             traceback.print_exc()
@@ -206,6 +279,7 @@ def main() -> int:
         results[f"graph+compile_bs{args.batch}_row0_prefix_match_bs1"] = prefix_match(batch["tokens"][0], single["tokens"][0])
         if on_gpu:
             results[f"graph+compile_bs{args.batch}_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+            results[f"bs{args.batch}_diagnostics"] = diagnostics(engine, args.batch)
     except Exception as e:
         results["batch_error"] = repr(e)
         traceback.print_exc()
@@ -215,8 +289,34 @@ def main() -> int:
             hfb = time_hf_generate(model, prompts, args.new_tokens, device)
         results[f"hf_generate_bs{args.batch}_tok_s"] = hfb["tok_s"]
         save()
+    if on_gpu and time.perf_counter() - start_all < 300:
+        autotuned_variant(model, tokenizer, prompts, params, device, args, results)
+        save()
     print_table(results, args)
     return 0 if results["exact_fp32"]["identical"] else 1
+
+
+def autotuned_variant(model, tokenizer, prompts, params, device, args, results) -> None:
+    """Experiment: the same step compiled with mode='max-autotune-no-cudagraphs' (Triton GEMV templates)."""
+    from lorakit.infer import fast_decode
+
+    try:
+        engine = Engine(model, tokenizer, fast=True, compile=False, cuda_graphs=True)
+        engine.stop_ids = set()
+        mode = "max-autotune-no-cudagraphs"
+        fast = engine._fast
+        fast.attention_in, fast.attention_out_mlp, fast.final_logits = (
+            torch.compile(f, mode=mode) for f in (fast_decode.attention_in, fast_decode.attention_out_mlp,
+                                                  fast_decode.final_logits))
+        t0 = time.perf_counter()
+        time_engine(engine, prompts[:1], params, device, repeats=1)
+        results["autotune_warmup_s"] = time.perf_counter() - t0
+        single = time_engine(engine, prompts[:1], params, device, args.repeats)
+        results["autotune_bs1"] = {k: v for k, v in single.items() if k != "tokens"}
+        results["autotune_bs1_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+    except Exception as e:
+        results["autotune_error"] = repr(e)
+        traceback.print_exc()
 
 
 def print_table(r: dict, args) -> None:
@@ -231,15 +331,23 @@ def print_table(r: dict, args) -> None:
         ("HF generate, bs1 (tok/s)", get("hf_generate_bs1_tok_s")),
         ("lorakit graph only, bs1 decode (tok/s)", get("graph_bs1", "decode_tok_s")),
         ("lorakit graph+compile, bs1 decode (tok/s)", get("graph+compile_bs1", "decode_tok_s")),
+        ("lorakit graph+max-autotune compile, bs1 decode (tok/s)", get("autotune_bs1", "decode_tok_s")),
+        ("graph+compile bs1: GPU time of one step (ms)", get("graph+compile_bs1_graph_step_ms")),
         ("lorakit graph+compile, bs1 end-to-end (tok/s)", get("graph+compile_bs1", "e2e_tok_s")),
         (f"lorakit time to first token, {args.prompt_len}-token prompt (ms)", get("graph+compile_bs1", "ttft_ms")),
-        ("graph+compile bs1: GPU time of one step (ms)", get("graph+compile_bs1_graph_step_ms")),
         (f"HF generate, bs{b} aggregate (tok/s)", get(f"hf_generate_bs{b}_tok_s")),
         (f"lorakit graph+compile, bs{b} aggregate end-to-end (tok/s)", get(f"graph+compile_bs{b}", "e2e_tok_s")),
         (f"lorakit graph+compile, bs{b} aggregate decode (tok/s)", get(f"graph+compile_bs{b}", "decode_tok_s")),
         (f"graph+compile bs{b}: GPU time of one step (ms)", get(f"graph+compile_bs{b}_graph_step_ms")),
         ("fast == reference, fp32 2-layer, ragged batch", get("exact_fp32", "identical")),
         ("bf16 7B teacher-forced argmax agreement", get("graph+compile_bs1_teacher_forced", "argmax_agree")),
+        ("  same for HF generate's own tokens", get("hf_generate_bs1_teacher_forced", "argmax_agree")),
+        ("first decode step logits rel. error: fast", get("first_step_logits", "fast_rel_err")),
+        ("first decode step logits rel. error: reference", get("first_step_logits", "reference_rel_err")),
+        ("bs1: all matmuls alone (ms) / bandwidth floor (ms)",
+         f"{get('bs1_diagnostics', 'matmul_ms'):.2f} / {get('bs1_diagnostics', 'bandwidth_floor_ms'):.2f}"),
+        ("bs1: attention alone, 28 layers (ms)", get("bs1_diagnostics", "attention_ms")),
+        ("copy bandwidth (TB/s)", get("bs1_diagnostics", "copy_tb_s")),
         ("bf16 7B tokens equal to HF generate (prefix)", get("graph+compile_bs1_prefix_match_hf")),
     ]
     print(f"\nDecode benchmark, {r['date']}, {r['device']}, torch {r['torch']}, transformers {r['transformers']}")

@@ -65,13 +65,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention_in(h, ln, wq, bq, wk, bk, wv, bv, cos, sin, eps: float, n_heads: int, n_kv: int):
-    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D], k, v [B, KV, D]."""
+def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int):
+    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D], k, v [B, KV, D].
+
+    q, k and v come from one matrix product with the three weights stacked (one large read of
+    the weights instead of two small ones that cannot reach full memory bandwidth)."""
     x = rms_norm(h, ln, eps)
     batch = h.shape[0]
-    q = F.linear(x, wq, bq).view(batch, n_heads, -1)
-    k = F.linear(x, wk, bk).view(batch, n_kv, -1)
-    v = F.linear(x, wv, bv).view(batch, n_kv, -1)
+    qkv = F.linear(x, w_qkv, b_qkv).view(batch, n_heads + 2 * n_kv, -1)
+    q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
@@ -122,9 +124,14 @@ class DecodeState:
 
 def _layer_weights(layer) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
+    projections = (a.q_proj, a.k_proj, a.v_proj)
+    w_qkv = torch.cat([p.weight for p in projections]).detach()
+    b_qkv = None
+    if any(p.bias is not None for p in projections):
+        b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
+                           for p in projections]).detach()
     return LayerWeights(
-        attn_in=(layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
-                 a.v_proj.weight, a.v_proj.bias),
+        attn_in=(layer.input_layernorm.weight, w_qkv, b_qkv),
         attn_out=(a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, m.gate_proj.weight,
                   m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias),
     )
