@@ -139,11 +139,15 @@ def graph_step_ms(engine: Engine, prompt_len: int, replays: int = 100) -> float 
     state = engine._fast.state
     if state is None or state.graph is None:
         return None
-    replays = min(replays, state.mask.shape[1] - prompt_len - 1)
+    replays = min(replays, state.mask.shape[1] - prompt_len - 2)
+    # The step advances slot and positions on the GPU: start both where a reply starts, so every
+    # replay stays inside the cache and the rotary table.
     state.slot.fill_(prompt_len)
+    state.positions.fill_(prompt_len)
     state.graph.replay()
     torch.cuda.synchronize()
     state.slot.fill_(prompt_len)
+    state.positions.fill_(prompt_len)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
@@ -191,8 +195,9 @@ def first_step_logit_error(model, engine: Engine, prompt: list[int], device) -> 
 
     batch = left_pad([prompt], 0, device)
     out = {}
+    token = engine._fast.prefill(batch, 8).argmax(-1)
     for name, decoder in (("fast", engine._fast), ("reference", ReferenceDecoder(model))):
-        token = decoder.prefill(batch, 8).argmax(-1)
+        decoder.prefill(batch, 8)
         out[name] = decoder.step(token)[0].float().clone()
     full = model(input_ids=torch.tensor([prompt + [int(token)]], device=device)).logits[0, -1].float()
     return {f"{k}_rel_err": float((v - full).norm() / full.norm()) for k, v in out.items()}
@@ -289,10 +294,11 @@ def main() -> int:
             hfb = time_hf_generate(model, prompts, args.new_tokens, device)
         results[f"hf_generate_bs{args.batch}_tok_s"] = hfb["tok_s"]
         save()
-    if on_gpu and time.perf_counter() - start_all < 300:
+    print_table(results, args)
+    if on_gpu and time.perf_counter() - start_all < 200:
         autotuned_variant(model, tokenizer, prompts, params, device, args, results)
         save()
-    print_table(results, args)
+        print_table(results, args)
     return 0 if results["exact_fp32"]["identical"] else 1
 
 
