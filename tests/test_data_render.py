@@ -12,8 +12,10 @@ from lorakit.data.render import (
     CHATML_TEMPLATE,
     IGNORE_INDEX,
     render_conversation,
+    render_conversations,
     render_prompt,
     set_chat_template,
+    template_default_system,
 )
 from lorakit.errors import UserError
 
@@ -175,3 +177,58 @@ def test_inconsistent_template_is_a_clear_error():
     )
     with pytest.raises(UserError, match="renders turn"):
         render_conversation(tok, MULTI_ZH)
+
+
+def tricky_conversations(n, seed=0):
+    """Contents with edge whitespace, newlines, CJK, emoji and punctuation at the turn boundaries."""
+    import random
+
+    rng = random.Random(seed)
+    parts = ["Hello", " leading space", "\n\nnewlines first", "trailing space ", "中文回答", "😀 emoji", "x",
+             "  two spaces", "tab\tinside", "ends with newline\n", "!?", "<not a special token>", "12345"]
+    out = []
+    for _ in range(n):
+        turns = rng.randint(1, 3)
+        messages = [{"role": "system", "content": rng.choice(parts)}] if rng.random() < 0.3 else []
+        for _ in range(turns):
+            messages.append({"role": "user", "content": rng.choice(parts) + rng.choice(parts)})
+            messages.append({"role": "assistant", "content": rng.choice(parts) + rng.choice(parts)})
+        out.append(messages)
+    return out
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smol"])
+def test_prompt_identity_and_learned_text_on_tricky_content(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    conversations = tricky_conversations(60)
+    batch = render_conversations(tok, conversations)
+    for messages, r in zip(conversations, batch):
+        assert r == render_conversation(tok, messages)  # batch and single paths agree
+        starts = [k for k in range(len(r.labels)) if r.labels[k] != X and (k == 0 or r.labels[k - 1] == X)]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        assert len(starts) == len(turns)
+        for start, turn in zip(starts, turns):
+            assert r.input_ids[:start] == render_prompt(tok, messages[:turn])
+        eot = "<|im_end|>"
+        assert loss_text(tok, r) == "".join(messages[i]["content"] + eot for i in turns)
+        # A first-turn prompt is exactly the template's text tokenized whole (what other servers send).
+        first = messages[: turns[0]]
+        text = tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+        assert render_prompt(tok, first) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_without_offsets_cuts_at_every_turn_edge(qwen, monkeypatch):
+    """A slow tokenizer has no character offsets: every answer is tokenized as its own piece."""
+    import lorakit.data.render as render
+
+    expected = render_conversation(qwen, MULTI_ZH)
+    monkeypatch.setattr(render, "_encode_batch", lambda tokenizer, texts: None)
+    assert render_conversation(qwen, MULTI_ZH) == expected
+    assert render_prompt(qwen, MULTI_ZH[:3]) == expected.input_ids[: len(render_prompt(qwen, MULTI_ZH[:3]))]
+
+
+def test_template_default_system(qwen):
+    assert template_default_system(qwen) == "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    tok = AutoTokenizer.from_pretrained(QWEN_DIR)
+    set_chat_template(tok, "chatml")
+    assert template_default_system(tok) is None

@@ -18,7 +18,7 @@ import numpy as np
 
 from lorakit.data.render import IGNORE_INDEX, Rendered
 
-CACHE_VERSION = "render-v1"  # bump when render.py changes what it produces
+CACHE_VERSION = "render-v2"  # bump when render.py changes what it produces
 
 
 def cache_dir() -> Path:

@@ -64,7 +64,9 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], *, system: str | No
     """Token ids of `messages` followed by the assistant generation prompt (what inference feeds the model)."""
     messages = with_system(messages, system)
     text = _apply(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # Earlier assistant turns are cut exactly where training cuts them, so the ids match token for token.
+    spans = assistant_spans(tokenizer, messages, text, text_is_conversation=False)
+    return _tokenize(tokenizer, text, spans)[0]
 
 
 def render_conversation(
@@ -97,15 +99,10 @@ def render_conversations(
         all_spans.append(spans)
     if not texts:
         return []
-    encodings = _encode_batch(tokenizer, texts)
+    encodings = _encode_batch(tokenizer, texts) or [None] * len(texts)
     out = []
-    for k, (text, spans) in enumerate(zip(texts, all_spans)):
-        labels = None
-        if encodings is not None:
-            ids = encodings[k].ids
-            labels = _labels_from_encoding(encodings[k], ids, spans, len(text))
-        if labels is None:
-            ids, labels = _tokenize_piecewise(tokenizer, text, spans)
+    for text, spans, encoding in zip(texts, all_spans, encodings):
+        ids, labels = _tokenize(tokenizer, text, spans, encoding)
         out.append(Rendered(input_ids=ids, labels=list(ids) if loss_on_prompt else labels))
     return out
 
@@ -140,14 +137,20 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
     return [{"role": "system", "content": system}] + list(messages)
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
-    """Character spans of `text` (the full render) that are assistant turns, end-of-turn token included."""
+def assistant_spans(
+    tokenizer, messages: list[dict[str, str]], text: str, *, text_is_conversation: bool = True
+) -> list[tuple[int, int]]:
+    """Character spans of `text` (a render of `messages`) that are assistant turns, end-of-turn token included.
+
+    text_is_conversation=False: `text` also carries a generation prompt (render_prompt's text).
+    """
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = _apply(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = text if i == len(messages) - 1 else _apply(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        last = i == len(messages) - 1 and text_is_conversation
+        upto = text if last else _apply(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not upto.startswith(prompt) or not text.startswith(upto):
             raise UserError(
                 f"the chat template renders turn {i + 1} differently depending on what follows it, so the "
@@ -161,42 +164,53 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]], text: str) -> lis
     return spans
 
 
-def _labels_from_encoding(encoding, ids: list[int], spans: list[tuple[int, int]], n: int) -> list[int] | None:
-    """Labels from the encoding's character offsets; None when a token straddles a span edge (go piecewise)."""
-    labels = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
-        k0, k1 = _token_at(encoding, start, n, len(ids)), _token_at(encoding, end, n, len(ids))
-        if k0 is None or k1 is None:
-            return None
-        labels[k0:k1] = ids[k0:k1]
-    return labels
+def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], encoding=None) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and labels (the ids inside `spans`, IGNORE_INDEX elsewhere).
+
+    The text is tokenized whole, except that it is split (and the pieces tokenized apart) at any
+    span edge a token would straddle: the answer then starts on a token boundary, as it does when
+    the model generates it. render_prompt applies the same rule to the earlier turns it contains,
+    so a training prompt and an inference prompt always get the same ids.
+    """
+    cuts = sorted({c for span in spans for c in span if 0 < c < len(text)})
+    if encoding is None:
+        encoding = _encode(tokenizer, text)
+    index = {c: _token_at(encoding, c) for c in cuts} if encoding is not None else {c: None for c in cuts}
+    straddled = [c for c in cuts if index[c] is None]
+    if not straddled:
+        ids = list(encoding.ids) if encoding is not None else tokenizer(text, add_special_tokens=False)["input_ids"]
+        index.update({0: 0, len(text): len(ids)})
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[index[start]:index[end]] = ids[index[start]:index[end]]
+        return ids, labels
+    ids, labels = [], []
+    bounds = [0] + straddled + [len(text)]
+    for a, b in zip(bounds, bounds[1:]):
+        inner = [(max(s, a) - a, min(e, b) - a) for s, e in spans if s < b and e > a]
+        piece_ids, piece_labels = _tokenize(tokenizer, text[a:b], inner)
+        ids += piece_ids
+        labels += piece_labels
+    return ids, labels
 
 
-def _token_at(encoding, cut: int, n: int, n_tokens: int) -> int | None:
-    """Index of the token that starts exactly at character `cut` (n_tokens at the end), else None."""
-    if cut >= n:
-        return n_tokens
+def _encode(tokenizer, text: str):
+    """One Rust `tokenizers.Encoding` (ids + character offsets); None for a slow tokenizer."""
+    encodings = _encode_batch(tokenizer, [text])
+    if encodings is not None:
+        return encodings[0]
+    return None
+
+
+def _token_at(encoding, cut: int) -> int | None:
+    """Index of the token that starts exactly at character `cut`, or None if a token straddles it."""
     k = encoding.char_to_token(cut)
     if k is None or encoding.token_to_chars(k)[0] != cut:
         return None
-    if k > 0 and encoding.token_to_chars(k - 1)[1] > cut:
+    # The previous token must end exactly here: a gap means offsets were trimmed (a space hides in a token).
+    if k > 0 and encoding.token_to_chars(k - 1)[1] != cut:
         return None
     return k
-
-
-def _tokenize_piecewise(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
-    pos = 0
-    for start, end in spans + [(len(text), len(text))]:
-        for piece, learn in ((text[pos:start], False), (text[start:end], True)):
-            if not piece:
-                continue
-            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            ids += piece_ids
-            labels += piece_ids if learn else [IGNORE_INDEX] * len(piece_ids)
-        pos = end
-    return ids, labels
 
 
 def _apply(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
