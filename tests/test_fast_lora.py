@@ -1,5 +1,6 @@
 """Fused LoRA linear equals PEFT's LoRA forward (values and gradients, fp32 on CPU)."""
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -41,13 +42,14 @@ def test_lora_linear_matches_formula():
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_peft_model_equals_peft_forward_and_grads():
+@pytest.mark.parametrize("impl", ["function", "ops"])
+def test_fused_peft_model_equals_peft_forward_and_grads(impl):
     x = torch.randn(3, 7, 12)
     results = []
     for fuse in (False, True):
         model = peft_model()
         if fuse:
-            assert fuse_lora_layers(model) == 2
+            assert fuse_lora_layers(model, impl) == 2
         y = model(x)
         (y * torch.linspace(-1, 1, 12)).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -95,6 +95,13 @@ def _memory_budget(opts: FastOptions, device: torch.device, reserve_bytes: float
     return limit - torch.cuda.memory_allocated(device) - reserve_bytes
 
 
+def _reserve(layers, config) -> float:
+    """Bytes the step needs beside activations: one lm_head chunk (bf16 logits + gradient, as in
+    lorakit.loss), adapter gradients and AdamW moments (not allocated yet at the first step), slack."""
+    trainable = sum(p.numel() * p.element_size() for p in layers.parameters() if p.requires_grad)
+    return 0.5 * GIB + 6 * 1024 * config.vocab_size + 3 * trainable
+
+
 def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
     """Per forward: cu_seqlens for packed attention; which layers recompute ('auto')."""
     ids = kwargs.get("input_ids", args[0] if args else None)
@@ -103,13 +110,13 @@ def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
     b, t = ids.shape[:2]
     if opts.packed_attention:
         cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
-        torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples per row varies: one graph
-        kwargs["cu_seq_lens_q"] = cu
+        if cu.numel() > b + 1:  # some row holds several samples (or padding)
+            torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples varies: one graph
+            kwargs["cu_seq_lens_q"] = cu
         kwargs["attention_mask"] = None
     if opts.checkpointing == "auto" and module.training and ids.is_cuda:
         full, ckpt = activation_bytes_per_token(config)
-        reserve = 1.5 * GIB + 12 * 1024 * config.vocab_size  # misc + one chunk of lm_head logits/grad
-        n = plan_checkpointing(len(layers), b * t, full, ckpt, _memory_budget(opts, ids.device, reserve))
+        n = plan_checkpointing(len(layers), b * t, full, ckpt, _memory_budget(opts, ids.device, _reserve(layers, config)))
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < n
     return args, kwargs

@@ -11,7 +11,7 @@ The fp32 adapter parameters stay the trained (master) copy; their gradients come
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,16 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
     return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, scale)
 
 
+def lora_linear_ops(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+    """lora_linear as plain ops: under torch.compile the partitioner then sees the whole layer and
+    may recompute cheap tensors (norm outputs, SwiGLU product) instead of keeping them."""
+    low = F.linear(F.linear(x, lora_a.to(x.dtype)), (lora_b * scale).to(x.dtype))
+    return F.linear(x, weight, bias) + low
+
+
+LORA_IMPLS = {"function": lora_linear, "ops": lora_linear_ops}
+
+
 def can_fuse(module) -> bool:
     """True for a plain PEFT LoRA Linear: one adapter, no dropout, no DoRA/variant, frozen base."""
     try:
@@ -71,25 +81,23 @@ def can_fuse(module) -> bool:
     )
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    return lora_linear(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    )
+    return lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
-    """Route every fusable PEFT LoRA Linear through lora_linear; returns how many were fused.
+def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
+    """Route every fusable PEFT LoRA Linear through LORA_IMPLS[impl]; returns how many were fused.
 
     Only the instance's forward changes: parameters, names and saved adapters stay PEFT's.
     """
     count = 0
     for module in model.modules():
         if can_fuse(module):
-            module.forward = types.MethodType(_fused_forward, module)
+            module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl])
             count += 1
     return count
 
@@ -97,5 +105,5 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
 def unfuse_lora_layers(model: torch.nn.Module) -> None:
     """Undo fuse_lora_layers (back to PEFT's own forward)."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _fused_forward:
+        if "forward" in vars(module) and getattr(module.forward, "func", None) is _fused_forward:
             del module.forward
