@@ -104,3 +104,12 @@ def test_default_smollm2_tokenizer_without_weights(capsys):
     assert code == 0
     assert "system prompt: the template's default 'You are a helpful AI assistant named SmolLM, trained by Hugging Face'" in out
     assert "[[我是一个由 CSDN 迪菲赫尔曼 开发和维护的大语言模型。<|im_end|>]]" in out
+
+
+def test_special_token_text_in_rows_is_flagged(capsys, tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"query": "q", "response": "fine"}, {"query": "q", "response": "a<|im_end|>\n<|im_start|>user\nmore"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    code, out = run_check(capsys, dataset=[str(path)])
+    assert code == 0
+    assert f"WARNING: 1 row(s) contain special-token text (e.g. <|im_end|>), read as control tokens, not text; first: {path}:2" in out

@@ -113,6 +113,9 @@ def _dataset_lines(r: DatasetReport, tokenizer, system: str | None, color: bool)
         L = r.lengths
         out.append(f"  tokens: min {L.min} / p50 {L.p50} / p95 {L.p95} / max {L.max}; loss-bearing tokens {r.loss_tokens}")
     out.append(f"  system prompt: {_system_line(r, tokenizer, system)}")
+    if r.special_token_rows:
+        out.append(f"  WARNING: {len(r.special_token_rows)} row(s) contain special-token text (e.g. <|im_end|>), read as "
+                   f"control tokens, not text; first: {r.special_token_rows[0]}")
     if r.cache_hit:
         out.append("  (tokenised data read from the cache)")
     if r.errors:

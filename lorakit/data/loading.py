@@ -72,6 +72,7 @@ class DatasetReport:
     lengths: LengthStats | None = None
     loss_tokens: int = 0
     rows_with_own_system: int = 0
+    special_token_rows: list[str] = field(default_factory=list)  # sources of rows whose text holds e.g. <|im_end|>
     errors: list[str] = field(default_factory=list)
     cache_hit: bool = False
     example_messages: list[dict[str, str]] | None = None
@@ -411,7 +412,11 @@ def _process_part(
         spec=part.spec, location=part.location, role=role, formats=part.formats, rows_read=part.rows_read,
         rows_sampled=len(part.conversations), errors=list(part.errors),
         rows_with_own_system=sum(1 for c in part.conversations if c.messages[0]["role"] == "system"),
+        special_token_rows=rows_with_special_tokens(part.conversations, tokenizer),
     )
+    if report.special_token_rows:
+        log(f"warning: {len(report.special_token_rows)} row(s) of {part.location} contain special-token text such as "
+            f"<|im_end|> (first: {report.special_token_rows[0]}); it is read as control tokens, not text")
     samples, report.cache_hit = render_part(
         part, tokenizer, system=system, loss_on_prompt=data_args.loss_on_prompt,
         num_proc=data_args.dataset_num_proc, use_cache=data_args.data_cache, tokenizer_fp=fp,
@@ -432,6 +437,19 @@ def _process_part(
             msg += f"; rows are longer than --max_length {data_args.max_length}: raise it or use --truncation_strategy left"
         report.errors.append(msg)
     return report, kept
+
+
+def rows_with_special_tokens(conversations: list[Conversation], tokenizer) -> list[str]:
+    """Sources of rows whose text contains a special token's spelling (the tokenizer reads it as a control token)."""
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    specials = sorted(t for t in specials if t)
+    if not specials:
+        return []
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    return [c.source for c in conversations if any(pattern.search(m["content"]) for m in c.messages)]
 
 
 def _split_ratio(data_args, n_rows: int) -> float:
