@@ -7,11 +7,13 @@ the adapter switched off) over the built-in probe and question sets and returns 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,3 +124,240 @@ def load_probes() -> list[dict]:
 def load_retention_questions() -> list[dict]:
     """General questions with checkable answers: {"question", "answers", "lang"}."""
     return read_jsonl(BUILTIN / "retention_questions.jsonl")
+
+
+# ---------------------------------------------------------------- running the model
+
+PROBE_MAX_NEW_TOKENS = 64
+RETENTION_MAX_NEW_TOKENS = 48
+
+
+@dataclass
+class ProbeResult:
+    query: str
+    lang: str
+    reply: str
+    passed: bool
+
+
+@dataclass
+class RetentionResult:
+    question: str
+    lang: str
+    base_reply: str
+    reply: str
+    base_correct: bool
+    correct: bool
+    leaked: bool
+
+
+@dataclass
+class EvalResult:
+    """Every figure of one eval, and the replies behind them."""
+
+    identity: dict[str, float]
+    "Share of held-out probes passed, per language ('en', 'zh')."
+    retention: float | None
+    "Of the questions the base answered correctly, the share the model still answers correctly (None: base got none)."
+    base_correct: int
+    kept_correct: int
+    leak: float
+    "Share of answers to general questions that mention the new name or author."
+    drift_kl: float
+    "Mean per-token KL(base || model) on the base's own answers to the general questions, teacher-forced."
+    name: list[str]
+    author: list[str]
+    seconds: float = 0.0
+    probes: list[ProbeResult] = field(default_factory=list)
+    retention_rows: list[RetentionResult] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        """The headline numbers only."""
+        return {"identity_en": self.identity.get("en"), "identity_zh": self.identity.get("zh"),
+                "retention": self.retention, "leak": self.leak, "drift_kl": self.drift_kl,
+                "base_correct": self.base_correct, "kept_correct": self.kept_correct}
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"figures": self.figures()}
+
+
+@contextmanager
+def adapter_off(model):
+    """The base model's behaviour: the same PEFT model with its adapter switched off."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def _prompts(tokenizer, questions: list[str], system: str | None) -> list[list[int]]:
+    from lorakit.data.render import render_prompt
+
+    return [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in questions]
+
+
+def identity_probe_results(model, tokenizer, *, name, author, system, batch_size: int,
+                           max_new_tokens: int = PROBE_MAX_NEW_TOKENS, cache_dir: Path | None = None) -> list[ProbeResult]:
+    """Ask every held-out identity probe and score the replies (`cache_dir`: cache a base model's replies)."""
+    probes = load_probes()
+    replies = cached_replies(model, tokenizer, [p["query"] for p in probes], system=system, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, cache_dir=cache_dir, desc="eval: identity probes")
+    return [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
+            for p, r in zip(probes, replies)]
+
+
+def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size: int, max_new_tokens: int,
+                   cache_dir: Path | None, desc: str) -> list:
+    """Greedy replies; with `cache_dir`, cached under the model's fingerprint (for base models only)."""
+    from lorakit.replay import Reply, generate_replies, model_fingerprint
+
+    path = None
+    if cache_dir is not None:
+        key = json.dumps({"model": model_fingerprint(model), "template": getattr(tokenizer, "chat_template", None),
+                          "system": system, "questions": questions, "max_new_tokens": max_new_tokens}, sort_keys=True)
+        path = Path(cache_dir) / f"base-replies-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            return [Reply(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
+    replies = generate_replies(model, tokenizer, _prompts(tokenizer, questions, system),
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(r) for r in replies], ensure_ascii=False), encoding="utf-8")
+    return replies
+
+
+def base_answers(model, tokenizer, *, system, batch_size: int, cache_dir: Path | None,
+                 max_new_tokens: int = RETENTION_MAX_NEW_TOKENS) -> list:
+    """The base model's greedy replies to the retention questions (adapter off), cached per base model."""
+    questions = [q["question"] for q in load_retention_questions()]
+    with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
+        return cached_replies(model, tokenizer, questions, system=system,
+                              batch_size=batch_size, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
+                              desc="eval: base answers")
+
+
+def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
+                      batch_size: int = 16) -> float:
+    """Mean per-token KL(base || model) over the reply tokens, with the adapter off for the base.
+
+    Each sequence is prompt + reply; position t's logits predict token t+1, so the reply's tokens
+    are predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2. Logits [B, T, V] are
+    turned into log-probabilities in float32 at those positions only.
+    """
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    pairs = [(p, r) for p, r in zip(prompts, replies) if r]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        seqs = [p + r for p, r in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        rows = torch.cat([torch.full((len(r),), i) for i, (_, r) in enumerate(chunk)]).to(device)
+        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) for p, r in chunk]).to(device)
+        with torch.inference_mode():
+            tuned = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float().log_softmax(-1)
+            with adapter_off(model):
+                base = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float().log_softmax(-1)
+        total += (base.exp() * (base - tuned)).sum().item()
+        count += len(rows)
+    return total / max(count, 1)
+
+
+def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_base: bool = False,
+             batch_size: int = 32, cache_dir: Path | None = None) -> EvalResult:
+    """Identity on the held-out probes, retention and leak on the general questions, and drift.
+
+    `model` is a PEFT model (its adapter is switched off for the base figures) or, with
+    `is_base`, a plain base model (retention is then 1 and drift 0 by definition).
+    """
+    started = time.perf_counter()
+    name, author = _names(name), _names(author)
+    probes = identity_probe_results(model, tokenizer, name=name, author=author, system=system, batch_size=batch_size,
+                                    cache_dir=cache_dir if is_base else None)
+    identity = {lang: _share([p.passed for p in probes if p.lang == lang]) for lang in ("en", "zh")}
+    questions = load_retention_questions()
+    base = base_answers(model, tokenizer, system=system, batch_size=batch_size, cache_dir=cache_dir)
+    if is_base:
+        replies = base
+    else:
+        from lorakit.replay import generate_replies
+
+        replies = generate_replies(model, tokenizer, _prompts(tokenizer, [q["question"] for q in questions], system),
+                                   max_new_tokens=RETENTION_MAX_NEW_TOKENS, batch_size=batch_size,
+                                   desc="eval: general questions")
+    rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
+                            retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
+            for q, b, r in zip(questions, base, replies)]
+    base_ok = [row for row in rows if row.base_correct]
+    kept = sum(row.correct for row in base_ok)
+    drift = 0.0
+    if not is_base:
+        prompts = _prompts(tokenizer, [q["question"] for q in questions], system)
+        drift = teacher_forced_kl(model, tokenizer, prompts, [b.token_ids for b in base])
+    return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
+                      base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
+                      drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
+                      probes=probes, retention_rows=rows)
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+# ---------------------------------------------------------------- `lorakit eval`
+
+def print_result(result: EvalResult) -> None:
+    """The figures table and a few replies."""
+    from lorakit.report import figures_table
+
+    for lang in ("en", "zh"):
+        for p in [p for p in result.probes if p.lang == lang][:2]:
+            print(f"  Q: {p.query}\n  A: {p.reply[:200]!s}  [{'pass' if p.passed else 'fail'}]")
+    print(figures_table(None, result.figures()))
+    print(f"identity: {sum(p.passed for p in result.probes)}/{len(result.probes)} probes; retention: "
+          f"{result.kept_correct}/{result.base_correct} of the questions the base answered correctly; "
+          f"{result.seconds:.0f} s")
+
+
+def _checkpoint_identity(loaded_args: dict) -> tuple[list[str], list[str]]:
+    data = loaded_args.get("data", {})
+    return (loaded_args.get("model_name") or data.get("model_name") or [],
+            loaded_args.get("model_author") or data.get("model_author") or [])
+
+
+def main(args) -> int:
+    """`lorakit eval --adapters CKPT` (or `--model M` alone for a base model)."""
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.data.render import set_chat_template
+    from lorakit.model import CACHE_DIR, load_model, load_tokenizer, resolve_model_path
+
+    name, author, system = list(args.model_name), list(args.model_author), args.adapter.system
+    if args.adapter.adapters:
+        loaded = load_checkpoint(args.adapter.adapters[0], torch_dtype=args.model.torch_dtype, device=args.model.device)
+        if not hasattr(loaded.model, "disable_adapter"):
+            raise UserError(f"{loaded.path} is a full fine-tuned checkpoint: eval compares an adapter with its base. "
+                            f"Evaluate it as a base model with --model {loaded.path}.")
+        model, tokenizer, is_base = loaded.model, loaded.tokenizer, False
+        saved_name, saved_author = _checkpoint_identity(loaded.args)
+        name, author = name or saved_name, author or saved_author
+        system = system if system is not None else loaded.args.get("system")
+        out = Path(args.eval_output) if args.eval_output else loaded.path / "eval.json"
+    else:
+        path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
+        tokenizer = load_tokenizer(path)
+        set_chat_template(tokenizer, args.model.template)
+        model, is_base = load_model(path, torch_dtype=args.model.torch_dtype, device=args.model.device), True
+        out = Path(args.eval_output or "eval.json")
+    if not name or not author:
+        raise UserError("eval needs the identity to look for: pass --model_name and --model_author "
+                        "(a checkpoint trained on self-cognition remembers its own).")
+    result = evaluate(model, tokenizer, name=name, author=author, system=system, is_base=is_base,
+                      batch_size=args.max_batch_size, cache_dir=CACHE_DIR / "quickstart")
+    print_result(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results: {out}")
+    return 0

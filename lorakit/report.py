@@ -1,0 +1,133 @@
+"""The quickstart/eval report: a terminal table, report.md, report.json and report.png."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (key in EvalResult.figures(), row label, is it a share shown as a percentage)
+ROWS = (
+    ("identity_en", "identity, English (held-out probes)", True),
+    ("identity_zh", "identity, Chinese (held-out probes)", True),
+    ("retention", "retention (base-correct answers kept)", True),
+    ("leak", "identity leak into general answers", True),
+    ("drift_kl", "drift: mean per-token KL vs base", False),
+)
+TARGETS = {"identity_en": ">= 90%", "identity_zh": ">= 90%", "retention": ">= 90%", "leak": "<= 5%"}
+
+
+def fmt(value: float | None, percent: bool) -> str:
+    """'93.8%' for shares, '0.0123' for KL, '-' when missing."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.4f}"
+
+
+def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markdown: bool = False) -> str:
+    """Before/after table of the headline figures (plain text for the terminal, or markdown)."""
+    header = ["", "before", "after", "target"] if before is not None else ["", "value", "target"]
+    body = []
+    for key, label, percent in ROWS:
+        cells = [label] + ([fmt(before.get(key), percent)] if before is not None else [])
+        body.append(cells + [fmt(after.get(key), percent), TARGETS.get(key, "")])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + body)
+
+
+@dataclass
+class Report:
+    """Everything quickstart writes into the run folder."""
+
+    model: str
+    name: list[str]
+    author: list[str]
+    checkpoint: str
+    infer_command: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    recipe: dict[str, Any]
+    timings: dict[str, float]
+    data: dict[str, Any] = field(default_factory=dict)
+    baseline_answers: list[dict[str, str]] = field(default_factory=list)
+    after_answers: list[dict[str, str]] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def write_report(report: Report, run_dir: Path) -> list[Path]:
+    """report.json, report.md and report.png in `run_dir`; returns the paths written."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / "report.json", run_dir / "report.md"]
+    paths[0].write_text(json.dumps(report.__dict__, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    paths[1].write_text(report_markdown(report), encoding="utf-8")
+    png = draw_report_png(report, run_dir / "report.png")
+    return paths + ([png] if png else [])
+
+
+def report_markdown(report: Report) -> str:
+    """The human-readable report."""
+    lines = [
+        f"# lorakit quickstart: {' / '.join(report.name)} by {' / '.join(report.author)}",
+        "",
+        f"Base model: `{report.model}`  ",
+        f"Checkpoint: `{report.checkpoint}`",
+        "",
+        figures_table(report.before, report.after, markdown=True),
+        "",
+        "Identity is scored on held-out probes (questions phrased unlike any training row): a reply passes "
+        "when it states the new name and the new author and claims no other identity. Retention is the share "
+        "of general questions the base model answered correctly that the tuned model still answers correctly.",
+        "",
+        "## Chat with it",
+        "",
+        f"```\n{report.infer_command}\n```",
+        "",
+        "## Training recipe",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in report.recipe.items()]
+    lines += ["", "## Time", ""] + [f"- {k}: {v:.1f} s" for k, v in report.timings.items()]
+    for title, answers in (("Before (base model)", report.baseline_answers), ("After", report.after_answers)):
+        if answers:
+            lines += ["", f"## {title}", ""]
+            lines += [f"- **{a['query']}**  \n  {a['reply']}" for a in answers]
+    lines += ["", "![loss and before/after](report.png)", ""]
+    return "\n".join(lines)
+
+
+def draw_report_png(report: Report, out_path: Path) -> Path | None:
+    """Loss curve (left) and before/after bars (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [(r["step"], r["loss"]) for r in report.log_history if "loss" in r]
+    if steps:
+        left.plot(*zip(*steps), label="train loss")
+        left.legend()
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("loss")
+    left.set_title("training loss")
+    left.grid(alpha=0.3)
+    keys = [(k, label.split(" (")[0]) for k, label, percent in ROWS if percent]
+    xs = range(len(keys))
+    before = [100 * (report.before.get(k) or 0.0) for k, _ in keys]
+    after = [100 * (report.after.get(k) or 0.0) for k, _ in keys]
+    right.bar([x - 0.2 for x in xs], before, width=0.4, label="before")
+    right.bar([x + 0.2 for x in xs], after, width=0.4, label="after")
+    right.set_xticks(list(xs), [label for _, label in keys], rotation=15, fontsize=8)
+    right.set_ylim(0, 105)
+    right.set_ylabel("%")
+    right.set_title("before / after")
+    right.legend()
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
