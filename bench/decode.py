@@ -256,7 +256,7 @@ def main() -> int:
     results["hf_generate_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], hf1["tokens"][0], device)
     save()
 
-    variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]
+    variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]  # compile=True: default mode
     for name, flags in variants:
         try:
             engine = Engine(model, tokenizer, fast=True, **flags)
@@ -304,16 +304,9 @@ def main() -> int:
 
 def autotuned_variant(model, tokenizer, prompts, params, device, args, results) -> None:
     """Experiment: the same step compiled with mode='max-autotune-no-cudagraphs' (Triton GEMV templates)."""
-    from lorakit.infer import fast_decode
-
     try:
-        engine = Engine(model, tokenizer, fast=True, compile=False, cuda_graphs=True)
+        engine = Engine(model, tokenizer, fast=True, compile="max-autotune-no-cudagraphs", cuda_graphs=True)
         engine.stop_ids = set()
-        mode = "max-autotune-no-cudagraphs"
-        fast = engine._fast
-        fast.attention_in, fast.attention_out_mlp, fast.final_logits = (
-            torch.compile(f, mode=mode) for f in (fast_decode.attention_in, fast_decode.attention_out_mlp,
-                                                  fast_decode.final_logits))
         t0 = time.perf_counter()
         time_engine(engine, prompts[:1], params, device, repeats=1)
         results["autotune_warmup_s"] = time.perf_counter() - t0

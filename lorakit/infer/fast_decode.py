@@ -145,7 +145,7 @@ def _bucket(n: int, cap: int) -> int:
 class StaticDecoder:
     """Engine decoder with a static cache; CUDA graph + torch.compile on the GPU (see module doc)."""
 
-    def __init__(self, model, *, compile: bool, cuda_graphs: bool, max_batch_bucket: int = 64):
+    def __init__(self, model, *, compile: bool | str, cuda_graphs: bool, max_batch_bucket: int = 64):
         self.model = model
         base = base_model(model)
         cfg = model.config
@@ -161,7 +161,8 @@ class StaticDecoder:
         self.rotary = base.model.rotary_emb
         self.cuda_graphs = cuda_graphs
         self.max_batch_bucket = max_batch_bucket
-        wrap = torch.compile if compile else (lambda f: f)
+        mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
+        wrap = (lambda f: torch.compile(f, mode=mode)) if compile else (lambda f: f)
         self.attention_in, self.attention_out_mlp, self.final_logits = map(
             wrap, (attention_in, attention_out_mlp, final_logits))
         self.state: DecodeState | None = None

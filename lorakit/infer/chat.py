@@ -1,0 +1,329 @@
+"""`lorakit infer`: chat with a base model or a checkpoint.
+
+Three modes over one loaded session: the interactive REPL (streamed, multi-turn), `--query`
+(one answer, then exit), and batch (`--val_dataset` -> `--result_path` JSONL). Every prompt is
+made by `lorakit.data.render.render_prompt`, the function training renders with.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from lorakit.args import InferArgs
+from lorakit.errors import UserError
+from lorakit.infer.engine import Engine, Generation, SamplingParams
+
+HELP = ("Commands: /clear forgets the conversation, /system TEXT sets the system prompt, /exit or Ctrl-D leaves.\n"
+        "Ctrl-C stops an answer. End a line with \\ to continue it on the next line, or put text between \"\"\" "
+        "lines for several lines.")
+
+
+@dataclass
+class Session:
+    """A loaded model ready to answer: the engine, the system prompt, where it came from."""
+
+    engine: Engine
+    system: str | None
+    label: str
+    checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def main(args: InferArgs) -> int:
+    """Entry point of `lorakit infer`."""
+    if args.infer_backend == "vllm":
+        from lorakit.infer.vllm_backend import run_vllm
+
+        return run_vllm(args)
+    session = load_session(args)
+    for note in session.notes:
+        print(f"note: {note}", file=sys.stderr)
+    params = sampling_params(args)
+    if args.val_dataset:
+        return run_batch(session, args, params)
+    if args.query is not None:
+        answer(session, [{"role": "user", "content": args.query}], params, stream=args.generation.stream,
+               out=sys.stdout)
+        return 0
+    return run_repl(session, params, stream=args.generation.stream)
+
+
+def sampling_params(args: InferArgs) -> SamplingParams:
+    g = args.generation
+    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                          repetition_penalty=g.repetition_penalty, max_new_tokens=g.max_new_tokens, seed=g.seed)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_session(args: InferArgs) -> Session:
+    """Load the base model (--model) or a checkpoint (--adapters, optionally over --model)."""
+    from lorakit.data.loading import resolve_system
+    from lorakit.data.render import set_chat_template
+    from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
+
+    m = args.model
+    device = pick_device(m.device)
+    system = resolve_system(args.adapter.system)
+    notes = []
+    if not args.adapter.adapters:
+        path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
+        tokenizer = load_tokenizer(path)
+        set_chat_template(tokenizer, m.template)
+        model = load_model(path, torch_dtype=m.torch_dtype, device=device, attn_impl=m.attn_impl)
+        if args.adapter.merge_lora:
+            notes.append("--merge_lora has no effect without --adapters.")
+        return _session(model, tokenizer, system, path.name, None, notes)
+    if len(args.adapter.adapters) > 1:
+        raise UserError(f"--adapters: infer takes one checkpoint, got {len(args.adapter.adapters)}: "
+                        f"{' '.join(args.adapter.adapters)}.")
+    from lorakit.checkpoint import load_checkpoint
+
+    ckpt = find_adapter(args.adapter.adapters[0])
+    base = None
+    if m.model:
+        base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
+        check_adapter_fits(ckpt, base_path)
+        base = load_model(base_path, torch_dtype=m.torch_dtype, device=device, attn_impl=m.attn_impl)
+    try:
+        loaded = load_checkpoint(ckpt, model=base, torch_dtype=m.torch_dtype, device=device,
+                                 merge_lora=args.adapter.merge_lora)
+    except (RuntimeError, ValueError) as exc:
+        if base is None:
+            raise
+        raise UserError(f"The adapter {ckpt} does not fit --model {m.model}: {str(exc).splitlines()[0]} "
+                        "Use the base model it was trained on (drop --model to take it from args.json).") from exc
+    if m.template:
+        set_chat_template(loaded.tokenizer, m.template)
+    elif loaded.args.get("chat_template") and not getattr(loaded.tokenizer, "chat_template", None):
+        loaded.tokenizer.chat_template = loaded.args["chat_template"]
+    system = system if system is not None else loaded.args.get("system")
+    return _session(loaded.model, loaded.tokenizer, system, f"{ckpt.parent.name}/{ckpt.name}", ckpt, notes)
+
+
+def _session(model, tokenizer, system, label, checkpoint, notes) -> Session:
+    engine = Engine(model, tokenizer)
+    if engine.device.type == "cuda" and not engine.uses_fast_path:
+        notes.append(f"the fast GPU decoder is off ({engine.fast_note}); answers are slower.")
+    return Session(engine, system, label, checkpoint, notes)
+
+
+def find_adapter(spec: str) -> Path:
+    """The checkpoint --adapters means; when there is none, say which folder lacks what and list
+    the checkpoints that do exist beside it."""
+    import re
+
+    from lorakit.checkpoint import find_checkpoint, list_checkpoints
+
+    try:
+        return find_checkpoint(spec)
+    except UserError:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_dir():
+            raise
+        if re.fullmatch(r"checkpoint-\d+", path.name):
+            others = ", ".join(p.name for p in list_checkpoints(path.parent)) or "none"
+            raise UserError(f"--adapters {spec}: {path} has no adapter_config.json (a LoRA adapter) and no "
+                            f"config.json + *.safetensors (full weights). Checkpoints in {path.parent}: {others}. "
+                            "Pass one of them, or the run folder for its last checkpoint.") from None
+        if not list_checkpoints(path) and not (path / "adapter_config.json").exists():
+            raise UserError(f"--adapters {spec}: {path} has no checkpoint: no adapter_config.json and no "
+                            "checkpoint-N folder inside. A run writes one every --save_steps and at its end; "
+                            "pass a run folder that finished, or a checkpoint-N folder.") from None
+        raise
+
+
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size")
+
+
+def check_adapter_fits(checkpoint: Path, base_path: Path) -> None:
+    """An adapter on another architecture or size is an error (not garbage output): compare the
+    config of the base it was trained on (from args.json / adapter_config.json) with --model's."""
+    from lorakit.checkpoint import read_args
+
+    trained_on = read_args(checkpoint).get("model_path")
+    adapter_config = checkpoint / "adapter_config.json"
+    if not trained_on and adapter_config.is_file():
+        trained_on = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not trained_on or not (Path(trained_on) / "config.json").is_file() or not (base_path / "config.json").is_file():
+        return  # nothing to compare here; a mismatch still fails when the weights load
+    want = json.loads((Path(trained_on) / "config.json").read_text(encoding="utf-8"))
+    have = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    differ = [f"{k} {want.get(k)} vs {have.get(k)}" for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
+    if differ:
+        raise UserError(f"The adapter {checkpoint} was trained on {trained_on}, which differs from --model "
+                        f"{base_path} ({'; '.join(differ)}). Use the base model it was trained on, or drop "
+                        "--model to take it from the checkpoint's args.json.")
+
+
+# ---------------------------------------------------------------- answering
+
+
+def fit_prompt(session: Session, messages: list[dict], params: SamplingParams,
+               warn: Callable[[str], None]) -> tuple[list[int], list[dict]]:
+    """Render `messages`; if too long for the context, drop the oldest turns, then cut the start."""
+    from lorakit.data.render import render_prompt
+
+    engine = session.engine
+    allowed = engine.context - min(params.max_new_tokens, engine.context // 2)
+    prompt = render_prompt(engine.tokenizer, messages, system=session.system)
+    dropped = 0
+    while len(prompt) > allowed and len(messages) > 2:
+        messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
+        prompt = render_prompt(engine.tokenizer, messages, system=session.system)
+        dropped += 1
+    if dropped:
+        warn(f"the conversation was too long for the model's context ({engine.context} tokens): "
+             f"left out its {dropped} oldest exchange(s).")
+    if len(prompt) > allowed:
+        warn(f"the prompt has {len(prompt)} tokens, more than the {allowed} that fit the model's context "
+             f"({engine.context}) with room for the answer: kept its last {allowed} tokens.")
+        prompt = prompt[-allowed:]
+    return prompt, messages
+
+
+def _stderr(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def answer(session: Session, messages: list[dict], params: SamplingParams, *, stream: bool,
+           out: TextIO) -> tuple[str, Generation | None]:
+    """Print the model's reply to `messages` (streamed or whole); Ctrl-C stops it, keeping what came."""
+    prompt, _ = fit_prompt(session, messages, params, _stderr)
+    engine = session.engine
+    pieces: list[str] = []
+    try:
+        if stream:
+            for piece in engine.stream(prompt, params):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+            generation = engine.last_generation
+        else:
+            generation = engine.generate([prompt], params)[0]
+            pieces.append(generation.text)
+            out.write(generation.text)
+    except KeyboardInterrupt:
+        out.write("\n[stopped]\n")
+        out.flush()
+        return "".join(pieces), None
+    if generation.finish_reason == "length":
+        out.write(f"\n[cut: reached --max_new_tokens {params.max_new_tokens}]")
+    out.write("\n")
+    out.flush()
+    return generation.text, generation
+
+
+# ---------------------------------------------------------------- the REPL
+
+
+def read_message(read: Callable[[str], str]) -> str:
+    """One user message: a line; a line ending in '\\' continues; a line starting with \"\"\" runs
+    to the line that ends with \"\"\"."""
+    line = read(">>> ")
+    if line.lstrip().startswith('"""'):
+        text = line.lstrip()[3:]
+        lines = []
+        while not text.rstrip().endswith('"""'):
+            lines.append(text)
+            text = read("... ")
+        lines.append(text.rstrip()[:-3])
+        return "\n".join(lines).strip("\n")
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read("... ")
+    return "\n".join(lines + [line])
+
+
+def run_repl(session: Session, params: SamplingParams, *, stream: bool, read: Callable[[str], str] = input,
+             out: TextIO = sys.stdout) -> int:
+    """Chat until /exit or Ctrl-D; history is kept across turns."""
+    if read is input:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    out.write(f"lorakit infer: {session.label}. {HELP}\n")
+    history: list[dict] = []
+    system = session.system
+    while True:
+        try:
+            text = read_message(read)
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-C) type /exit or press Ctrl-D to leave.\n")
+            continue
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/clear":
+            history = []
+            out.write("[history cleared]\n")
+            continue
+        if command == "/system" or command.startswith("/system "):
+            system = command[len("/system"):].strip() or session.system
+            history = []
+            out.write(f"[system prompt set: {system!r}; history cleared]\n" if system else "[default system prompt]\n")
+            continue
+        if command.startswith("/"):
+            out.write(f"[unknown command {command.split()[0]}] {HELP}\n")
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        turn = Session(session.engine, system, session.label, session.checkpoint)
+        reply, _ = answer(turn, messages, params, stream=stream, out=out)
+        history = messages + [{"role": "assistant", "content": reply}]
+
+
+# ---------------------------------------------------------------- batch
+
+
+def default_result_path(checkpoint: Path | None) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return (checkpoint or Path.cwd()) / "infer_result" / f"{stamp}.jsonl"
+
+
+def run_batch(session: Session, args: InferArgs, params: SamplingParams) -> int:
+    """Answer every row of --val_dataset; one JSON line per row in --result_path."""
+    from tqdm import tqdm
+
+    from lorakit.data.loading import load_conversations
+
+    parts = load_conversations(args.val_dataset, seed=args.generation.seed, use_hf=args.model.use_hf,
+                               require_answer=False, log=lambda msg: print(msg, file=sys.stderr))
+    rows = []
+    for part in parts:
+        for conv in part.conversations:
+            messages = list(conv.messages)
+            reference = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
+            if not any(m["role"] == "user" for m in messages):
+                raise UserError(f"{conv.source}: the row has no user message to answer.")
+            rows.append((conv.source, messages, reference))
+    path = Path(args.result_path).expanduser() if args.result_path else default_result_path(session.checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = session.engine
+    engine.max_batch_size = args.max_batch_size
+    group = args.max_batch_size * 8  # several batches per call, so similar lengths batch together
+    with path.open("w", encoding="utf-8") as f, tqdm(total=len(rows), desc="infer", unit="row", file=sys.stderr) as bar:
+        for start in range(0, len(rows), group):
+            chunk = rows[start:start + group]
+            prompts = [fit_prompt(session, messages, params, _stderr)[0] for _, messages, _ in chunk]
+            for (source, messages, reference), gen in zip(chunk, engine.generate(prompts, params)):
+                record = dict(messages=messages, response=gen.text, reference=reference,
+                              finish_reason=gen.finish_reason, prompt_tokens=gen.prompt_tokens,
+                              completion_tokens=gen.completion_tokens, source=source)
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+    print(f"wrote {len(rows)} results to {path}", file=sys.stderr)
+    return 0
