@@ -333,3 +333,18 @@ def test_prompt_only_rows_load_for_inference(tmp_path):
         one([path])
     part = one([path], require_answer=False)
     assert [c.messages[-1]["role"] for c in part.conversations] == ["user", "assistant"]
+
+
+def test_modelscope_without_the_package_says_how_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_modelscope(name, *a, **kw):
+        if name.startswith("modelscope"):
+            raise ImportError(name)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_modelscope)
+    with pytest.raises(UserError, match="--use_hf false needs the modelscope package: pip install modelscope"):
+        one(["AI-ModelScope/alpaca-gpt4-data-zh:default#10"], use_hf=False)

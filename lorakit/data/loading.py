@@ -237,7 +237,7 @@ def _hub_rows(name: str, *, use_hf: bool) -> list[tuple[dict, str]]:
         except ImportError:
             raise UserError(f"--dataset {name}: --use_hf false needs the modelscope package: pip install modelscope") from None
         try:
-            ds = MsDataset.load(repo, subset_name=subset or "default", split="train")
+            ds = MsDataset.load(repo, subset_name=subset, split="train")
         except (ConnectionError, OSError, ValueError) as e:
             raise UserError(
                 f"--dataset {name}: could not load it from ModelScope: {type(e).__name__}: {e}. "
