@@ -131,8 +131,8 @@ def template_default_system(tokenizer) -> str | None:
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
-    """Apply system precedence: a system turn in `messages` > `system` > the template's default."""
-    if system is None or (messages and messages[0]["role"] == "system"):
+    """Apply system precedence: a system turn in `messages` > `system` > the template's default ("" = unset)."""
+    if not system or (messages and messages[0]["role"] == "system"):
         return list(messages)
     return [{"role": "system", "content": system}] + list(messages)
 
