@@ -377,6 +377,8 @@ def build_datasets(
     rows and empty datasets, recording them in the reports; strict=True raises UserError on either.
     """
     log = log or _log
+    if not data_args.dataset:
+        raise UserError("no training data: pass --dataset FILE_OR_ID [FILE_OR_ID ...]")
     set_chat_template(tokenizer, template)
     system = resolve_system(data_args.system)
     fp = cache.tokenizer_fingerprint(tokenizer) if data_args.data_cache else None
@@ -398,8 +400,6 @@ def build_datasets(
             report.train_rows, report.val_rows = len(part_train), len(part_val)
             train += part_train
             val += part_val
-    if not data_args.dataset:
-        raise UserError("no training data: pass --dataset FILE_OR_ID [FILE_OR_ID ...]")
     if strict and not train:
         raise UserError("zero training rows left after loading and length filtering; see the report above")
     return TrainData(train=train, val=val, reports=reports, system=system)
