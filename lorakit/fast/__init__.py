@@ -142,7 +142,9 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
     if opts.packed_attention:
         base.set_attn_implementation(attention.register())
     if opts.fused_lora:
-        fuse_lora_layers(model)
+        # compiled: plain ops, so inductor fuses the adds (measured 2.8% faster on the H100);
+        # eager: the autograd.Function with its GEMM-epilogue adds
+        fuse_lora_layers(model, "ops" if opts.compile else "function")
     else:
         unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
