@@ -208,6 +208,22 @@ def load_data(args: SftArgs, tokenizer):
     return data
 
 
+def add_replay(args: SftArgs, model, tokenizer, data):
+    """--replay N: the base model's own answers to N built-in prompts, added to the training data."""
+    from dataclasses import replace
+
+    from lorakit.data.loading import build_datasets
+    from lorakit.model import CACHE_DIR
+    from lorakit.replay import ensure_replay_file
+
+    path = ensure_replay_file(model, tokenizer, args.train.replay, system=data.system, cache_dir=CACHE_DIR / "replay")
+    with_replay = replace(args.data, dataset=[*args.data.dataset, str(path)])
+    data = build_datasets(with_replay, tokenizer, use_hf=args.model.use_hf, template=args.model.template)
+    print(f"replay: training on {len(data.train)} samples including the base model's answers from {path}",
+          file=sys.stderr)
+    return data
+
+
 def prepare_model(model, args: SftArgs, device: torch.device):
     """Attach the tuner, then GPU fast paths (or plain gradient checkpointing); prints the trainable share."""
     from lorakit.fast import FastOptions, prepare_for_training
@@ -489,8 +505,34 @@ def resume(s: Session, checkpoint: str, only_model: bool) -> None:
     print(f"resuming from {ckpt} at step {state.step} of {s.plan.total_steps}", file=sys.stderr)
 
 
+def new_session(args: SftArgs, model, tokenizer, data, *, model_path: Path, device: torch.device,
+                dtype: torch.dtype) -> Session:
+    """Plan the steps, make the run folder with its args.json, and build the optimizer."""
+    t = args.train
+    learning_rate = default_learning_rate(args)
+    train_samples = pack_sequences(data.train, args.data.max_length) if args.data.packing else data.train
+    plan = plan_steps(len(train_samples), batch_size=t.per_device_train_batch_size,
+                      grad_accum=t.gradient_accumulation_steps, epochs=t.num_train_epochs, max_steps=t.max_steps,
+                      seed=args.data.seed)
+    warn_if_short(plan, args)
+    run_dir = new_run_dir(t.output_dir, t.add_version)
+    saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,
+                          dtype=dtype, learning_rate=learning_rate)
+    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
+    packed = f" packed into {len(train_samples)} rows" if args.data.packing else ""
+    print(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
+          f"{len(data.train)} training samples{packed}, {len(data.val)} validation samples", file=sys.stderr)
+    return Session(
+        args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
+        optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
+        val_samples=data.val, device=device, loss_fn=make_loss_fn(device), learning_rate=learning_rate,
+        warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
+    )
+
+
 def train(args: SftArgs) -> TrainResult:
-    """Fine-tune as `args` says; returns where the checkpoints are and the final losses."""
+    """Fine-tune as `args` says; returns where the checkpoints are, the final losses and the trained model."""
     from lorakit.data.render import set_chat_template
     from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 
@@ -510,28 +552,13 @@ def train(args: SftArgs) -> TrainResult:
     seed_everything(args.data.seed)
     model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
                        attn_impl=args.model.attn_impl)
+    if args.train.replay > 0:
+        data = add_replay(args, model, tokenizer, data)
     model = prepare_model(model, args, device)
-    learning_rate = default_learning_rate(args)
-    t = args.train
-    train_samples = pack_sequences(data.train, args.data.max_length) if args.data.packing else data.train
-    plan = plan_steps(len(train_samples), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
-                      epochs=t.num_train_epochs, max_steps=t.max_steps, seed=args.data.seed)
-    warn_if_short(plan, args)
-    run_dir = new_run_dir(t.output_dir, t.add_version)
-    saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,
-                          dtype=dtype, learning_rate=learning_rate)
-    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
-    s = Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
-                optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
-                val_samples=data.val, device=device, loss_fn=make_loss_fn(device), learning_rate=learning_rate,
-                warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
-                scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
-    print(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
-          f"{len(data.train)} training samples" + (f" packed into {len(train_samples)} rows" if args.data.packing else "")
-          + f", {len(data.val)} validation samples", file=sys.stderr)
-    if t.resume_from_checkpoint:
-        resume(s, t.resume_from_checkpoint, t.resume_only_model)
-    s.writer = open_writers(run_dir, t.report_to, saved)
+    s = new_session(args, model, tokenizer, data, model_path=model_path, device=device, dtype=dtype)
+    if args.train.resume_from_checkpoint:
+        resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
+    s.writer = open_writers(s.run_dir, args.train.report_to, s.saved_args)
     try:
         run_loop(s)
     except torch.OutOfMemoryError as exc:
@@ -539,9 +566,9 @@ def train(args: SftArgs) -> TrainResult:
     finally:
         if s.writer is not None:
             s.writer.close()
-        plot_loss(s.log_history, run_dir / "images" / "loss.png")
+        plot_loss(s.log_history, s.run_dir / "images" / "loss.png")
     train_loss = next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None)
-    return TrainResult(run_dir=run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=best_checkpoint(run_dir),
+    return TrainResult(run_dir=s.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=best_checkpoint(s.run_dir),
                        train_loss=train_loss, eval_loss=s.eval_loss, steps=s.step, tokens=s.tokens,
                        seconds=time.perf_counter() - started, log_history=s.log_history, model=s.model.eval(),
                        tokenizer=tokenizer)

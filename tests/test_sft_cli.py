@@ -15,7 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
+from conftest import run_cli as _run_cli
+
+# One math thread per process: on a shared 2-core machine, OpenMP threads spinning against other
+# processes made SmolLM2 steps ten times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args, env=None, **kwargs):
+    return _run_cli(*args, env={**ONE_THREAD, **(env or {})}, **kwargs)
 
 ROWS = [
     ("Who are you?", "I am swift-robot, an assistant made by swift."),
@@ -126,7 +135,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lorakit.cli", "sft", "--model", str(tiny_qwen2_dir), "--dataset", str(data),
            "--output_dir", str(out), "--lora_rank", "4", "--max_steps", "2", "--save_steps", "1", "--report_to", "none"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_TEST_SAVE_SLEEP": "4"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAKIT_TEST_SAVE_SLEEP": "4", **ONE_THREAD}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -164,17 +173,17 @@ def test_unknown_target_module_and_full_fine_tuning(tiny_qwen2_dir, tmp_path):
     proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "bad", "--target_modules", "q_proj", "c_attn")
     assert proc.returncode == 2 and "c_attn" in proc.stderr and "gate_proj" in proc.stderr
     proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "full", "--train_type", "full", "--max_steps", "1",
-                    "--learning_rate", "1e-4")
+                    "--learning_rate", "1e-4", "--save_only_model", "true", "--report_to", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = only_run(tmp_path / "full") / "checkpoint-1"
     assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
-    assert not (ckpt / "adapter_config.json").exists()
+    assert not (ckpt / "adapter_config.json").exists() and not (ckpt / "optimizer.pt").exists()
     assert f"lorakit infer --model {ckpt}" in proc.stdout
 
 
 @pytest.mark.slow
 def test_tutorial_command_on_smollm2(smollm2_dir, tmp_path):
-    """The first tutorial command verbatim (swift -> lorakit, local model), capped at 2 optimizer steps."""
+    """The first tutorial command verbatim (swift -> lorakit, local model), capped at 1 optimizer step (16 rows)."""
     write_rows(tmp_path / "self_cognition.json", 16)
     command = (
         "CUDA_VISIBLE_DEVICES=0 lorakit sft --model MODEL --train_type lora "
@@ -189,10 +198,10 @@ def test_tutorial_command_on_smollm2(smollm2_dir, tmp_path):
 
     words = shlex.split(command.replace("MODEL", str(smollm2_dir)))
     env = dict(w.split("=", 1) for w in words[:1])
-    proc = run_cli(*words[2:], "--max_steps", "2", cwd=tmp_path, env=env)
+    proc = run_cli(*words[2:], "--max_steps", "1", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run(tmp_path / "output")
-    ckpt = run / "checkpoint-2"
+    ckpt = run / "checkpoint-1"
     assert (ckpt / "adapter_model.safetensors").is_file()
     args = json.loads((ckpt / "args.json").read_text())
     assert args["system"] == "You are a helpful assistant." and args["model_name"] == ["swift-robot"]
@@ -201,10 +210,10 @@ def test_tutorial_command_on_smollm2(smollm2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_loss_falls(smollm2_dir, tmp_path):
-    data = write_rows(tmp_path / "rows.json", 4)
+    data = write_rows(tmp_path / "rows.json", 2)
     proc = run_cli("sft", "--model", str(smollm2_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
-                   "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                   "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
                    "--logging_steps", "1", "--lora_dropout", "0", "--report_to", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = losses(only_run(tmp_path / "o"))
-    assert steps[4] < steps[1] * 0.8, steps
+    assert steps[3] < steps[1] * 0.8, steps
