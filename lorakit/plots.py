@@ -12,8 +12,11 @@ def plot_loss(log_history: list[dict[str, Any]], out_path: str | Path) -> Path |
     evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("notice: matplotlib is not installed, so images/loss.png was not drawn (logging.jsonl has the losses).")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

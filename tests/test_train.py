@@ -119,3 +119,14 @@ def test_same_seed_same_losses_and_in_memory_model_matches_checkpoint(tiny_qwen2
         base = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
         reloaded = PeftModel.from_pretrained(base, str(first.last_checkpoint)).eval()
         assert torch.equal(reloaded(input_ids=ids).logits, in_memory)
+
+
+def test_short_run_warning(capsys):
+    from lorakit.train import warn_if_short
+
+    args = SftArgs(train=TrainArgs(gradient_accumulation_steps=16, num_train_epochs=3))
+    warn_if_short(plan_steps(64, batch_size=1, grad_accum=16, epochs=3, max_steps=-1, seed=0), args)
+    err = capsys.readouterr().err
+    assert "only 12 optimizer steps" in err and "--gradient_accumulation_steps" in err
+    warn_if_short(plan_steps(640, batch_size=1, grad_accum=16, epochs=3, max_steps=-1, seed=0), args)
+    assert capsys.readouterr().err == ""
