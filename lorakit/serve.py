@@ -110,13 +110,13 @@ def load_served(args: DeployArgs) -> Served:
             if i > 0:
                 model.load_adapter(str(ckpt), adapter_name=f"adapter_{i}")
             served = name or (args.served_model_name if len(specs) == 1 else None) or _served_name(ckpt)
+            if served in models:
+                raise UserError(f"--adapters: two adapters are both named {served!r}; name them with NAME=PATH.")
             ckpt_system = system if system is not None else read_args(ckpt).get("system")
             models[served] = ServedModel(served, None if merge else ("default" if i == 0 else f"adapter_{i}"),
                                          ckpt_system, str(ckpt))
         if not merge:
             models.setdefault(base_path.name, ServedModel(base_path.name, None, system, str(base_path)))
-    if len(models) != len(set(models)):
-        raise UserError("--adapters: two adapters have the same name; give them NAME=PATH names.")
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrency)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return Served(model, tokenizer, engine, models, context)
