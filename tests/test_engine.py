@@ -175,3 +175,23 @@ def test_unmerged_lora_falls_back_to_the_reference(qwen_tokenizer):
     assert not Engine(peft_model, qwen_tokenizer).uses_fast_path
     merged = peft_model.merge_and_unload()
     assert unsupported_reason(merged) is None
+
+
+def test_fast_path_matches_reference_on_a_tied_llama(qwen_tokenizer, prompts):
+    """The Llama family (SmolLM2's): no q/k/v bias, tied embeddings, another rope base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=2048)
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    assert unsupported_reason(llama) is None
+    reference = Engine(llama, qwen_tokenizer, fast=False).generate(prompts, GREEDY)
+    fast = Engine(llama, qwen_tokenizer, fast=True).generate(prompts, GREEDY)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in reference]
+    assert all(len(g.token_ids) > 5 for g in reference)

@@ -293,6 +293,11 @@ class Engine:
             yield tail
         self.last_generation = self._finish(seq)
 
+    def steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
+        """Batched streaming: yields, after every decode step, each sequence's state (`.tokens` so
+        far, `.finish_reason` once done). Close the iterator to stop early."""
+        return self._run(prompts, params)
+
     def _finish(self, seq: _Seq) -> Generation:
         return Generation(
             token_ids=list(seq.tokens),
@@ -312,7 +317,7 @@ class Engine:
                             "shorten it (or start a new conversation).")
         max_new = min(params.max_new_tokens, self.context - longest)
         seqs = [_Seq(len(p), max_new) for p in prompts]
-        stop = torch.tensor(sorted(self.stop_ids | set(params.stop_token_ids)), device=self.device)
+        stop = torch.tensor(sorted(self.stop_ids | set(params.stop_token_ids)), dtype=torch.long, device=self.device)
         generator = None
         if params.temperature > 0:
             generator = torch.Generator(device=self.device)
