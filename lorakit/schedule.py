@@ -1,8 +1,11 @@
-"""Learning-rate schedules as pure functions of the step: linear warm-up, then cosine/linear/constant."""
+"""Schedules as pure functions of the optimizer step: which samples it sees, and its learning rate."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import torch
 
 
 def warmup_steps_for(total_steps: int, *, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:
@@ -29,3 +32,34 @@ def lr_factor(step: int, *, total_steps: int, warmup: int, kind: str) -> float:
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+@dataclass
+class StepPlan:
+    """Which samples each optimizer step sees: a pure function of (seed, step)."""
+
+    n_samples: int
+    micro_batch_size: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed after `step` optimizer steps."""
+        return step / self.steps_per_epoch
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Sample indices of each micro-batch of optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        span = self.micro_batch_size * self.grad_accum
+        chunk = order[within * span : (within + 1) * span]
+        return [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
+
+
+def plan_steps(n_samples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int, seed: int) -> StepPlan:
+    """Steps per epoch and in total (--max_steps wins over --num_train_epochs)."""
+    steps_per_epoch = math.ceil(math.ceil(n_samples / batch_size) / grad_accum)
+    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
+    return StepPlan(n_samples, batch_size, grad_accum, steps_per_epoch, total, seed)

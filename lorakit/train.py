@@ -33,7 +33,6 @@ from lorakit.checkpoint import (
     best_checkpoint,
     capture_rng,
     find_checkpoint,
-    list_checkpoints,
     load_train_state,
     load_weights_into,
     prune_checkpoints,
@@ -44,7 +43,7 @@ from lorakit.data.packing import collate, pack_sequences
 from lorakit.errors import UserError
 from lorakit.loss import IGNORE_INDEX, LossOutput, causal_lm_loss, shift_targets
 from lorakit.plots import plot_loss
-from lorakit.schedule import lr_factor, warmup_steps_for
+from lorakit.schedule import StepPlan, lr_factor, plan_steps, warmup_steps_for
 from lorakit.tuners import attach_tuner, trainable_parameters
 
 # Test hook: make the loss of this optimizer step (1-based) NaN, to exercise the non-finite guard.
@@ -67,37 +66,6 @@ class TrainResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # the trained model, still in memory (quickstart evaluates it without reloading)
     tokenizer: Any = None
-
-
-@dataclass
-class StepPlan:
-    """Which samples each optimizer step sees: a pure function of (seed, step)."""
-
-    n_samples: int
-    micro_batch_size: int
-    grad_accum: int
-    steps_per_epoch: int
-    total_steps: int
-    seed: int
-
-    def epoch_of(self, step: int) -> float:
-        """Epochs completed after `step` optimizer steps."""
-        return step / self.steps_per_epoch
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """Sample indices of each micro-batch of optimizer step `step` (0-based)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.n_samples, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-        span = self.micro_batch_size * self.grad_accum
-        chunk = order[within * span : (within + 1) * span]
-        return [chunk[i : i + self.micro_batch_size] for i in range(0, len(chunk), self.micro_batch_size)]
-
-
-def plan_steps(n_samples: int, *, batch_size: int, grad_accum: int, epochs: float, max_steps: int, seed: int) -> StepPlan:
-    """Steps per epoch and in total (--max_steps wins over --num_train_epochs)."""
-    steps_per_epoch = math.ceil(math.ceil(n_samples / batch_size) / grad_accum)
-    total = max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
-    return StepPlan(n_samples, batch_size, grad_accum, steps_per_epoch, total, seed)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

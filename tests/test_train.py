@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lorakit.args import DataArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
-from lorakit.data.render import Rendered
-from lorakit.schedule import lr_factor, warmup_steps_for
 from lorakit.data.packing import collate
-from lorakit.train import accumulate_gradients, count_loss_tokens, plan_steps, train
+from lorakit.data.render import Rendered
+from lorakit.schedule import lr_factor, plan_steps, warmup_steps_for
+from lorakit.train import accumulate_gradients, count_loss_tokens, train
 
 
 def test_schedule_warmup_then_decay():
