@@ -385,7 +385,11 @@ def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, defa
 
         req = parse_chat_request(await read_json(request))
         model = find_model(req.model)
-        prompt = render_prompt(served.tokenizer, req.messages, system=model.system)
+        try:
+            prompt = render_prompt(served.tokenizer, req.messages, system=model.system)
+        except Exception as exc:  # the chat template may refuse an order of roles (jinja raise_exception)
+            raise ApiError(400, f"Invalid 'messages': the chat template cannot render them ({exc}).",
+                           param="messages") from None
         job = _submit(model, prompt, req.sampling, "messages")
         return await _respond(request, job, req.sampling, model.name, chat=True)
 
