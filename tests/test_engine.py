@@ -195,3 +195,24 @@ def test_fast_path_matches_reference_on_a_tied_llama(qwen_tokenizer, prompts):
     fast = Engine(llama, qwen_tokenizer, fast=True).generate(prompts, GREEDY)
     assert [g.token_ids for g in fast] == [g.token_ids for g in reference]
     assert all(len(g.token_ids) > 5 for g in reference)
+
+
+def test_a_failing_compiler_falls_back_to_the_uncompiled_step(model, qwen_tokenizer, prompts, monkeypatch):
+    """If torch.compile breaks while the graph is captured, the decoder warns and runs uncompiled."""
+    from lorakit.infer import fast_decode
+
+    engine = Engine(model, qwen_tokenizer, fast=True, compile=False, cuda_graphs=False)
+    decoder = engine._fast
+    decoder.compiled, decoder.cuda_graphs = True, True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    decoder.attention_in = broken
+    captured = []
+    monkeypatch.setattr(fast_decode.StaticDecoder, "_capture",
+                        lambda self, s: captured.append(self.attention_in(None)) if self.compiled else None)
+    with pytest.warns(UserWarning, match="inductor exploded"):
+        out = engine.generate(prompts[:1], GREEDY)
+    assert decoder.attention_in is fast_decode.attention_in and not decoder.compiled
+    assert out[0].token_ids == Engine(model, qwen_tokenizer, fast=False).generate(prompts[:1], GREEDY)[0].token_ids

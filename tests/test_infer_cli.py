@@ -273,3 +273,32 @@ def test_tutorial_command_on_a_smollm2_checkpoint(smollm2_dir, tmp_path):
     answer = proc.stdout.split(">>> ")[1]
     assert len(answer.strip()) > 10 and "[cut" not in answer  # the model ended its turn by itself
     assert "<|im_end|>" not in proc.stdout and "<|im_start|>" not in proc.stdout
+
+
+def test_ctrl_c_in_a_subprocess_stops_the_answer_and_returns_to_the_prompt(tiny_qwen2_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "infer", "--model", str(tiny_qwen2_dir),
+                             "--max_new_tokens", "4000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        proc.stdin.write("Tell me a very long story.\n")
+        proc.stdin.flush()
+        seen = ""
+        deadline = time.time() + 120
+        while seen.count(">>> ") < 1 or len(seen.split(">>> ", 1)[1]) < 20:  # the answer is streaming
+            seen += proc.stdout.read(1)
+            assert time.time() < deadline, seen
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate("/exit\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "[stopped]" in rest and rest.rstrip().endswith(">>>")

@@ -282,7 +282,11 @@ def run_repl(session: Session, params: SamplingParams, *, stream: bool, read: Ca
             continue
         messages = history + [{"role": "user", "content": text}]
         turn = Session(session.engine, system, session.label, session.checkpoint)
-        reply, _ = answer(turn, messages, params, stream=stream, out=out)
+        try:
+            reply, _ = answer(turn, messages, params, stream=stream, out=out)
+        except KeyboardInterrupt:  # Ctrl-C before the first token: forget this question
+            out.write("\n[stopped]\n")
+            continue
         history = messages + [{"role": "assistant", "content": reply}]
 
 

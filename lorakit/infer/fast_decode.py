@@ -16,6 +16,7 @@ tokens as `engine.ReferenceDecoder`; `bench/decode.py` checks the same on the GP
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,7 @@ class StaticDecoder:
         self.max_batch_bucket = max_batch_bucket
         mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
         wrap = (lambda f: torch.compile(f, mode=mode)) if compile else (lambda f: f)
+        self.compiled = bool(compile)
         self.attention_in, self.attention_out_mlp, self.final_logits = map(
             wrap, (attention_in, attention_out_mlp, final_logits))
         self.state: DecodeState | None = None
@@ -240,7 +242,16 @@ class StaticDecoder:
             cos=cos[0], sin=sin[0],
         )
         if self.cuda_graphs:
-            self._capture(s)
+            try:
+                self._capture(s)
+            except Exception as exc:  # a compiler problem must not stop the user: run uncompiled
+                if not self.compiled:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
+                self.compiled = False
+                self.attention_in, self.attention_out_mlp, self.final_logits = (
+                    attention_in, attention_out_mlp, final_logits)
+                self._capture(s)
         self.state = s
         return s
 
