@@ -212,6 +212,49 @@ def prefix_match(a: list[int], b: list[int]) -> int:
     return n
 
 
+def measure_variants(model, tokenizer, prompts, params, hf1, device, args, results, save):
+    """Batch-1 runs of the fast decoder with a CUDA graph, without and with torch.compile (default mode)."""
+    on_gpu = device.type == "cuda"
+    variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]
+    engine = single = None
+    for name, flags in variants:
+        try:
+            engine = Engine(model, tokenizer, fast=True, **flags)
+            engine.stop_ids = set()  # random weights: always generate the full 256 tokens
+            t0 = time.perf_counter()
+            time_engine(engine, prompts[:1], params, device, repeats=1)  # warm-up: compile + capture
+            results[f"{name}_warmup_s"] = time.perf_counter() - t0
+            single = time_engine(engine, prompts[:1], params, device, args.repeats)
+            results[f"{name}_bs1"] = {k: v for k, v in single.items() if k != "tokens"}
+            results[f"{name}_bs1_prefix_match_hf"] = prefix_match(single["tokens"][0], hf1["tokens"][0])
+            results[f"{name}_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], single["tokens"][0], device)
+            if on_gpu:
+                results[f"{name}_bs1_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+                if name == "graph+compile":
+                    results["bs1_diagnostics"] = diagnostics(engine, 1)
+                    results["first_step_logits"] = first_step_logit_error(model, engine, prompts[0], device)
+        except Exception as e:  # keep the other measurements of this (scarce) run
+            results[f"{name}_error"] = repr(e)
+            traceback.print_exc()
+        save()
+    return engine, single
+
+
+def measure_batch(engine, single, prompts, params, device, args, results) -> None:
+    """Aggregate throughput at --batch with the compiled engine."""
+    try:
+        time_engine(engine, prompts, params, device, repeats=1)  # warm-up at this batch size
+        batch = time_engine(engine, prompts, params, device, max(1, args.repeats - 1))
+        results[f"graph+compile_bs{args.batch}"] = {k: v for k, v in batch.items() if k != "tokens"}
+        results[f"graph+compile_bs{args.batch}_row0_prefix_match_bs1"] = prefix_match(batch["tokens"][0], single["tokens"][0])
+        if device.type == "cuda":
+            results[f"graph+compile_bs{args.batch}_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
+            results[f"bs{args.batch}_diagnostics"] = diagnostics(engine, args.batch)
+    except Exception as e:
+        results["batch_error"] = repr(e)
+        traceback.print_exc()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of this script)")
@@ -256,38 +299,8 @@ def main() -> int:
     results["hf_generate_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], hf1["tokens"][0], device)
     save()
 
-    variants = [("graph", dict(compile=False, cuda_graphs=on_gpu)), ("graph+compile", dict(compile=on_gpu, cuda_graphs=on_gpu))]  # compile=True: default mode
-    for name, flags in variants:
-        try:
-            engine = Engine(model, tokenizer, fast=True, **flags)
-            engine.stop_ids = set()  # random weights: always generate the full 256 tokens
-            t0 = time.perf_counter()
-            time_engine(engine, prompts[:1], params, device, repeats=1)  # warm-up: compile + capture
-            results[f"{name}_warmup_s"] = time.perf_counter() - t0
-            single = time_engine(engine, prompts[:1], params, device, args.repeats)
-            results[f"{name}_bs1"] = {k: v for k, v in single.items() if k != "tokens"}
-            results[f"{name}_bs1_prefix_match_hf"] = prefix_match(single["tokens"][0], hf1["tokens"][0])
-            results[f"{name}_bs1_teacher_forced"] = teacher_forced_check(model, prompts[0], single["tokens"][0], device)
-            if on_gpu:
-                results[f"{name}_bs1_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
-                if name == "graph+compile":
-                    results["bs1_diagnostics"] = diagnostics(engine, 1)
-                    results["first_step_logits"] = first_step_logit_error(model, engine, prompts[0], device)
-        except Exception as e:  # keep the other measurements of this (scarce) run
-            results[f"{name}_error"] = repr(e)
-            traceback.print_exc()
-        save()
-    try:
-        time_engine(engine, prompts, params, device, repeats=1)  # warm-up at batch 16
-        batch = time_engine(engine, prompts, params, device, max(1, args.repeats - 1))
-        results[f"graph+compile_bs{args.batch}"] = {k: v for k, v in batch.items() if k != "tokens"}
-        results[f"graph+compile_bs{args.batch}_row0_prefix_match_bs1"] = prefix_match(batch["tokens"][0], single["tokens"][0])
-        if on_gpu:
-            results[f"graph+compile_bs{args.batch}_graph_step_ms"] = graph_step_ms(engine, args.prompt_len)
-            results[f"bs{args.batch}_diagnostics"] = diagnostics(engine, args.batch)
-    except Exception as e:
-        results["batch_error"] = repr(e)
-        traceback.print_exc()
+    engine, single = measure_variants(model, tokenizer, prompts, params, hf1, device, args, results, save)
+    measure_batch(engine, single, prompts, params, device, args, results)
     save()
     if not args.skip_hf_batch:
         with torch.inference_mode():
