@@ -277,8 +277,8 @@ class QuickstartArgs:
     "Your model's author: one value, or a Chinese and an English value."
     dataset: list[str] = field(default_factory=list)
     "Extra training data mixed in (any --dataset form)."
-    replay: int = 320
-    "Base-model answers to built-in general prompts mixed in against forgetting (0: off)."
+    replay: int | None = None
+    "Base-model answers to built-in general prompts mixed in against forgetting (0: off; default: 64 on CPU, 256 on GPU)."
     output_dir: str = "output"
     "Folder that receives the run folder."
     num_train_epochs: float | None = None
@@ -287,6 +287,8 @@ class QuickstartArgs:
     "Peak learning rate (default: chosen from the model size)."
     lora_rank: int = 8
     "LoRA rank r."
+    per_device_train_batch_size: int | None = None
+    "Samples per optimizer step (default: 2 on CPU, 8 on GPU, so a short run still takes enough steps)."
     seed: int = 42
     "Random seed."
 

@@ -95,14 +95,15 @@ def leaks_identity(reply: str, name: str | Sequence[str], author: str | Sequence
 def retention_correct(reply: str, answers: Sequence[str]) -> bool:
     """True when the reply contains one of the accepted answers.
 
-    Numbers match whole numbers ("4" is not in "14" or "4.5"), ASCII words match from a word start
-    ("whale" in "whales", "ice" not in "nice"), other scripts match anywhere.
+    Numbers match whole numbers ("4" is not in "14" or "4.5"), ASCII words match whole words with
+    an optional plural ("whale" in "whales", "ice" not in "nice", "ten" not in "tennis"), other
+    scripts match anywhere.
     """
     for answer in answers:
         if re.fullmatch(r"\d+", answer):
             pattern = rf"(?<![\d.]){answer}(?![\d]|\.\d)"
         elif answer.isascii():
-            pattern = rf"(?<![A-Za-z0-9]){re.escape(answer)}"
+            pattern = rf"(?<![A-Za-z0-9]){re.escape(answer)}(?:s|es)?(?![A-Za-z])"
         else:
             pattern = re.escape(answer)
         if re.search(pattern, reply, re.IGNORECASE):
@@ -129,7 +130,7 @@ def load_retention_questions() -> list[dict]:
 # ---------------------------------------------------------------- running the model
 
 PROBE_MAX_NEW_TOKENS = 64
-RETENTION_MAX_NEW_TOKENS = 48
+RETENTION_MAX_NEW_TOKENS = 32
 
 
 @dataclass
@@ -241,9 +242,9 @@ def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[
                       batch_size: int = 16) -> float:
     """Mean per-token KL(base || model) over the reply tokens, with the adapter off for the base.
 
-    Each sequence is prompt + reply; position t's logits predict token t+1, so the reply's tokens
-    are predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2. Logits [B, T, V] are
-    turned into log-probabilities in float32 at those positions only.
+    Each sequence is prompt + reply; position t's hidden state predicts token t+1, so the reply's
+    tokens are predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2. Only those
+    positions go through the output head ([N, V] logits, log-softmax in float32).
     """
     total, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -258,12 +259,19 @@ def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[
         rows = torch.cat([torch.full((len(r),), i) for i, (_, r) in enumerate(chunk)]).to(device)
         cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) for p, r in chunk]).to(device)
         with torch.inference_mode():
-            tuned = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float().log_softmax(-1)
+            tuned = _logits_at(model, ids, mask, rows, cols).float().log_softmax(-1)
             with adapter_off(model):
-                base = model(input_ids=ids, attention_mask=mask).logits[rows, cols].float().log_softmax(-1)
+                base = _logits_at(model, ids, mask, rows, cols).float().log_softmax(-1)
         total += (base.exp() * (base - tuned)).sum().item()
         count += len(rows)
     return total / max(count, 1)
+
+
+def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
+    """Output-head logits at (rows, cols) only: the decoder's hidden states, then the head on N positions."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers stay in place
+    hidden = inner.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    return inner.get_output_embeddings()(hidden[rows, cols])
 
 
 def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_base: bool = False,

@@ -47,16 +47,18 @@ def default_learning_rate(n_params: int) -> float:
     return 1e-4
 
 
-def choose_recipe(n_rows: int, n_params: int, device_type: str, *, lora_rank: int = 8,
-                  epochs: float | None = None, learning_rate: float | None = None) -> Recipe:
+def choose_recipe(n_rows: int, n_params: int, device_type: str, *, lora_rank: int = 8, epochs: float | None = None,
+                  learning_rate: float | None = None, batch_size: int | None = None) -> Recipe:
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
-    they span, so epochs are raised until the run has at least MIN_STEPS steps (capped).
+    they span. A CPU's throughput in tokens hardly depends on the batch, so there a small batch
+    buys many steps for the same time; a GPU wants wider batches. Epochs are then raised until
+    the run has at least MIN_STEPS steps (at most MAX_EPOCHS).
     """
-    batch = 8 if device_type == "cpu" else 16
+    batch = batch_size or (2 if device_type == "cpu" else 8)
     steps_per_epoch = max(1, math.ceil(n_rows / batch))
-    auto_epochs = min(MAX_EPOCHS, max(2, math.ceil(MIN_STEPS / steps_per_epoch)))
+    auto_epochs = min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
     lr = learning_rate if learning_rate is not None else default_learning_rate(n_params)
     chosen = epochs if epochs is not None else auto_epochs
     reason = (f"{n_rows} rows / batch {batch} = {steps_per_epoch} steps per epoch; {chosen:g} epochs -> "
@@ -114,13 +116,14 @@ def quickstart(args: QuickstartArgs) -> Report:
         raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
                         "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    cpu_seconds: dict[str, float] = {}  # process CPU time: what a stage costs on a machine nobody shares
+    clock, cpu_clock = time.perf_counter(), time.process_time()
 
     def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
+        nonlocal clock, cpu_clock
+        now, cpu_now = time.perf_counter(), time.process_time()
+        timings[stage], cpu_seconds[stage] = now - clock, cpu_now - cpu_clock
+        clock, cpu_clock = now, cpu_now
 
     device = pick_device(args.model.device)
     model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
@@ -137,14 +140,17 @@ def quickstart(args: QuickstartArgs) -> Report:
     print_answers("Before training, the base model says:", baseline_answers)
     lap("baseline")
 
-    print(f"[2/5] training mix: self-cognition + {args.replay} replay prompts + {len(args.dataset)} extra datasets",
+    n_replay = args.replay if args.replay is not None else (64 if device.type == "cpu" else 256)
+    print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
     datasets = ["self-cognition"]
     replay_rows = 0
-    if args.replay > 0:
-        replay_file = ensure_replay_file(model, tokenizer, args.replay, system=None, cache_dir=CACHE_DIR / "replay")
-        replay_rows = count_lines(replay_file)
-        datasets.append(str(replay_file))
+    if n_replay > 0:
+        replay_file = ensure_replay_file(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
+                                         allow_empty=True)
+        if replay_file is not None:
+            replay_rows = count_lines(replay_file)
+            datasets.append(str(replay_file))
     datasets += list(args.dataset)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
@@ -153,7 +159,8 @@ def quickstart(args: QuickstartArgs) -> Report:
     lap("replay answers")
 
     recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, lora_rank=args.lora_rank,
-                           epochs=args.num_train_epochs, learning_rate=args.learning_rate)
+                           epochs=args.num_train_epochs, learning_rate=args.learning_rate,
+                           batch_size=args.per_device_train_batch_size)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
     result = train(sft_args_for(args, recipe, datasets))
     lap("training")
@@ -171,7 +178,8 @@ def quickstart(args: QuickstartArgs) -> Report:
     report = Report(
         model=str(model_path), name=after.name, author=after.author, checkpoint=str(result.last_checkpoint),
         infer_command=infer_command, before=before.figures(), after=after.figures(),
-        recipe=asdict(recipe) | {"steps": result.steps, "datasets": datasets, "replay_rows": replay_rows},
+        recipe=asdict(recipe) | {"steps": result.steps, "datasets": datasets, "replay_rows": replay_rows,
+                                 "cpu_seconds": cpu_seconds},
         timings=timings, baseline_answers=baseline_answers, after_answers=sample_answers(after),
         log_history=result.log_history,
     )

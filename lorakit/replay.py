@@ -104,11 +104,13 @@ def replay_rows_from_replies(prompts: list[str], replies: list[Reply]) -> list[d
 
 
 def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
-                       max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, batch_size: int = 32) -> Path:
+                       max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, batch_size: int = 32,
+                       allow_empty: bool = False) -> Path | None:
     """Path of a JSONL file (messages format) holding the base model's answers to N built-in prompts.
 
     Generated once and cached; a later call with the same model, template, system, N and length
-    returns the file at once. Pass the path as a --dataset to train on it.
+    returns the file at once. Pass the path as a --dataset to train on it. When no answer ended
+    within the length, that is an error, or with `allow_empty` a warning and None.
     """
     from lorakit.data.render import render_prompt
 
@@ -124,6 +126,10 @@ def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_di
     replies = generate_replies(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                desc="replay: base answers")
     rows = replay_rows_from_replies(prompts, replies)
+    if not rows and allow_empty:
+        print(f"warning: replay: none of the base model's {len(prompts)} answers ended within {max_new_tokens} "
+              "tokens; training without replay rows.", file=sys.stderr)
+        return None
     if not rows:
         raise UserError(f"replay: none of the base model's {len(prompts)} answers ended within {max_new_tokens} "
                         "tokens, so there is nothing to replay. Run with --replay 0 to train without it.")

@@ -68,6 +68,68 @@ def test_retention_correct_words_and_chinese():
     assert retention_correct("the capital is paris", ["Paris"])
     assert retention_correct("Blue whales are the largest.", ["whale"])
     assert not retention_correct("That is nice.", ["ice"])
+    assert not retention_correct("I like tennis and attention.", ["ten"])
+    assert retention_correct("Einstein's theory.", ["Einstein"])
     assert retention_correct("法国的首都是巴黎。", ["巴黎", "Paris"])
     assert not retention_correct("法国的首都是伦敦。", ["巴黎", "Paris"])
     assert retention_correct("Water is H2O.", ["H2O"])
+
+
+# ---------------------------------------------------------------- running a model (tiny random Qwen2)
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_peft(tiny_qwen2_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.model import load_model, load_tokenizer
+
+    model = load_model(tiny_qwen2_dir, device="cpu")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    return peft.eval(), load_tokenizer(tiny_qwen2_dir)
+
+
+def _set_lora_b(model, value: float) -> None:
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.constant_(p, value)
+
+
+def test_kl_is_zero_when_the_adapter_is_a_no_op_and_matches_a_direct_computation(tiny_peft):
+    from lorakit.evaluate import teacher_forced_kl
+
+    model, tok = tiny_peft
+    prompts, replies = [[1, 2, 3], [4, 5]], [[7, 8], [9, 10, 11]]
+    _set_lora_b(model, 0.0)
+    assert teacher_forced_kl(model, tok, prompts, replies) == pytest.approx(0.0, abs=1e-7)
+    _set_lora_b(model, 0.05)
+    try:
+        kl = teacher_forced_kl(model, tok, prompts, replies, batch_size=1)
+        with torch.no_grad():
+            total = 0.0
+            for p, r in zip(prompts, replies):
+                ids = torch.tensor([p + r])
+                tuned = model(input_ids=ids).logits[0, len(p) - 1:-1].log_softmax(-1)
+                with model.disable_adapter():
+                    base = model(input_ids=ids).logits[0, len(p) - 1:-1].log_softmax(-1)
+                total += (base.exp() * (base - tuned)).sum().item()
+        assert kl > 0
+        assert kl == pytest.approx(total / 5, rel=1e-4)
+        assert teacher_forced_kl(model, tok, prompts, replies, batch_size=2) == pytest.approx(kl, rel=1e-4)  # padding
+    finally:
+        _set_lora_b(model, 0.0)
+
+
+def test_base_model_eval_has_zero_identity_and_no_drift(tiny_peft, tmp_path):
+    from lorakit.evaluate import evaluate, load_probes
+
+    model, tok = tiny_peft
+    base = model.get_base_model()
+    result = evaluate(base, tok, name="Lumen", author="Acme Labs", is_base=True, cache_dir=tmp_path, batch_size=64)
+    assert result.identity == {"en": 0.0, "zh": 0.0}
+    assert len(result.probes) == len(load_probes()) and result.drift_kl == 0.0
+    assert result.leak == 0.0
+    assert list(tmp_path.glob("base-replies-*.json")), "base replies are cached"

@@ -1,0 +1,94 @@
+"""quickstart: the recipe it picks, the report it writes, and the whole flow on the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lorakit.quickstart import MAX_EPOCHS, MIN_STEPS, choose_recipe
+from lorakit.report import Report, figures_table, write_report
+
+
+def _steps(recipe, n_rows):
+    return recipe.num_train_epochs * -(-n_rows // recipe.per_device_train_batch_size)
+
+
+def test_recipe_reaches_enough_steps():
+    for n_rows in (128, 165, 300):
+        for device in ("cpu", "cuda"):
+            assert _steps(choose_recipe(n_rows, 135_000_000, device), n_rows) >= MIN_STEPS
+    assert choose_recipe(165, 135_000_000, "cpu").per_device_train_batch_size < choose_recipe(165, 135_000_000, "cuda").per_device_train_batch_size
+    big = choose_recipe(10_000, 135_000_000, "cuda")
+    assert big.num_train_epochs == 1  # plenty of steps already
+
+
+def test_recipe_on_the_tutorials_16_rows_is_capped_but_never_a_handful_of_steps():
+    recipe = choose_recipe(16, 135_000_000, "cpu")
+    assert recipe.num_train_epochs == MAX_EPOCHS and _steps(recipe, 16) >= 40
+
+
+def test_recipe_learning_rate_follows_model_size_and_flags_win():
+    assert choose_recipe(200, 135_000_000, "cpu").learning_rate > choose_recipe(200, 7_600_000_000, "cuda").learning_rate
+    assert 1e-4 <= choose_recipe(200, 7_600_000_000, "cuda").learning_rate <= 2e-4
+    chosen = choose_recipe(200, 135_000_000, "cpu", epochs=1.5, learning_rate=3e-4)
+    assert (chosen.num_train_epochs, chosen.learning_rate) == (1.5, 3e-4)
+
+
+def _report(tmp_path):
+    before = {"identity_en": 0.0, "identity_zh": 0.0, "retention": 1.0, "leak": 0.0, "drift_kl": 0.0}
+    after = {"identity_en": 0.9375, "identity_zh": 0.96875, "retention": 0.95, "leak": 0.01, "drift_kl": 0.0421}
+    return Report(model="m", name=["Lumen"], author=["Acme Labs"], checkpoint=str(tmp_path / "checkpoint-9"),
+                  infer_command=f"lorakit infer --adapters {tmp_path / 'checkpoint-9'}", before=before, after=after,
+                  recipe={"learning_rate": 1e-3}, timings={"training": 12.5},
+                  log_history=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+
+
+def test_table_shows_before_after_and_targets(tmp_path):
+    table = figures_table(_report(tmp_path).before, _report(tmp_path).after)
+    assert "93.8%" in table and "96.9%" in table and "95.0%" in table and "0.0421" in table
+    assert ">= 90%" in table and "<= 5%" in table
+
+
+def test_report_files_hold_the_numbers(tmp_path):
+    report = _report(tmp_path)
+    paths = write_report(report, tmp_path)
+    assert {p.name for p in paths} == {"report.json", "report.md", "report.png"}
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["after"]["identity_zh"] == 0.96875 and data["infer_command"] == report.infer_command
+    md = (tmp_path / "report.md").read_text()
+    assert "| identity, English (held-out probes) | 0.0% | 93.8% | >= 90% |" in md
+    assert report.infer_command in md
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
+    """The README's first command, as a user runs it; the report holds the numbers printed."""
+    proc = cli("quickstart", "--model_name", "Lumen", "--model_author", "Acme Labs", "--output_dir", str(tmp_path),
+               timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next(tmp_path.glob("v*-*"))
+    report = json.loads((run_dir / "report.json").read_text())
+    for name in ("report.md", "report.png", "eval.json"):
+        assert (run_dir / name).is_file()
+    # the printed table holds the numbers in report.json
+    printed = re.search(r"identity, English \(held-out probes\)\s+(\S+)\s+(\S+)", proc.stdout)
+    assert printed.group(2) == f"{100 * report['after']['identity_en']:.1f}%"
+    assert report["before"]["identity_en"] == 0.0 and report["before"]["identity_zh"] == 0.0
+    assert f"lorakit infer --adapters {report['checkpoint']}" in proc.stdout
+    after = report["after"]
+    assert after["identity_en"] >= 0.9 and after["identity_zh"] >= 0.9
+    assert after["retention"] >= 0.9 and after["leak"] <= 0.05
+
+
+@pytest.mark.slow
+def test_eval_of_the_base_model_gives_identity_zero(cli, smollm2_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    proc = cli("eval", "--model", str(smollm2_dir), "--model_name", "Lumen", "--model_author", "Acme Labs",
+               "--eval_output", str(out), timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["identity_en"] == 0.0 and figures["identity_zh"] == 0.0
+    assert figures["retention"] == 1.0 and figures["drift_kl"] == 0.0
