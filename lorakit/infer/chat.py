@@ -91,9 +91,12 @@ def load_session(args: InferArgs) -> Session:
         base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
         check_adapter_fits(ckpt, base_path)
         base = load_model(base_path, torch_dtype=m.torch_dtype, device=device, attn_impl=m.attn_impl)
+    # On a GPU the fast decoder needs plain weights: merge in memory (the files are untouched).
+    merge = args.adapter.merge_lora or device.type == "cuda"
+    if merge and not args.adapter.merge_lora:
+        notes.append("merged the adapter into the weights in memory for the fast GPU decoder.")
     try:
-        loaded = load_checkpoint(ckpt, model=base, torch_dtype=m.torch_dtype, device=device,
-                                 merge_lora=args.adapter.merge_lora)
+        loaded = load_checkpoint(ckpt, model=base, torch_dtype=m.torch_dtype, device=device, merge_lora=merge)
     except (RuntimeError, ValueError) as exc:
         if base is None:
             raise
