@@ -54,7 +54,9 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_toke
 
     from lorakit.infer.engine import Engine, SamplingParams
 
-    engine = Engine(model, tokenizer, max_batch_size=batch_size)
+    # The reference decoder: the static-cache fast path compiles first (a minute on a 7B model), which
+    # a one-shot batch of short answers never wins back; a LoRA model is unmerged and uses it anyway.
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, fast=False)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     # Engine.generate batches the shortest prompts together; feeding it chunks lets the bar move.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
