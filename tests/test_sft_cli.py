@@ -114,6 +114,17 @@ def test_resume_continues_exactly(tiny_run, tiny_qwen2_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_only_model_starts_a_new_run_from_the_weights(tiny_run, tiny_qwen2_dir, tmp_path):
+    _, run, data = tiny_run
+    proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "again", "--max_steps", "1", "--split_dataset_ratio", "0.25",
+                    "--per_device_train_batch_size", "2", "--system", "You are a robot.", "--report_to", "none",
+                    "--resume_from_checkpoint", str(run), "--resume_only_model", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"from the weights of {run / 'checkpoint-6'}" in proc.stderr  # a run folder means its last checkpoint
+    new = losses(only_run(tmp_path / "again"))
+    assert list(new) == [1] and new[1] < losses(run)[1] - 0.05  # step 1 again, on already-trained weights
+
+
 def test_non_finite_loss_stops_naming_the_step(tiny_qwen2_dir, tmp_path):
     data = write_rows(tmp_path / "rows.json", 4)
     proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "out", "--max_steps", "5", "--save_steps", "2",
