@@ -216,3 +216,16 @@ def test_a_failing_compiler_falls_back_to_the_uncompiled_step(model, qwen_tokeni
         out = engine.generate(prompts[:1], GREEDY)
     assert decoder.attention_in is fast_decode.attention_in and not decoder.compiled
     assert out[0].token_ids == Engine(model, qwen_tokenizer, fast=False).generate(prompts[:1], GREEDY)[0].token_ids
+
+
+def test_repetition_penalty_matches_hf_generate(model, qwen_tokenizer, prompts):
+    """"2+2?" makes this model repeat a token within 32 steps, so the penalty changes the reply."""
+    params = SamplingParams(max_new_tokens=32, repetition_penalty=1.5)
+    stops = sorted(end_of_turn_ids(qwen_tokenizer, model))
+    hf = model.generate(torch.tensor([prompts[2]]), max_new_tokens=32, do_sample=False, repetition_penalty=1.5,
+                        eos_token_id=stops, pad_token_id=0)[0, len(prompts[2]):].tolist()
+    for fast in (False, True):
+        gen = Engine(model, qwen_tokenizer, fast=fast).generate(prompts[2:3], params)[0]
+        assert gen.token_ids == [t for t in hf if t not in stops]
+    plain = Engine(model, qwen_tokenizer).generate(prompts[2:3], SamplingParams(max_new_tokens=32))[0]
+    assert gen.token_ids != plain.token_ids
