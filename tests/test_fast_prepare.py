@@ -101,6 +101,15 @@ def test_plan_checkpointing_fits_budget():
     assert 100 * (kept * 50 + n * 5 + 50) <= 30_000 < 100 * ((kept + 1) * 50 + (n - 1) * 5 + 50)
 
 
+def test_prepare_again_keeps_forward_objects():
+    """Compiled layers guard on the LoRA forwards; re-preparing must not replace them."""
+    model = prepare_for_training(lora_model(), FastOptions(compile=False))
+    before = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
+    prepare_for_training(model, FastOptions(compile=False, memory_limit_gib=10))
+    after = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
+    assert len(before) == 14 and all(a is b for a, b in zip(before, after))
+
+
 def test_restore_reference_undoes_prepare():
     model = prepare_for_training(lora_model(), FastOptions(compile=False, checkpointing="full"))
     prepare_for_training(model, FastOptions(compile=False, checkpointing="none"))  # again: replaces

@@ -122,11 +122,14 @@ def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
     return args, kwargs
 
 
+# one object for every layer and every call: compiled layers guard on its identity
+_CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
 def set_checkpointing(layers, enabled: list[bool]) -> None:
     """Per-layer activation recompute through transformers' own layer switch (non-reentrant)."""
-    func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
     for layer, on in zip(layers, enabled):
-        layer._gradient_checkpointing_func = func
+        layer._gradient_checkpointing_func = _CHECKPOINT
         layer.gradient_checkpointing = on
 
 

@@ -97,7 +97,10 @@ def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
     count = 0
     for module in model.modules():
         if can_fuse(module):
-            module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl])
+            current = vars(module).get("forward")
+            # keep an identical forward object: compiled layers guard on it and would recompile
+            if not (isinstance(current, functools.partial) and current.keywords.get("lora_impl") is LORA_IMPLS[impl]):
+                module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl])
             count += 1
     return count
 
