@@ -119,3 +119,20 @@ def test_restore_reference_undoes_prepare():
     assert not any("forward" in vars(m) for m in model.modules())
     assert not base.model._forward_pre_hooks
     assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
+
+
+def test_generation_on_prepared_model_equals_reference():
+    """A prepared model still generates (KV cache, left padding) exactly like the reference."""
+    prompts = torch.tensor([[0, 0, 5, 17, 42], [3, 9, 11, 7, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    outs = []
+    for prepare in (False, True):
+        model = lora_model().eval()
+        if prepare:
+            prepare_for_training(model, FastOptions(compile=False, checkpointing="auto"))
+        with torch.no_grad():
+            outs.append(model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                       pad_token_id=0))
+        if prepare:  # training-style forwards still take the packed path afterwards
+            assert loss_and_grads(model.train(), fused=True)[0].isfinite()
+    assert torch.equal(outs[0], outs[1])

@@ -102,13 +102,19 @@ def _reserve(layers, config) -> float:
     return 0.5 * GIB + 6 * 1024 * config.vocab_size + 3 * trainable
 
 
-def _body_pre_hook(opts: FastOptions, layers, config, module, args, kwargs):
-    """Per forward: cu_seqlens for packed attention; which layers recompute ('auto')."""
+def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, module, args, kwargs):
+    """Per forward: cu_seqlens for packed attention; which layers recompute ('auto').
+
+    Generation (a KV cache, padding masks) goes through the model's own attention instead.
+    """
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs["inputs_embeds"]
     b, t = ids.shape[:2]
+    cached = kwargs.get("past_key_values") is not None or bool(kwargs.get("use_cache"))
     if opts.packed_attention:
+        config._attn_implementation = reference_attn if cached else attention.ATTN_IMPLEMENTATION
+    if opts.packed_attention and not cached:
         cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
         if cu.numel() > b + 1:  # some row holds several samples (or padding)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples varies: one graph
@@ -142,6 +148,8 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
     body, layers = base.get_decoder(), decoder_layers(model)
     base.config.use_cache = False
     _remove_hook(body)
+    reference_attn = getattr(base.config, "_lorakit_reference_attn", base.config._attn_implementation)
+    base.config._lorakit_reference_attn = reference_attn
     if opts.packed_attention:
         base.set_attn_implementation(attention.register())
     if opts.fused_lora:
@@ -152,7 +160,7 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
         unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
     if opts.packed_attention or opts.checkpointing == "auto":
-        hook = functools.partial(_body_pre_hook, opts, layers, base.config)
+        hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn)
         body._lorakit_hook = body.register_forward_pre_hook(hook, with_kwargs=True)
     if opts.compile:
         # all blocks share one graph; dynamo counts each block's first call against the limit
@@ -174,7 +182,7 @@ def restore_reference(model: torch.nn.Module, attn_implementation: str = "sdpa")
     """Undo prepare_for_training: PEFT forward, eager layers, transformers attention, no recompute."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     _remove_hook(base.get_decoder())
-    base.set_attn_implementation(attn_implementation)
+    base.set_attn_implementation(getattr(base.config, "_lorakit_reference_attn", attn_implementation))
     unfuse_lora_layers(model)
     layers = decoder_layers(model)
     set_checkpointing(layers, [False] * len(layers))
