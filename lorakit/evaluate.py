@@ -129,8 +129,9 @@ def load_retention_questions() -> list[dict]:
 
 # ---------------------------------------------------------------- running the model
 
-PROBE_MAX_NEW_TOKENS = 64
+PROBE_MAX_NEW_TOKENS = 48
 RETENTION_MAX_NEW_TOKENS = 32
+DRIFT_QUESTIONS = 32  # drift is measured on every third retention question: two forwards each, on CPU it adds up
 
 
 @dataclass
@@ -165,7 +166,7 @@ class EvalResult:
     leak: float
     "Share of answers to general questions that mention the new name or author."
     drift_kl: float
-    "Mean per-token KL(base || model) on the base's own answers to the general questions, teacher-forced."
+    "Mean per-token KL(base || model) on the base's own answers to DRIFT_QUESTIONS general questions, teacher-forced."
     name: list[str]
     author: list[str]
     seconds: float = 0.0
@@ -198,7 +199,7 @@ def _prompts(tokenizer, questions: list[str], system: str | None) -> list[list[i
     return [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in questions]
 
 
-def identity_probe_results(model, tokenizer, *, name, author, system, batch_size: int,
+def identity_probe_results(model, tokenizer, *, name, author, system, batch_size: int | None,
                            max_new_tokens: int = PROBE_MAX_NEW_TOKENS, cache_dir: Path | None = None) -> list[ProbeResult]:
     """Ask every held-out identity probe and score the replies (`cache_dir`: cache a base model's replies)."""
     probes = load_probes()
@@ -208,7 +209,7 @@ def identity_probe_results(model, tokenizer, *, name, author, system, batch_size
             for p, r in zip(probes, replies)]
 
 
-def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size: int, max_new_tokens: int,
+def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size: int | None, max_new_tokens: int,
                    cache_dir: Path | None, desc: str) -> list:
     """Greedy replies; with `cache_dir`, cached under the model's fingerprint (for base models only)."""
     from lorakit.replay import Reply, generate_replies, model_fingerprint
@@ -228,7 +229,7 @@ def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size
     return replies
 
 
-def base_answers(model, tokenizer, *, system, batch_size: int, cache_dir: Path | None,
+def base_answers(model, tokenizer, *, system, batch_size: int | None, cache_dir: Path | None,
                  max_new_tokens: int = RETENTION_MAX_NEW_TOKENS) -> list:
     """The base model's greedy replies to the retention questions (adapter off), cached per base model."""
     questions = [q["question"] for q in load_retention_questions()]
@@ -274,8 +275,13 @@ def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
     return inner.get_output_embeddings()(hidden[rows, cols])
 
 
+def drift_indices(n: int, k: int = DRIFT_QUESTIONS) -> list[int]:
+    """k indices spread evenly over n questions (both languages, every category)."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+
+
 def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_base: bool = False,
-             batch_size: int = 32, cache_dir: Path | None = None) -> EvalResult:
+             batch_size: int | None = None, cache_dir: Path | None = None) -> EvalResult:
     """Identity on the held-out probes, retention and leak on the general questions, and drift.
 
     `model` is a PEFT model (its adapter is switched off for the base figures) or, with
@@ -303,8 +309,9 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
     kept = sum(row.correct for row in base_ok)
     drift = 0.0
     if not is_base:
-        prompts = _prompts(tokenizer, [q["question"] for q in questions], system)
-        drift = teacher_forced_kl(model, tokenizer, prompts, [b.token_ids for b in base])
+        picked = drift_indices(len(questions))
+        prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
+        drift = teacher_forced_kl(model, tokenizer, prompts, [base[i].token_ids for i in picked])
     return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
                       base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
