@@ -36,7 +36,7 @@ def packed_boundaries(
     switches between real and padding tokens (so padding never shares a segment with a sample).
     """
     b, t = shape
-    device = position_ids.device if position_ids is not None else None
+    device = next((x.device for x in (position_ids, attention_mask) if x is not None), None)
     starts = torch.zeros(b, t, dtype=torch.bool, device=device)
     starts[:, 0] = True
     if position_ids is not None:
