@@ -115,7 +115,7 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, modul
     if opts.packed_attention:
         config._attn_implementation = reference_attn if cached else attention.ATTN_IMPLEMENTATION
     if opts.packed_attention and not cached:
-        cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"))
+        cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"), ids.device)
         if cu.numel() > b + 1:  # some row holds several samples (or padding)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples varies: one graph
             kwargs["cu_seq_lens_q"] = cu

@@ -28,7 +28,10 @@ except ImportError:  # pragma: no cover - older torch
 
 
 def packed_boundaries(
-    position_ids: torch.Tensor | None, shape: tuple[int, int], attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    attention_mask: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """int32 cu_seqlens [S + 1] over the flattened [B * T] tokens.
 
@@ -36,7 +39,8 @@ def packed_boundaries(
     switches between real and padding tokens (so padding never shares a segment with a sample).
     """
     b, t = shape
-    device = next((x.device for x in (position_ids, attention_mask) if x is not None), None)
+    if device is None:
+        device = next((x.device for x in (position_ids, attention_mask) if x is not None), None)
     starts = torch.zeros(b, t, dtype=torch.bool, device=device)
     starts[:, 0] = True
     if position_ids is not None:
