@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,9 @@ def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, Trainable
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     return peft_model, summarize(peft_model, targets)
 
 
