@@ -7,6 +7,12 @@ and time to first token, and a single-client run for comparison.
 
 Run on the device machine:  python bench/serve.py --out $OUT
 Smoke test on a CPU:        python bench/serve.py --tiny
+
+Measured 2026-11-22 on one H100 80GB (--per_client 3: 48 requests, ~100-word prompts, 128 new tokens
+each, greedy, engine fast path with CUDA graphs): 16 concurrent clients 783 completion tok/s aggregate,
+request latency p50 2.44 s / p95 3.01 s, time to first token p50 1.52 s / p95 2.10 s; one client alone
+148 tok/s (0.82 s per 128-token reply). The first batch takes 85 s (compile + graph capture).
+Requests that arrive while a batch runs wait for the next batch, which is what the TTFT shows.
 """
 
 from __future__ import annotations
