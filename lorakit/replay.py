@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,38 @@ def replay_cache_path(model, tokenizer, prompts: list[str], *, system: str | Non
     return Path(cache_dir) / f"replay-{len(prompts)}-{digest}.jsonl"
 
 
+_SENTENCE_END = re.compile(r"(?<=\D[.!?])(?=\s)|(?<=[。！？\n])")  # "1. " is a list item, not an end
+
+
+def trim_reply(reply: Reply) -> str:
+    """The reply as a replay target: a finished reply whole; a cut one up to its last full sentence,
+    and any reply up to the first sentence it repeats (small models loop, mostly in Chinese)."""
+    pieces = _SENTENCE_END.split(reply.text)
+    if not reply.finished and pieces and not re.search(r"[.!?。！？\n]\s*$", pieces[-1]):
+        pieces = pieces[:-1]  # the sentence the length limit cut
+    kept, seen = [], set()
+    for piece in pieces:
+        key = piece.strip()
+        if key and key in seen:
+            break
+        seen.add(key)
+        kept.append(piece)
+    return "".join(kept).strip()
+
+
 def replay_rows_from_replies(prompts: list[str], replies: list[Reply]) -> list[dict]:
-    """Messages rows for the answers that ended on their own; a cut answer would teach stopping mid-sentence."""
-    return [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r.text}]}
-            for p, r in zip(prompts, replies) if r.finished and r.text]
+    """Messages rows from the base's answers, trimmed by `trim_reply`; empty ones are dropped.
+
+    Cut answers are kept (trimmed to whole sentences): dropping them would drop most answers in a
+    language the model is weak in, and then nothing would teach it that a general question in that
+    language gets a general answer, not the new identity.
+    """
+    rows = []
+    for prompt, reply in zip(prompts, replies):
+        text = trim_reply(reply)
+        if text:
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]})
+    return rows
 
 
 def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
@@ -138,20 +167,21 @@ def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_di
                                desc="replay: base answers")
     rows = replay_rows_from_replies(prompts, replies)
     if not rows and allow_empty:
-        print(f"warning: replay: none of the base model's {len(prompts)} answers ended within {max_new_tokens} "
-              "tokens; training without replay rows.", file=sys.stderr)
+        print(f"warning: replay: none of the base model's {len(prompts)} answers holds a whole sentence within "
+              f"{max_new_tokens} tokens; training without replay rows.", file=sys.stderr)
         return None
     if not rows:
-        raise UserError(f"replay: none of the base model's {len(prompts)} answers ended within {max_new_tokens} "
-                        "tokens, so there is nothing to replay. Run with --replay 0 to train without it.")
+        raise UserError(f"replay: none of the base model's {len(prompts)} answers holds a whole sentence within "
+                        f"{max_new_tokens} tokens, so there is nothing to replay. Run with --replay 0 to train without it.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
-    print(f"replay: {len(rows)} of {len(prompts)} base answers kept ({len(prompts) - len(rows)} cut at "
-          f"{max_new_tokens} tokens dropped) -> {path}", file=sys.stderr)
+    cut = sum(not r.finished for r in replies)
+    print(f"replay: {len(rows)} of {len(prompts)} base answers kept ({cut} cut at {max_new_tokens} tokens, "
+          f"trimmed to whole sentences) -> {path}", file=sys.stderr)
     return path
 
 

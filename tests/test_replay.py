@@ -29,11 +29,21 @@ def test_pick_prompts_is_deterministic_and_mixes_languages_and_categories():
     assert len(pick_prompts(10_000)) == len(rows)
 
 
-def test_cut_answers_are_dropped():
+def test_cut_answers_are_trimmed_to_whole_sentences_and_loops_stop():
     rows = replay_rows_from_replies(
-        ["a?", "b?", "c?"],
-        [Reply("A.", [1], True), Reply("B is long and cu", [2], False), Reply("", [], True)])
-    assert rows == [{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "A."}]}]
+        ["a?", "b?", "c?", "d?", "e?"],
+        [Reply("A. Done", [1], True), Reply("B is long. And cu", [2], False), Reply("", [], True),
+         Reply("no end at all", [3], False), Reply("好的！好的！好的！好", [4], False)])
+    assert [r["messages"][1]["content"] for r in rows] == ["A. Done", "B is long.", "好的！"]
+    assert [r["messages"][0]["content"] for r in rows] == ["a?", "b?", "e?"]
+    assert rows[0]["messages"][0]["role"] == "user" and rows[0]["messages"][1]["role"] == "assistant"
+
+
+def test_trim_keeps_numbered_lists_and_line_breaks():
+    from lorakit.replay import trim_reply
+
+    assert trim_reply(Reply("1. Study\n2. Rest\n\n3. Eat well and", [], False)) == "1. Study\n2. Rest"
+    assert trim_reply(Reply("Paris.\n\nIt is big.", [], True)) == "Paris.\n\nIt is big."
 
 
 def test_generate_replies_equals_transformers_greedy(tiny):
@@ -76,8 +86,8 @@ def test_a_cached_file_is_reused_and_loads_as_a_dataset(tiny, tmp_path):
     assert parts[0].conversations[0].messages[-1]["content"] == "cached answer"
 
 
-def test_all_answers_cut_is_a_clear_error(tiny, tmp_path):
-    model, tok = tiny  # random weights never say the end-of-turn token within 2 tokens
+def test_no_whole_sentence_is_a_clear_error(tiny, tmp_path):
+    model, tok = tiny  # random weights say neither a sentence end nor the end-of-turn token within 2 tokens
     with pytest.raises(UserError, match="--replay 0"):
         ensure_replay_file(model, tok, 2, system=None, cache_dir=tmp_path, max_new_tokens=2)
     assert not list(tmp_path.iterdir())
