@@ -309,47 +309,24 @@ class _adapter:
 # ---------------------------------------------------------------- the HTTP app
 
 
-def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, default_max_tokens: int):
-    """The FastAPI app: /health, /v1/models, /v1/chat/completions, /v1/completions."""
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+class OpenAIRoutes:
+    """The handlers behind the routes; each checks its input and answers OpenAI-shaped JSON or SSE."""
 
-    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+    def __init__(self, served: Served, scheduler: Scheduler, *, api_key: str | None, default_max_tokens: int):
+        self.served, self.scheduler = served, scheduler
+        self.api_key, self.default_max_tokens = api_key, default_max_tokens
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, exc: HTTPException):
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return JSONResponse(ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, exc: Exception):  # a bug of ours: answer JSON, log the traceback here only
-        import traceback
-
-        traceback.print_exception(exc, file=sys.stderr)
-        error = ApiError(500, f"internal error ({type(exc).__name__}); see the server log.", type="server_error")
-        return JSONResponse(error.body(), status_code=500)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
             return
         header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[len("Bearer "):].strip() != api_key:
+        if not header.startswith("Bearer ") or header[len("Bearer "):].strip() != self.api_key:
             raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY' (the --api_key value).",
                            type="authentication_error", code="invalid_api_key")
 
-    async def read_json(request: Request):
-        check_key(request)
+    async def read_json(self, request: Request):
+        """The request's JSON body, after the key and content-type checks."""
+        self.check_key(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}.")
@@ -361,90 +338,93 @@ def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, defa
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
 
-    def find_model(name: str) -> ServedModel:
-        if name not in served.models:
-            raise ApiError(404, f"The model '{name}' does not exist; this server has: {', '.join(served.models)}.",
+    def find_model(self, name: str) -> ServedModel:
+        if name not in self.served.models:
+            raise ApiError(404, f"The model '{name}' does not exist; this server has: {', '.join(self.served.models)}.",
                            param="model", code="model_not_found")
-        return served.models[name]
+        return self.served.models[name]
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": list(served.models), "in_flight": scheduler.active,
-                "running": scheduler.running}
+    async def health(self):
+        return {"status": "ok", "models": list(self.served.models), "in_flight": self.scheduler.active,
+                "running": self.scheduler.running}
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        check_key(request)
+    async def list_models(self, request: Request):
+        self.check_key(request)
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "lorakit",
-                                            "root": m.path}
-                                           for m in served.models.values()]}
+                                            "root": m.path} for m in self.served.models.values()]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def chat(self, request: Request):
         from lorakit.data.render import render_prompt
 
-        req = parse_chat_request(await read_json(request))
-        model = find_model(req.model)
+        req = parse_chat_request(await self.read_json(request))
+        model = self.find_model(req.model)
         try:
-            prompt = render_prompt(served.tokenizer, req.messages, system=model.system)
+            prompt = render_prompt(self.served.tokenizer, req.messages, system=model.system)
         except Exception as exc:  # the chat template may refuse an order of roles (jinja raise_exception)
             raise ApiError(400, f"Invalid 'messages': the chat template cannot render them ({exc}).",
                            param="messages") from None
-        job = _submit(model, prompt, req.sampling, "messages")
-        return await _respond(request, job, req.sampling, model.name, chat=True)
+        job = self.submit(model, prompt, req.sampling, "messages")
+        return await self.respond(request, job, req.sampling, model.name, chat=True)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        req = parse_completion_request(await read_json(request))
-        model = find_model(req.model)
-        prompt = req.prompt if isinstance(req.prompt, list) else served.tokenizer(req.prompt)["input_ids"]
-        if isinstance(req.prompt, list) and (max(prompt) >= len(served.tokenizer) or min(prompt) < 0):
-            raise ApiError(400, f"Invalid 'prompt': token ids must be in [0, {len(served.tokenizer)}).", param="prompt")
-        job = _submit(model, prompt, req.sampling, "prompt")
-        return await _respond(request, job, req.sampling, model.name, chat=False)
+    async def completions(self, request: Request):
+        req = parse_completion_request(await self.read_json(request))
+        model = self.find_model(req.model)
+        vocab = len(self.served.tokenizer)
+        if isinstance(req.prompt, list) and (max(req.prompt) >= vocab or min(req.prompt) < 0):
+            raise ApiError(400, f"Invalid 'prompt': token ids must be in [0, {vocab}).", param="prompt")
+        prompt = req.prompt if isinstance(req.prompt, list) else self.served.tokenizer(req.prompt)["input_ids"]
+        job = self.submit(model, prompt, req.sampling, "prompt")
+        return await self.respond(request, job, req.sampling, model.name, chat=False)
 
-    def _submit(model: ServedModel, prompt: list[int], sampling, field_name: str) -> Job:
-        if len(prompt) >= served.context:
-            raise ApiError(400, f"The prompt is {len(prompt)} tokens long, but the model's context is "
-                           f"{served.context} tokens; shorten '{field_name}'.", param=field_name,
-                           code="context_length_exceeded")
-        room = served.context - len(prompt)
+    def submit(self, model: ServedModel, prompt: list[int], sampling, field_name: str) -> Job:
+        """Queue a generation job (400 if the prompt fills the context, 503 if the queue is full)."""
+        context = self.served.context
+        if len(prompt) >= context:
+            raise ApiError(400, f"The prompt is {len(prompt)} tokens long, but the model's context is {context} "
+                           f"tokens; shorten '{field_name}'.", param=field_name, code="context_length_exceeded")
         job = Job(served=model, prompt=prompt, temperature=sampling.temperature, top_p=sampling.top_p,
-                  seed=sampling.seed, max_tokens=min(sampling.max_tokens or default_max_tokens, room),
+                  seed=sampling.seed, max_tokens=min(sampling.max_tokens or self.default_max_tokens, context - len(prompt)),
                   stop=sampling.stop, loop=asyncio.get_running_loop(), events=asyncio.Queue())
-        scheduler.submit(job)
+        self.scheduler.submit(job)
         return job
 
-    async def _respond(request: Request, job: Job, sampling, name: str, *, chat: bool):
+    async def respond(self, request: Request, job: Job, sampling, name: str, *, chat: bool):
+        """The whole reply as one JSON body, or an SSE stream; a client that left frees its slot."""
+        from fastapi.responses import JSONResponse, StreamingResponse
+
         rid = new_id("chatcmpl" if chat else "cmpl")
         if sampling.stream:
-            return StreamingResponse(_sse(job, rid, name, chat, sampling.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, reason, use = "", "length", None
+            return StreamingResponse(self.sse(job, rid, name, chat, sampling.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text = ""
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(job.events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        scheduler.release(job, cancelled=True)
-                        return JSONResponse({}, status_code=499)
+                        return JSONResponse({}, status_code=499)  # nobody is listening; `finally` frees the slot
                     continue
+                if event[0] == "error":
+                    raise event[1]
                 if event[0] == "delta":
                     text += event[1]
-                elif event[0] == "error":
-                    raise event[1]
-                else:
-                    reason, use = event[1], usage(event[2], event[3])
-                    break
+                    continue
+                use = usage(event[2], event[3])
+                make = chat_response if chat else completion_response
+                return JSONResponse(make(rid, name, text, event[1], use))
         finally:
-            scheduler.release(job, cancelled=not job.done)
-        body = chat_response(rid, name, text, reason, use) if chat else completion_response(rid, name, text, reason, use)
-        return JSONResponse(body)
+            self.scheduler.release(job, cancelled=not job.done)
 
-    async def _sse(job: Job, rid: str, name: str, chat: bool, include_usage: bool):
+    async def sse(self, job: Job, rid: str, name: str, chat: bool, include_usage: bool):
+        """Server-sent events: a chunk per text piece, the finish reason, usage if asked, then [DONE]."""
         def line(obj) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def chunk(text: str | None, reason: str | None = None, use: dict | None = None) -> dict:
+            if chat:
+                return chat_chunk(rid, name, {} if text is None else {"content": text}, reason, use)
+            return completion_chunk(rid, name, text or "", reason, use)
 
         try:
             if chat:
@@ -452,21 +432,57 @@ def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, defa
             while True:
                 event = await job.events.get()
                 if event[0] == "delta":
-                    yield line(chat_chunk(rid, name, {"content": event[1]}) if chat
-                               else completion_chunk(rid, name, event[1]))
-                elif event[0] == "error":
+                    yield line(chunk(event[1]))
+                    continue
+                if event[0] == "error":
                     yield line(event[1].body())
-                    break
                 else:
-                    yield line(chat_chunk(rid, name, {}, event[1]) if chat else completion_chunk(rid, name, "", event[1]))
+                    yield line(chunk(None, event[1]))
                     if include_usage:
-                        use = usage(event[2], event[3])
-                        yield line(chat_chunk(rid, name, {}, use=use) if chat else completion_chunk(rid, name, "", use=use))
-                    break
+                        yield line(chunk(None, use=usage(event[2], event[3])))
+                break
             yield "data: [DONE]\n\n"
-        finally:  # also runs when the client disconnects: the generator is closed mid-stream
-            scheduler.release(job, cancelled=not job.done)
+        finally:  # also runs when the client disconnects: the stream is cancelled mid-way
+            self.scheduler.release(job, cancelled=not job.done)
 
+
+def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, default_max_tokens: int):
+    """The FastAPI app: /health, /v1/models, /v1/chat/completions, /v1/completions, errors as OpenAI JSON."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    routes = OpenAIRoutes(served, scheduler, api_key=api_key, default_max_tokens=default_max_tokens)
+    app = FastAPI(title="lorakit", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.list_models, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+
+    def answer(error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    async def api_error(request, exc: ApiError):
+        return answer(exc)
+
+    async def validation_error(request, exc: RequestValidationError):
+        return answer(ApiError(400, str(exc)))
+
+    async def http_error(request, exc: HTTPException):  # unknown route (404), wrong method (405)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return answer(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+
+    async def server_error(request, exc: Exception):  # a bug of ours: JSON for the client, traceback in the log
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+        return answer(ApiError(500, f"internal error ({type(exc).__name__}); see the server log.", type="server_error"))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
     return app
 
 
