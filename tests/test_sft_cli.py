@@ -179,6 +179,23 @@ def test_data_errors_come_before_weights(tiny_qwen2_dir, tmp_path):
     assert proc.returncode == 2 and "--lora_rank" in proc.stderr
 
 
+def test_second_tutorial_command_with_local_files(tiny_qwen2_dir, tmp_path):
+    """The mixed-data tutorial with the hub datasets swapped for local alpaca files (1 step)."""
+    for lang in ("zh", "en"):
+        rows = [{"instruction": f"Say {i} in {lang}.", "input": "", "output": f"{i} ({lang})"} for i in range(6)]
+        (tmp_path / f"alpaca-gpt4-data-{lang}.json").write_text(json.dumps(rows, ensure_ascii=False))
+    write_rows(tmp_path / "self_cognition.json", 4)
+    proc = run_cli(
+        "sft", "--model", str(tiny_qwen2_dir), "--train_type", "lora", "--dataset", "alpaca-gpt4-data-zh.json#5",
+        "alpaca-gpt4-data-en.json#5", "self_cognition.json", "--torch_dtype", "bfloat16", "--num_train_epochs", "3",
+        "--per_device_train_batch_size", "1", "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
+        "--target_modules", "all-linear", "--gradient_accumulation_steps", "16", "--output_dir", "output_mixed",
+        "--max_length", "2048", "--max_steps", "1", "--report_to", "none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "14 training samples" in proc.stderr  # 5 + 5 + 4 rows
+    assert (only_run(tmp_path / "output_mixed") / "checkpoint-1" / "adapter_model.safetensors").is_file()
+
+
 def test_unknown_target_module_and_full_fine_tuning(tiny_qwen2_dir, tmp_path):
     data = write_rows(tmp_path / "rows.json", 2)
     proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "bad", "--target_modules", "q_proj", "c_attn")
