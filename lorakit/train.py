@@ -531,6 +531,11 @@ def train(args: SftArgs) -> TrainResult:
         run_loop(s)
     except torch.OutOfMemoryError as exc:
         raise UserError(oom_message(device, args)) from exc
+    except KeyboardInterrupt:
+        where = (f"continue with --resume_from_checkpoint {s.last_checkpoint}" if s.last_checkpoint
+                 else "no checkpoint was saved yet")
+        print(f"\ninterrupted at step {s.step}/{s.plan.total_steps}: {where}", file=sys.stderr)
+        raise
     finally:
         if s.writer is not None:
             s.writer.close()
