@@ -81,21 +81,24 @@ def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
 
 
-def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scaler=None) -> tuple[float, int]:
+def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scaler=None,
+                         n_tokens: int | None = None) -> tuple[float, int]:
     """Backward through every micro-batch of one optimizer step; return (mean loss per token, tokens).
 
     Each micro-batch's summed loss is divided by the loss tokens of the whole step, so the
-    accumulated gradient equals that of one big batch, whatever the split.
+    accumulated gradient equals that of one big batch, whatever the split. Pass `n_tokens` when
+    already counted (on the CPU, before the batches moved to the GPU) to spare a device sync.
     """
-    n_tokens = sum(count_loss_tokens(b) for b in micro_batches)
+    if n_tokens is None:
+        n_tokens = sum(count_loss_tokens(b) for b in micro_batches)
     denominator = max(n_tokens, 1)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float32)
     for batch in micro_batches:
         out = loss_fn(model, batch)
         part = out.loss_sum / denominator
         (scaler.scale(part) if scaler is not None else part).backward()
-        total += float(out.loss_sum.detach())
-    return total / denominator, n_tokens
+        total = total.to(part.device) + out.loss_sum.detach().float()
+    return float(total) / denominator, n_tokens  # one device sync per optimizer step
 
 
 @torch.no_grad()
@@ -357,8 +360,12 @@ def optimizer_step(s: Session) -> tuple[float, float, int]:
         group["lr"] = lr
     indices = s.plan.micro_batches(s.step)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
-    batches = [to_device(collate([s.train_samples[i] for i in idx], pad_id), s.device) for idx in indices]
-    loss, _ = accumulate_gradients(s.model, batches, inject_nan_at(s.step + 1, s.loss_fn), scaler=s.scaler)
+    cpu_batches = [collate([s.train_samples[i] for i in idx], pad_id) for idx in indices]
+    n_tokens = sum(count_loss_tokens(b) for b in cpu_batches)
+    seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in cpu_batches)
+    batches = [to_device(b, s.device) for b in cpu_batches]
+    loss, _ = accumulate_gradients(s.model, batches, inject_nan_at(s.step + 1, s.loss_fn), scaler=s.scaler,
+                                   n_tokens=n_tokens)
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
     max_norm = s.args.train.max_grad_norm if s.args.train.max_grad_norm > 0 else float("inf")
@@ -373,7 +380,6 @@ def optimizer_step(s: Session) -> tuple[float, float, int]:
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     s.step += 1
-    seen = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
     return loss, grad_norm, seen
 
 
