@@ -92,7 +92,7 @@ def main(args: ExportArgs) -> int:
     if is_adapter:
         model, tokenizer, check = merge_and_check(ckpt, args.model.torch_dtype, args.model.device, system)
     else:
-        model, tokenizer, check = _load_full(ckpt, args.model.device)
+        model, tokenizer, check = _load_full(ckpt, args.model.torch_dtype, args.model.device)
     save_merged(model, tokenizer, out, max_shard_size=args.max_shard_size,
                 info={"checkpoint": str(ckpt), "system": system, "merge_check": asdict(check) if check else None})
     print(f"wrote {out}")
@@ -124,7 +124,7 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
 
     loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
-    dtype = final_dtype(torch_dtype, loaded.args, peft_model)
+    dtype = final_dtype(torch_dtype, peft_model)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in VERIFY_QUESTIONS]
     with peft_model.disable_adapter():
         base_logits = prompt_logits(peft_model, prompts)
@@ -154,14 +154,19 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
     return merged, tokenizer, check
 
 
-def final_dtype(torch_dtype: str, ckpt_args: dict, model) -> torch.dtype:
-    """--torch_dtype if given, else the dtype the base model was saved in (config.json), else float32."""
+def final_dtype(torch_dtype: str, model) -> torch.dtype:
+    """--torch_dtype if given, else the dtype the base model was saved in (its config.json), else float32."""
     if torch_dtype and torch_dtype != "auto":
         return TORCH_DTYPES[torch_dtype]
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    saved = str(saved).removeprefix("torch.") if saved is not None else "float32"
-    return TORCH_DTYPES.get(saved, torch.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return saved_dtype(Path(base.name_or_path))
+
+
+def saved_dtype(folder: Path) -> torch.dtype:
+    """The dtype in a model folder's config.json (a loaded model's config says what it was loaded as)."""
+    config = folder / "config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    return TORCH_DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
 
 
 def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -185,12 +190,13 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _load_full(ckpt: Path, device: str | None):
+def _load_full(ckpt: Path, torch_dtype: str, device: str | None):
     from lorakit.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(ckpt, torch_dtype="auto", device=device)
-    print(f"{ckpt} holds full weights: nothing to merge, exporting them as they are")
-    return loaded.model, loaded.tokenizer, None
+    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
+    dtype = TORCH_DTYPES[torch_dtype] if torch_dtype != "auto" else saved_dtype(ckpt)
+    print(f"{ckpt} holds full weights: nothing to merge, exporting them as {str(dtype).removeprefix('torch.')}")
+    return loaded.model.to(dtype), loaded.tokenizer, None
 
 
 # ---------------------------------------------------------------- files

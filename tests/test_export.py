@@ -187,6 +187,39 @@ def test_smollm2_lora_export_to_gguf_and_ollama_end_to_end(smollm2_dir, tmp_path
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
 
 
+def test_bf16_base_is_merged_in_fp32_then_cast_once(tiny_qwen2_dir, tmp_path, cli):
+    """A bf16 base: the merged weights are round(W + scale * B @ A) computed in float32, saved as bf16."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for f in tiny_qwen2_dir.iterdir():
+        if f.name.startswith("tokenizer"):
+            (base / f.name).write_bytes(f.read_bytes())
+    ckpt = make_lora_checkpoint(base, tmp_path / "run" / "checkpoint-1", targets=["q_proj", "down_proj"])
+    out = tmp_path / "merged"
+    proc = cli("export", "--adapters", str(ckpt), "--merge_lora", "true", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bfloat16 merged model vs base+adapter" in proc.stdout and "MISMATCH" not in proc.stdout
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    name = "model.layers.1.mlp.down_proj"
+    a = next(v for k, v in adapter.items() if name in k and "lora_A" in k)
+    b = next(v for k, v in adapter.items() if name in k and "lora_B" in k)
+    with safe_open(base / "model.safetensors", "pt") as f:
+        w = f.get_tensor(f"{name}.weight").float()
+    expected = (w + (b @ a) * scale).to(torch.bfloat16)
+    assert torch.equal(merged[f"{name}.weight"], expected)
+    assert not torch.equal(merged[f"{name}.weight"], w.to(torch.bfloat16) + ((b @ a) * scale).to(torch.bfloat16))
+
+
 def test_merge_check_refuses_a_wrong_merge(lora_ckpt, monkeypatch, capsys):
     """A merge that drops a small part of the update must be caught, not written."""
     from peft.tuners.tuners_utils import BaseTuner
