@@ -389,33 +389,33 @@ def run_loop(s: Session) -> None:
 
     t = s.args.train
     eval_every = t.eval_steps or t.save_steps
-    bar = tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True)
     window: list[float] = []
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     s.model.train()
-    while s.step < s.plan.total_steps:
-        loss, grad_norm, seen = optimizer_step(s)
-        s.tokens += seen
-        window.append(loss)
-        window_tokens += seen
-        last = s.step == s.plan.total_steps
-        tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-        lr = s.optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{memory_gb(s.device):.1f}G")
-        bar.update(1)
-        if s.step % t.logging_steps == 0 or last:
-            log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), loss=sum(window) / len(window),
-                               learning_rate=lr, grad_norm=grad_norm, tokens_per_second=round(tok_s, 1),
-                               memory_gb=round(memory_gb(s.device), 3),
-                               elapsed_s=round(time.perf_counter() - started, 2)))
-            window, window_tokens, window_start = [], 0, time.perf_counter()
-        if s.val_samples and (s.step % eval_every == 0 or last):
-            s.eval_loss = evaluate_loss(s.model, val_batches(s), s.loss_fn)
-            log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss))
-            bar.write(f"step {s.step}: eval loss {s.eval_loss:.4f}")
-        if s.step % t.save_steps == 0 or last:
-            save(s)
-    bar.close()
+    # `with` closes the bar on errors too, so an error message starts on a line of its own
+    with tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True) as bar:
+        while s.step < s.plan.total_steps:
+            loss, grad_norm, seen = optimizer_step(s)
+            s.tokens += seen
+            window.append(loss)
+            window_tokens += seen
+            last = s.step == s.plan.total_steps
+            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            lr = s.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mem=f"{memory_gb(s.device):.1f}G")
+            bar.update(1)
+            if s.step % t.logging_steps == 0 or last:
+                log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), loss=sum(window) / len(window),
+                                   learning_rate=lr, grad_norm=grad_norm, tokens_per_second=round(tok_s, 1),
+                                   memory_gb=round(memory_gb(s.device), 3),
+                                   elapsed_s=round(time.perf_counter() - started, 2)))
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if s.val_samples and (s.step % eval_every == 0 or last):
+                s.eval_loss = evaluate_loss(s.model, val_batches(s), s.loss_fn)
+                log_record(s, dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss))
+                bar.write(f"step {s.step}: eval loss {s.eval_loss:.4f}")
+            if s.step % t.save_steps == 0 or last:
+                save(s)
 
 
 def val_batches(s: Session):
