@@ -220,6 +220,26 @@ def test_bf16_base_is_merged_in_fp32_then_cast_once(tiny_qwen2_dir, tmp_path, cl
     assert not torch.equal(merged[f"{name}.weight"], w.to(torch.bfloat16) + ((b @ a) * scale).to(torch.bfloat16))
 
 
+def test_full_weight_checkpoint_is_exported_as_is_in_the_requested_dtype(tiny_qwen2_dir, tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.checkpoint import save_checkpoint
+    from lorakit.model import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoint-3", model=model, tokenizer=load_tokenizer(tiny_qwen2_dir),
+                           args={"model_path": str(tiny_qwen2_dir), "train_type": "full"})
+    out = tmp_path / "exported"
+    proc = cli("export", "--adapters", str(ckpt), "--output_dir", str(out), "--torch_dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "holds full weights: nothing to merge, exporting them as bfloat16" in proc.stdout
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert exported.dtype == torch.bfloat16
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(exported.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+    assert exported(ids).logits.shape == model(ids).logits.shape
+
+
 def test_merge_check_refuses_a_wrong_merge(lora_ckpt, monkeypatch, capsys):
     """A merge that drops a small part of the update must be caught, not written."""
     from peft.tuners.tuners_utils import BaseTuner
