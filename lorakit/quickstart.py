@@ -103,67 +103,84 @@ def print_answers(title: str, answers: list[dict[str, str]]) -> None:
         print(f"  Q: {a['query']}\n  A: {reply[:200]}")
 
 
-def quickstart(args: QuickstartArgs) -> Report:
-    """Run the whole flow; returns the report written into the run folder."""
-    import torch
+class Stopwatch:
+    """Wall and process-CPU seconds per stage (CPU time: what a stage costs on a machine nobody shares)."""
 
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, stage: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[stage], self.cpu[stage] = wall - self._wall, cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+
+def load_base(args: QuickstartArgs):
+    """(model path, tokenizer, model, device) of the base model."""
     from lorakit.data.render import set_chat_template
-    from lorakit.model import CACHE_DIR, load_model, load_tokenizer, pick_device, resolve_model_path
-    from lorakit.replay import ensure_replay_file
-    from lorakit.train import train
-
-    if not args.model_name or not args.model_author:
-        raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
-                        "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
-    timings: dict[str, float] = {}
-    cpu_seconds: dict[str, float] = {}  # process CPU time: what a stage costs on a machine nobody shares
-    clock, cpu_clock = time.perf_counter(), time.process_time()
-
-    def lap(stage: str) -> None:
-        nonlocal clock, cpu_clock
-        now, cpu_now = time.perf_counter(), time.process_time()
-        timings[stage], cpu_seconds[stage] = now - clock, cpu_now - cpu_clock
-        clock, cpu_clock = now, cpu_now
+    from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
 
     device = pick_device(args.model.device)
     model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
     tokenizer = load_tokenizer(model_path)
     set_chat_template(tokenizer, args.model.template)
     model = load_model(model_path, torch_dtype=args.model.torch_dtype, device=device, attn_impl=args.model.attn_impl)
-    n_params = sum(p.numel() for p in model.parameters())
-    lap("load base model")
+    return model_path, tokenizer, model, device
 
-    print(f"[1/5] baseline: {model_path.name} ({n_params / 1e6:.0f}M parameters) on {device}", file=sys.stderr)
-    cache = CACHE_DIR / "quickstart"
-    before = evaluate(model, tokenizer, name=args.model_name, author=args.model_author, is_base=True, cache_dir=cache)
-    baseline_answers = sample_answers(before)
-    print_answers("Before training, the base model says:", baseline_answers)
-    lap("baseline")
+
+def training_mix(args: QuickstartArgs, model, tokenizer, device) -> tuple[list[str], int]:
+    """--dataset specs for training: self-cognition, the replay file (if any rows), the user's data."""
+    from lorakit.model import CACHE_DIR
+    from lorakit.replay import ensure_replay_file
 
     n_replay = args.replay if args.replay is not None else (64 if device.type == "cpu" else 256)
     print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
-    datasets = ["self-cognition"]
-    replay_rows = 0
+    datasets, replay_rows = ["self-cognition"], 0
     if n_replay > 0:
         replay_file = ensure_replay_file(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
                                          allow_empty=True)
         if replay_file is not None:
             replay_rows = count_lines(replay_file)
             datasets.append(str(replay_file))
-    datasets += list(args.dataset)
+    return datasets + list(args.dataset), replay_rows
+
+
+def quickstart(args: QuickstartArgs) -> Report:
+    """Run the whole flow; returns the report written into the run folder."""
+    import torch
+
+    from lorakit.model import CACHE_DIR
+    from lorakit.train import train
+
+    if not args.model_name or not args.model_author:
+        raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
+                        "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
+    clock, cache = Stopwatch(), CACHE_DIR / "quickstart"
+    model_path, tokenizer, model, device = load_base(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    clock.lap("load base model")
+
+    print(f"[1/5] baseline: {model_path.name} ({n_params / 1e6:.0f}M parameters) on {device}", file=sys.stderr)
+    before = evaluate(model, tokenizer, name=args.model_name, author=args.model_author, is_base=True, cache_dir=cache)
+    print_answers("Before training, the base model says:", sample_answers(before))
+    clock.lap("baseline")
+
+    datasets, replay_rows = training_mix(args, model, tokenizer, device)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    lap("replay answers")
+    clock.lap("replay answers")
 
     recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, lora_rank=args.lora_rank,
                            epochs=args.num_train_epochs, learning_rate=args.learning_rate,
                            batch_size=args.per_device_train_batch_size)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
     result = train(sft_args_for(args, recipe, datasets))
-    lap("training")
+    clock.lap("training")
     infer_command = f"lorakit infer --adapters {result.last_checkpoint}"
 
     print("[4/5] eval on held-out probes and general questions", file=sys.stderr)
@@ -173,25 +190,29 @@ def quickstart(args: QuickstartArgs) -> Report:
     except KeyboardInterrupt:
         print(f"\ninterrupted during eval; the trained checkpoint is usable:\n  {infer_command}", file=sys.stderr)
         raise
-    lap("eval")
+    clock.lap("eval")
 
     report = Report(
         model=str(model_path), name=after.name, author=after.author, checkpoint=str(result.last_checkpoint),
         infer_command=infer_command, before=before.figures(), after=after.figures(),
         recipe=asdict(recipe) | {"steps": result.steps, "datasets": datasets, "replay_rows": replay_rows,
-                                 "cpu_seconds": cpu_seconds},
-        timings=timings, baseline_answers=baseline_answers, after_answers=sample_answers(after),
-        log_history=result.log_history,
+                                 "cpu_seconds": clock.cpu},
+        timings=clock.wall | {"total": sum(clock.wall.values())}, baseline_answers=sample_answers(before),
+        after_answers=sample_answers(after), log_history=result.log_history,
     )
-    report.timings["total"] = sum(timings.values())
-    write_report(report, result.run_dir)
-    (result.run_dir / "eval.json").write_text(_json(after.to_json()), encoding="utf-8")
+    finish(report, after, result.run_dir)
+    return report
+
+
+def finish(report: Report, after: EvalResult, run_dir: Path) -> None:
+    """Write report.md/.json/.png and eval.json; print the before/after table and the chat command."""
+    write_report(report, run_dir)
+    (run_dir / "eval.json").write_text(_json(after.to_json()), encoding="utf-8")
     print("[5/5] before / after", file=sys.stderr)
     print_answers("After training, the model says:", report.after_answers)
     print(figures_table(report.before, report.after))
-    print(f"report: {result.run_dir / 'report.md'}  (took {report.timings['total']:.0f} s)")
-    print(f"chat with it:\n  {infer_command}")
-    return report
+    print(f"report: {run_dir / 'report.md'}  (took {report.timings['total']:.0f} s)")
+    print(f"chat with it:\n  {report.infer_command}")
 
 
 def _json(data) -> str:
