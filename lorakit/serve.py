@@ -31,7 +31,10 @@ from lorakit.errors import UserError
 from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
                                parse_chat_request, parse_completion_request, usage)
 
-BATCH_GATHER_SECONDS = 0.01  # after the first request of a batch, wait this long for others to join
+# After the first request of a batch, keep gathering while requests keep arriving (each within
+# GATHER_GAP of the last), up to GATHER_MAX: clients that finished together re-submit together.
+GATHER_GAP = 0.01
+GATHER_MAX = 0.05
 
 
 # ---------------------------------------------------------------- the served models
@@ -190,8 +193,13 @@ class Scheduler:
         with self.cond:
             while not self.pending:
                 self.cond.wait()
-        time.sleep(BATCH_GATHER_SECONDS)
-        with self.cond:
+            deadline = time.monotonic() + GATHER_MAX
+            seen = len(self.pending)
+            while len(self.pending) < self.max_concurrency and time.monotonic() < deadline:
+                self.cond.wait(GATHER_GAP)
+                if len(self.pending) == seen:
+                    break
+                seen = len(self.pending)
             key = self.pending[0].key
             batch, rest = [], deque()
             while self.pending:
