@@ -196,10 +196,8 @@ def test_second_tutorial_command_with_local_files(tiny_qwen2_dir, tmp_path):
     assert (only_run(tmp_path / "output_mixed") / "checkpoint-1" / "adapter_model.safetensors").is_file()
 
 
-def test_unknown_target_module_and_full_fine_tuning(tiny_qwen2_dir, tmp_path):
+def test_full_fine_tuning(tiny_qwen2_dir, tmp_path):
     data = write_rows(tmp_path / "rows.json", 2)
-    proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "bad", "--target_modules", "q_proj", "c_attn")
-    assert proc.returncode == 2 and "c_attn" in proc.stderr and "gate_proj" in proc.stderr
     proc = tiny_sft(tiny_qwen2_dir, data, tmp_path / "full", "--train_type", "full", "--max_steps", "1",
                     "--learning_rate", "1e-4", "--save_only_model", "true", "--report_to", "none")
     assert proc.returncode == 0, proc.stderr[-3000:]
