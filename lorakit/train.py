@@ -204,7 +204,10 @@ def prepare_model(model, args: SftArgs, device: torch.device):
     if device.type == "cuda":
         mode = {None: "auto", True: "full", False: "none"}[wanted]
         model, summary = attach_tuner(model, args.lora)
-        model = prepare_for_training(model, FastOptions(checkpointing=mode))
+        fast = args.fast
+        model = prepare_for_training(model, FastOptions(
+            fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
+            compile=fast.torch_compile, checkpointing=mode, memory_limit_gib=fast.gpu_memory_limit))
     else:  # CPU/MPS: the plain reference computation
         if wanted:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -213,9 +216,9 @@ def prepare_model(model, args: SftArgs, device: torch.device):
     return model
 
 
-def make_loss_fn(device: torch.device) -> LossFn:
-    """causal_lm_loss, with the chunked head+CE on GPU (same value, far less memory)."""
-    fused = device.type == "cuda"
+def make_loss_fn(device: torch.device, args: SftArgs) -> LossFn:
+    """causal_lm_loss, with the chunked head+CE on GPU (same value, far less memory; --fused_loss false: plain)."""
+    fused = device.type == "cuda" and args.fast.fused_loss
     return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
 
 
@@ -236,7 +239,8 @@ def build_optimizer(model, args: SftArgs, learning_rate: float) -> torch.optim.O
     """AdamW over the trainable parameters."""
     params = trainable_parameters(model)
     return torch.optim.AdamW(params, lr=learning_rate, betas=(args.train.adam_beta1, args.train.adam_beta2),
-                             weight_decay=args.train.weight_decay)
+                             weight_decay=args.train.weight_decay,
+                             fused=any(p.is_cuda for p in params) or None)
 
 
 def default_learning_rate(args: SftArgs) -> float:
@@ -499,7 +503,7 @@ def new_session(args: SftArgs, model, tokenizer, data, *, model_path: Path, devi
     return Session(
         args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
         optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
-        val_samples=data.val, device=device, loss_fn=make_loss_fn(device), learning_rate=learning_rate,
+        val_samples=data.val, device=device, loss_fn=make_loss_fn(device, args), learning_rate=learning_rate,
         warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
         scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
     )
