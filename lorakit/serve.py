@@ -244,7 +244,7 @@ class Scheduler:
         model = self.served.model
         with _adapter(model, first.served.adapter):
             seqs = []
-            for seqs in self.served.engine._run([j.prompt for j in batch], params):
+            for seqs in self.served.engine.steps([j.prompt for j in batch], params):
                 for job, seq, stream in zip(batch, seqs, streams):
                     if not job.done:
                         self._advance(job, seq, stream)
