@@ -37,23 +37,9 @@ sys.path.insert(0, str(ROOT))
 from lorakit.infer.engine import Engine  # noqa: E402
 from lorakit.model import load_tokenizer  # noqa: E402
 from lorakit.serve import Scheduler, Served, ServedModel, build_app  # noqa: E402
+from qwen_arch import QWEN25_7B as QWEN_7B, TINY, build_random_qwen2 as build_model  # noqa: E402
 
-QWEN_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-               max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6)
-TINY = dict(QWEN_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
 NAME = "qwen2.5-7b-arch-random"
-
-
-def build_model(settings: dict, dtype, device):
-    """A random Qwen2 created directly on `device` (no download, no disk)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**settings), dtype=dtype)
-    return model.eval()
 
 
 def start_server(served: Served, concurrency: int) -> tuple[int, object]:

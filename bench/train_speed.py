@@ -31,16 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lorakit.fast import FastOptions, decoder_layers, prepare_for_training, restore_reference  # noqa: E402
 from lorakit.loss import causal_lm_loss  # noqa: E402
+from qwen_arch import QWEN25_7B, TINY as TINY_ARCH  # noqa: E402
 
 PEAK_FLOPS = 989e12
 GIB = 1024**3
-QWEN25_7B = dict(
-    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
-    rms_norm_eps=1e-6, tie_word_embeddings=False,
-)
-TINY = dict(QWEN25_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000)
+TINY = dict(TINY_ARCH, vocab_size=1000)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a --tiny dry run of this script's logic
 
 
