@@ -130,7 +130,7 @@ def load_retention_questions() -> list[dict]:
 # ---------------------------------------------------------------- running the model
 
 PROBE_MAX_NEW_TOKENS = 48
-RETENTION_MAX_NEW_TOKENS = 32
+RETENTION_MAX_NEW_TOKENS = 64  # a small model's answer often comes after a sentence of preamble
 DRIFT_QUESTIONS = 32  # drift is measured on every third retention question: two forwards each, on CPU it adds up
 
 
