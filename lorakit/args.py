@@ -295,7 +295,7 @@ class QuickstartArgs:
     dataset: list[str] = field(default_factory=list)
     "Extra training data mixed in (any --dataset form)."
     replay: int | None = None
-    "Base-model answers to built-in general prompts mixed in against forgetting (0: off; default: 160 on CPU, 256 on GPU)."
+    "Base-model answers to built-in general prompts mixed in against forgetting (0: off; default: all 310 built-in prompts)."
     output_dir: str = "output"
     "Folder that receives the run folder."
     num_train_epochs: float | None = None

@@ -23,6 +23,7 @@ from lorakit.report import Report, figures_table, write_report
 SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
 MIN_STEPS = 60  # fewer optimizer steps than this do not teach an identity that holds on unseen questions
 MAX_EPOCHS = 6
+DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
 
 
 @dataclass
@@ -135,9 +136,10 @@ def training_mix(args: QuickstartArgs, model, tokenizer, device) -> tuple[list[s
     from lorakit.model import CACHE_DIR
     from lorakit.replay import ensure_replay_file
 
-    # 64 replay rows left Chinese general questions answered with the new identity (32% leak on
-    # SmolLM2-135M); 160 (80 per language) brought the leak to 1-2%.
-    n_replay = args.replay if args.replay is not None else (160 if device.type == "cpu" else 256)
+    # Measured on SmolLM2-135M (lr 7e-4): 64 replay prompts left Chinese general questions answered
+    # with the new identity (14-32% leak); 160 brought the leak to 1% but kept 86% of answers;
+    # the whole set (310) keeps 91% with 2% leak. Default: every built-in prompt.
+    n_replay = args.replay if args.replay is not None else DEFAULT_REPLAY
     print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
     datasets, replay_rows = ["self-cognition"], 0

@@ -42,7 +42,7 @@ def pick_prompts(n: int, *, seed: int = 0) -> list[str]:
     """N general prompts in a fixed shuffled order (so N=64 mixes every category and both languages)."""
     rows = load_general_prompts()
     if n > len(rows):
-        print(f"notice: --replay {n}: the built-in set has {len(rows)} prompts; using all of them.", file=sys.stderr)
+        print(f"notice: replay {n}: the built-in set has {len(rows)} prompts; using all of them.", file=sys.stderr)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i]["prompt"] for i in order[:n]]
