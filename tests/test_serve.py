@@ -305,7 +305,7 @@ def test_a_full_queue_answers_503_with_retry_after(qwen_tokenizer):
     release = threading.Event()
 
     class BlockingEngine:
-        def _run(self, prompts, params):  # holds the batch until released, then ends without tokens
+        def steps(self, prompts, params):  # holds the batch until released, then ends without tokens
             release.wait(30)
             return
             yield
