@@ -1,8 +1,11 @@
 """Generation engine: our own decode loop over a transformers causal LM.
 
-Prompts are token ids (made by `lorakit.data.render.render_prompt`). A batch is left-padded so
-every sequence ends at the same cache slot; each step feeds one token per sequence and a
-sequence stops on its own at EOS, the template's end-of-turn token or a caller's stop id.
+Prompts are token ids (made by `lorakit.data.render.render_prompt`). Sequences are decoded in a
+`RunningBatch` (continuous batching): between two decode steps new prompts join (prefilled as a
+left-padded batch of their own and merged in) and finished or dropped sequences leave, so a row
+never waits for the longest reply. Each step feeds one token per sequence; a sequence stops on
+its own at EOS, the template's end-of-turn token, a caller's stop id or its token budget, and
+samples with its own parameters (greedy rows are the exact argmax).
 
 Two decoders produce the next-token logits, and the loop, sampling and stopping around them
 are shared:
@@ -10,14 +13,15 @@ are shared:
   architecture, on any device; it is the reference the fast path is tested against.
 - `lorakit.infer.fast_decode.StaticDecoder`: a pre-allocated static KV cache and a decode step
   written over the model's weights, captured in a CUDA graph (and compiled) on a GPU. Used on
-  CUDA for the Llama/Qwen2 family; `tests/test_engine.py` proves it picks the same greedy
-  tokens as the reference on the CPU, and `bench/decode.py` checks it on the GPU.
+  CUDA for the Llama/Qwen2 family; `tests/test_engine.py` and `tests/test_continuous.py` prove it
+  picks the same greedy tokens as the reference on the CPU, and `bench/decode.py` checks it on the GPU.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -74,8 +78,16 @@ class Batch:
 
 
 class Decoder(Protocol):
-    def prefill(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
-        """Run the prompts; return the last position's logits [B, V] (float32)."""
+    """Next-token logits for a set of rows that changes between steps (rows keep their order)."""
+
+    def reset(self, rows: int, length: int | None) -> None:
+        """Start empty, with room for `rows` rows of about `length` tokens (a hint)."""
+
+    def add(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
+        """Prefill new rows (they join at the end); return their last logits [n, V] (float32)."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (indices into the current order), in this order."""
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [B]; return the next logits [B, V] (float32)."""
@@ -90,20 +102,82 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> Batch:
     return Batch(ids, mask, pads)
 
 
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros in front of `x` along `dim` up to `width`."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 class ReferenceDecoder:
-    """The model's own forward with a growing transformers cache (any architecture, any device)."""
+    """The model's own forward with a growing transformers `DynamicCache` (any architecture, any device).
+
+    New rows are prefilled as a batch of their own and their cache is concatenated to the running
+    one on the batch axis, the narrower of the two left-padded (attention mask 0 there, positions
+    per row). Leaving rows are dropped with index_select, and leading columns that are padding in
+    every remaining row are cut. A cache with other layers than plain `DynamicLayer`s (sliding
+    windows) cannot be merged: such a model takes new rows only when the batch is empty.
+    """
 
     def __init__(self, model):
         self.model = model
+        self.reset(0, None)
+
+    def reset(self, rows: int, length: int | None) -> None:
+        self.cache = None
+        self.mask = None  # [B, W] long, 0 on padding
+        self.positions = None  # [B, 1] long: the rotary position of the next token
+        self.pads: list[int] = []  # leading padding columns per row
+
+    @property
+    def can_join(self) -> bool:
+        return self.cache is None or all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
 
     def prefill(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
-        self.mask = batch.attention_mask
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=batch.input_ids, attention_mask=self.mask, position_ids=positions,
+        """Start over with `batch` as the only rows."""
+        self.reset(len(batch.input_ids), None)
+        return self.add(batch, max_new_tokens)
+
+    def add(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
+        mask = batch.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
-        self.positions = positions[:, -1:]
+        if self.cache is None:
+            self.cache, self.mask, self.positions = out.past_key_values, mask, positions[:, -1:]
+            self.pads = list(batch.pad_lengths)
+        else:
+            self._merge(out.past_key_values, mask, positions[:, -1:], batch.pad_lengths)
         return out.logits[:, -1].float()
+
+    def _merge(self, cache, mask, positions, pads: list[int]) -> None:
+        old_width, new_width = self.mask.shape[1], mask.shape[1]
+        width = max(old_width, new_width)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.pads = [p + width - old_width for p in self.pads] + [p + width - new_width for p in pads]
+
+    def keep(self, rows: list[int]) -> None:
+        if not rows:
+            return self.reset(0, None)
+        index = torch.tensor(rows, device=self.mask.device)
+        self.pads = [self.pads[i] for i in rows]
+        cut = min(self.pads) if self.can_join else 0  # columns that are padding in every kept row
+        self.pads = [p - cut for p in self.pads]
+        self.mask = self.mask.index_select(0, index)[:, cut:]
+        self.positions = self.positions.index_select(0, index)
+        if self.can_join:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+                layer.values = layer.values.index_select(0, index)[:, :, cut:]
+        else:
+            self.cache.batch_select_indices(index)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
@@ -117,8 +191,9 @@ class ReferenceDecoder:
 # ---------------------------------------------------------------- sampling
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF's rule: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """HF's rule: divide positive logits of seen tokens by `penalty` (a number, or [B, 1] per row),
+    multiply negative ones."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -137,15 +212,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Pick one token per row from float32 logits [B, V]; greedy when temperature is 0."""
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+def sample_rows(logits: torch.Tensor, rows: list[Sequence]) -> torch.Tensor:
+    """Pick one token per row from float32 logits [B, V] with each row's own parameters.
+
+    Greedy rows take the argmax. A sampling row draws from its own generator, so a seeded
+    request gets the same reply whatever else shares its batch."""
+    tokens = logits.argmax(-1)
+    for i, seq in enumerate(rows):
+        p = seq.params
+        if p.temperature > 0:
+            row = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p)
+            tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=seq.generator)[0, 0]
+    return tokens
 
 
 def _record_event(device):
@@ -216,15 +294,129 @@ def end_of_turn_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-# ---------------------------------------------------------------- the engine
+# ---------------------------------------------------------------- the running batch
 
 
-@dataclass
-class _Seq:
-    prompt_tokens: int
+@dataclass(eq=False)
+class Sequence:
+    """One prompt's generation in a running batch: its settings and its reply so far."""
+
+    prompt: list[int]
+    params: SamplingParams
     budget: int
+    "Most new tokens: max_new_tokens, or what is left of the context."
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
     tokens: list[int] = field(default_factory=list)
+    "The reply so far, without the stop token."
     finish_reason: str | None = None
+    "None while running; 'stop' or 'length' once done."
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+class RunningBatch:
+    """Sequences decoded together that join (`add`) and leave (`remove`, or by finishing) between steps.
+
+    `step()` prefills the sequences added since the last step (one left-padded batch of their
+    own, merged into the decoder's rows), picks one token for every row with the row's own
+    sampling parameters, and starts the next decode step before the picks reach the host (the
+    GPU decodes while Python does the bookkeeping). Finished sequences leave at once. An engine's
+    fast decoder has one cache: use one running batch per engine at a time.
+    """
+
+    def __init__(self, engine: Engine, decoder, capacity: int):
+        self.engine, self.decoder, self.capacity = engine, decoder, capacity
+        self.rows: list[Sequence] = []  # the decoder's rows, in its order
+        self.pending: list[Sequence] = []  # added, prefilled at the next step
+        self.logits: torch.Tensor | None = None  # [rows, V] float32: each row's next-token logits
+        self.seen: torch.Tensor | None = None  # [rows, V] bool, kept once a row has a repetition penalty
+        self.penalty: torch.Tensor | None = None  # [rows, 1] float32, 1.0 for rows without one
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.pending)
+
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """Queue a prompt; it is prefilled and gets its first token at the next `step()`."""
+        if len(self) >= self.capacity:
+            raise ValueError(f"the running batch is full ({self.capacity} sequences)")
+        seq = self.engine.new_sequence(prompt, params)
+        self.pending.append(seq)
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (its client went away, say); the other rows go on unchanged."""
+        if seq in self.pending:
+            self.pending.remove(seq)
+        elif seq in self.rows:
+            self._keep([i for i, s in enumerate(self.rows) if s is not seq])
+
+    def step(self) -> list[Sequence]:
+        """Decode one token for every sequence; returns them (finished ones included, then gone)."""
+        with torch.inference_mode():
+            self._join()
+            if not self.rows:
+                return []
+            tokens = sample_rows(self._penalised(), self.rows)
+            if self.seen is not None:
+                self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+            picked = tokens.to("cpu", non_blocking=True)
+            ready = _record_event(tokens.device)
+            if any(len(s.tokens) + 1 < s.budget for s in self.rows):  # else every row ends here
+                self.logits = self.decoder.step(tokens)
+            if ready is not None:
+                ready.synchronize()
+            for seq, token in zip(self.rows, picked.tolist()):
+                if token in seq.stop_ids:
+                    seq.finish_reason = "stop"
+                else:
+                    seq.tokens.append(token)
+                    if len(seq.tokens) >= seq.budget:
+                        seq.finish_reason = "length"
+            stepped = list(self.rows)
+            self._keep([i for i, s in enumerate(self.rows) if s.finish_reason is None])
+            return stepped
+
+    def _penalised(self) -> torch.Tensor:
+        if self.seen is None:
+            return self.logits
+        return apply_repetition_penalty(self.logits, self.seen, self.penalty)
+
+    def _join(self) -> None:
+        """Prefill the pending sequences and append them to the rows."""
+        if not self.pending or (self.rows and not getattr(self.decoder, "can_join", True)):
+            return
+        new, self.pending = self.pending, []
+        batch = left_pad([s.prompt for s in new], self.engine.pad_id, self.engine.device)
+        logits = self.decoder.add(batch, max(s.budget for s in new))
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        if self.seen is not None or any(s.params.repetition_penalty != 1.0 for s in new):
+            vocab, dev = logits.shape[-1], logits.device
+            if self.seen is None:
+                self.seen = torch.zeros(len(self.rows), vocab, dtype=torch.bool, device=dev)
+                self.penalty = torch.ones(len(self.rows), 1, device=dev)
+            penalty = torch.tensor([[s.params.repetition_penalty] for s in new], device=dev)
+            self.seen = torch.cat([self.seen, seen_tokens(batch, vocab)])
+            self.penalty = torch.cat([self.penalty, penalty])
+        self.rows += new
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self.rows):
+            return
+        self.decoder.keep(rows)
+        self.rows = [self.rows[i] for i in rows]
+        if not rows:
+            self.logits = self.seen = self.penalty = None
+            return
+        index = torch.tensor(rows, device=self.logits.device)
+        self.logits = self.logits.index_select(0, index)
+        if self.seen is not None:
+            self.seen, self.penalty = self.seen.index_select(0, index), self.penalty.index_select(0, index)
+
+
+# ---------------------------------------------------------------- the engine
 
 
 class Engine:
@@ -266,24 +458,64 @@ class Engine:
     def uses_fast_path(self) -> bool:
         return self._fast is not None
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """Generate a reply for every prompt (batched, shortest prompts together)."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    def batch(self, capacity: int | None = None, *, length: int | None = None) -> RunningBatch:
+        """An empty running batch for up to `capacity` sequences (default max_batch_size) of about
+        `length` tokens each, prompt included (a hint for the fast decoder's cache; it grows)."""
+        capacity = capacity or self.max_batch_size
+        decoder = self._fast or ReferenceDecoder(self.model)
+        decoder.reset(capacity, length)
+        return RunningBatch(self, decoder, capacity)
+
+    def new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        """A sequence for `prompt`: checked against the context, with its stop tokens and generator."""
+        self._check_prompt(prompt)
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        return Sequence(list(prompt), params, min(params.max_new_tokens, self.context - len(prompt)),
+                        frozenset(self.stop_ids | set(params.stop_token_ids)), generator)
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if len(prompt) == 0:
+            raise UserError("Every prompt needs at least one token.")
+        if len(prompt) >= self.context:
+            raise UserError(f"The prompt has {len(prompt)} tokens but the model's context is {self.context}: "
+                            "shorten it (or start a new conversation).")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Generate a reply for every prompt: up to max_batch_size at a time, shortest prompts first;
+        a finished reply's row goes at once to the next waiting prompt. `progress(n)` is called as
+        n more replies are done."""
+        if not prompts:
+            return []
+        for prompt in prompts:
+            self._check_prompt(prompt)
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+        batch = self.batch(min(self.max_batch_size, len(prompts)),
+                           length=max(len(p) for p in prompts) + params.max_new_tokens)
         results: list[Generation | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            seqs = None
-            for seqs in self._run([prompts[i] for i in chunk], params):
-                pass
-            for i, seq in zip(chunk, seqs):
-                results[i] = self._finish(seq)
+        index: dict[Sequence, int] = {}
+        while waiting or len(batch):
+            while waiting and len(batch) < batch.capacity:
+                i = waiting.popleft()
+                index[batch.add(prompts[i], params)] = i
+            done = [seq for seq in batch.step() if seq.finish_reason]
+            for seq in done:
+                results[index.pop(seq)] = self._finish(seq)
+            if done and progress is not None:
+                progress(len(done))
         return results
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
         """Yield the reply to one prompt as incremental text pieces (no special tokens)."""
         text = TextStream(self.tokenizer)
         seq = None
-        for (seq,) in self._run([prompt], params):
+        for (seq,) in self.steps([prompt], params):
             for token in seq.tokens[len(text.ids):]:
                 piece = text.push(token)
                 if piece:
@@ -293,12 +525,20 @@ class Engine:
             yield tail
         self.last_generation = self._finish(seq)
 
-    def steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
+    def steps(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[Sequence]]:
         """Batched streaming: yields, after every decode step, each sequence's state (`.tokens` so
         far, `.finish_reason` once done). Close the iterator to stop early."""
-        return self._run(prompts, params)
+        for prompt in prompts:
+            self._check_prompt(prompt)
+        if not prompts:
+            raise UserError("Every prompt needs at least one token.")
+        batch = self.batch(len(prompts), length=max(len(p) for p in prompts) + params.max_new_tokens)
+        seqs = [batch.add(p, params) for p in prompts]
+        while len(batch):
+            batch.step()
+            yield seqs
 
-    def _finish(self, seq: _Seq) -> Generation:
+    def _finish(self, seq: Sequence) -> Generation:
         return Generation(
             token_ids=list(seq.tokens),
             text=self.tokenizer.decode(seq.tokens, skip_special_tokens=True),
@@ -306,50 +546,3 @@ class Engine:
             prompt_tokens=seq.prompt_tokens,
             completion_tokens=len(seq.tokens) + (seq.finish_reason == "stop"),
         )
-
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
-        """The decode loop: yields the sequences after every step (each has its reply so far)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("Every prompt needs at least one token.")
-        longest = max(len(p) for p in prompts)
-        if longest >= self.context:
-            raise UserError(f"The prompt has {longest} tokens but the model's context is {self.context}: "
-                            "shorten it (or start a new conversation).")
-        max_new = min(params.max_new_tokens, self.context - longest)
-        seqs = [_Seq(len(p), max_new) for p in prompts]
-        stop = torch.tensor(sorted(self.stop_ids | set(params.stop_token_ids)), dtype=torch.long, device=self.device)
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        decoder = self._fast or ReferenceDecoder(self.model)
-        batch = left_pad(prompts, self.pad_id, self.device)
-        seen = None
-        with torch.inference_mode():
-            logits = decoder.prefill(batch, max_new)
-            if params.repetition_penalty != 1.0:
-                seen = seen_tokens(batch, logits.shape[-1])
-            for step in range(max_new):
-                tokens = sample_next(logits, params, seen, generator)
-                if seen is not None:
-                    seen[torch.arange(len(tokens), device=self.device), tokens] = True
-                # Copy the picks to the host and start the next step before waiting for the copy,
-                # so the GPU decodes while Python does the bookkeeping (one spare step at the end).
-                picked = torch.stack([tokens, torch.isin(tokens, stop).long()]).to("cpu", non_blocking=True)
-                ready = _record_event(self.device)
-                if step < max_new - 1:
-                    logits = decoder.step(tokens)
-                if ready is not None:
-                    ready.synchronize()
-                for seq, tok, stopped in zip(seqs, *picked.tolist()):
-                    if seq.finish_reason is None:
-                        if stopped:
-                            seq.finish_reason = "stop"
-                        else:
-                            seq.tokens.append(tok)
-                            if len(seq.tokens) >= seq.budget:
-                                seq.finish_reason = "length"
-                yield seqs
-                if all(s.finish_reason for s in seqs):
-                    break
-

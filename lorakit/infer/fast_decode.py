@@ -3,15 +3,17 @@
 Decoding one token is bound by reading the weights once, so what matters is launching few
 kernels and never re-allocating. This decoder:
 - pre-allocates the KV cache [B, n_kv, L, head_dim] per layer for a (batch, length) bucket;
-- runs the prompt through the model's own forward (the reference computation) and copies its
-  cache in, so time to first token is one ordinary forward;
+- gives every row its own cache column (continuous batching): a new prompt runs through the
+  model's own forward (the reference computation) and its cache is copied into a free row, so
+  time to first token is one ordinary forward and the running rows are not disturbed;
 - decodes with `decode_step`, written over the model's weights for the Llama/Qwen2 family
   (RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP): the step only reads and
   writes fixed buffers, so on CUDA it is captured once in a CUDA graph and replayed, and its
   two per-layer halves are compiled with torch.compile so elementwise work fuses.
 
-`tests/test_engine.py` checks on the CPU (no graph, no compile) that it picks the same greedy
-tokens as `engine.ReferenceDecoder`; `bench/decode.py` checks the same on the GPU.
+`tests/test_engine.py` and `tests/test_continuous.py` check on the CPU (no graph, no compile) that
+it picks the same greedy tokens as `engine.ReferenceDecoder`, rows joining and leaving included;
+`bench/decode.py` checks the same on the GPU.
 """
 
 from __future__ import annotations
@@ -109,11 +111,17 @@ class LayerWeights:
 
 @dataclass
 class DecodeState:
-    """Every buffer the step reads or writes, for one (batch, length) bucket."""
+    """Every buffer the step reads or writes, for one (rows, length) bucket.
+
+    Each row has its own cache column (`slot`): a row joins by having its prompt's cache copied
+    into columns [0, n) of a free row, and leaves by being freed. Free rows keep computing
+    harmlessly (their slot and position stop at the last column), which keeps the step's shapes
+    fixed for the CUDA graph.
+    """
 
     tokens: torch.Tensor  # [B] long: the token fed next
     positions: torch.Tensor  # [B] long: its rotary position
-    slot: torch.Tensor  # [1] long: the cache column it is written to
+    slot: torch.Tensor  # [B] long: the cache column each row's token is written to
     mask: torch.Tensor  # [B, L] model dtype: 0 visible, -inf not
     keys: list[torch.Tensor]  # per layer [B, KV, L, D]
     values: list[torch.Tensor]
@@ -121,6 +129,14 @@ class DecodeState:
     sin: torch.Tensor
     graph: object = None
     logits: torch.Tensor | None = None  # the graph's output buffer [B, V]
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
 
 
 def _layer_weights(layer) -> LayerWeights:
@@ -144,7 +160,15 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class StaticDecoder:
-    """Engine decoder with a static cache; CUDA graph + torch.compile on the GPU (see module doc)."""
+    """Engine decoder with a static cache; CUDA graph + torch.compile on the GPU (see module doc).
+
+    Cache size: `reset(rows, length)` asks for rows rounded up to a power of two and `length`
+    rounded up to LENGTH_BUCKET columns; a row that needs more columns (its prefill width plus its
+    token budget) grows the cache, copying the running rows, and captures a new graph. The
+    cache is kept between batches while it is big enough and has the asked rows, so a server
+    (always the same rows) captures once per length. It takes rows x columns x layers x 2 x
+    kv_heads x head_dim x 2 bytes in bf16: Qwen2.5-7B, 16 rows x 4096 columns = 3.5 GiB.
+    """
 
     def __init__(self, model, *, compile: bool | str, cuda_graphs: bool, max_batch_bucket: int = 64):
         self.model = model
@@ -154,7 +178,6 @@ class StaticDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.layers = [_layer_weights(layer) for layer in base.model.layers]
         self.embed = base.get_input_embeddings().weight
         self.norm = base.model.norm.weight
@@ -168,95 +191,141 @@ class StaticDecoder:
         self.attention_in, self.attention_out_mlp, self.final_logits = map(
             wrap, (attention_in, attention_out_mlp, final_logits))
         self.state: DecodeState | None = None
-        self.rows = 0
+        self.reset(1, None)
 
     # -- public: the engine's Decoder protocol
 
+    def reset(self, rows: int, length: int | None) -> None:
+        """Start an empty batch of up to `rows` rows (the cache is made at the first `add`)."""
+        self.want_rows = _bucket(rows, self.max_batch_bucket)
+        self.want_length = length or 0
+        self.slots: list[int] = []  # the state row of each of the engine's rows, in order
+        self.index: torch.Tensor | None = None  # the same on the device
+
     def prefill(self, batch, max_new_tokens: int) -> torch.Tensor:
+        """Start over with `batch` as the only rows."""
+        self.reset(len(batch.input_ids), batch.input_ids.shape[1] + max_new_tokens)
+        return self.add(batch, max_new_tokens)
+
+    def add(self, batch, max_new_tokens: int) -> torch.Tensor:
+        """Prefill the new rows with the model's own forward and copy their cache into free rows."""
         rows, width = batch.input_ids.shape
-        length = min(-(-(width + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET, max(self.context, width + 1))
-        state = self._state_for(_bucket(rows, self.max_batch_bucket), length)
-        self.rows = rows
-        extra = state.tokens.shape[0] - rows  # dummy rows fill the bucket: copies of the last prompt
-        ids = torch.cat([batch.input_ids, batch.input_ids[-1:].expand(extra, -1)])
-        mask = torch.cat([batch.attention_mask, batch.attention_mask[-1:].expand(extra, -1)])
+        state = self._state_for(len(self.slots) + rows, width + max_new_tokens)
+        taken = set(self.slots)
+        free = [r for r in range(state.rows) if r not in taken][:rows]
+        mask = batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        index = torch.tensor(free, device=state.tokens.device)
         for layer, (keys, values) in enumerate(_cache_tensors(out.past_key_values)):
-            state.keys[layer][:, :, :width].copy_(keys)
-            state.values[layer][:, :, :width].copy_(values)
-        state.mask.fill_(float("-inf"))
-        state.mask[:, :width].masked_fill_(mask.bool(), 0.0)
-        state.slot.fill_(width)
-        state.positions.copy_(mask.sum(-1))
-        return out.logits[:rows, -1].float()
+            state.keys[layer][index, :, :width] = keys.to(state.keys[layer].dtype)
+            state.values[layer][index, :, :width] = values.to(state.values[layer].dtype)
+        visible = torch.zeros(mask.shape, dtype=state.mask.dtype, device=mask.device).masked_fill_(
+            ~mask.bool(), float("-inf"))
+        state.mask.index_fill_(0, index, float("-inf"))
+        state.mask[index, :width] = visible
+        state.slot.index_fill_(0, index, width)
+        state.positions.index_copy_(0, index, mask.sum(-1))
+        self._set_slots(self.slots + free)
+        return out.logits[:, -1].float()
+
+    def keep(self, rows: list[int]) -> None:
+        self._set_slots([self.slots[i] for i in rows])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         state = self.state
-        state.tokens[:self.rows].copy_(tokens)
+        state.tokens.index_copy_(0, self.index, tokens)
         if state.graph is not None:
             state.graph.replay()
             logits = state.logits
         else:
             logits = self.decode_step(state)
-        return logits[:self.rows]
+        return logits.index_select(0, self.index)
+
+    def _set_slots(self, slots: list[int]) -> None:
+        self.slots = slots
+        self.index = torch.tensor(slots, dtype=torch.long, device=self.embed.device)
 
     # -- the step
 
     def decode_step(self, s: DecodeState) -> torch.Tensor:
-        """One token per row: write its K/V at `slot`, attend, return logits; advance slot and positions.
+        """One token per row: write its K/V at the row's own slot, attend, return logits; advance
+        slots and positions (free rows stop at the last column).
 
         Only reads and writes `s`'s fixed buffers (no host sync, no allocation that outlives it),
         which is what makes it capturable in a CUDA graph.
         """
-        s.mask.index_fill_(1, s.slot, 0.0)
+        batch, last = s.rows, s.length - 1
+        s.mask.scatter_(1, s.slot[:, None], 0.0)
+        column = s.slot.view(batch, 1, 1, 1).expand(batch, self.n_kv, 1, self.head_dim)
         h = F.embedding(s.tokens, self.embed)
         cos, sin = s.cos[s.positions][:, None], s.sin[s.positions][:, None]
         for weights, keys, values in zip(self.layers, s.keys, s.values):
             q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv)
-            keys.index_copy_(2, s.slot, k[:, :, None])
-            values.index_copy_(2, s.slot, v[:, :, None])
+            keys.scatter_(2, column, k[:, :, None])
+            values.scatter_(2, column, v[:, :, None])
             h = self.attention_out_mlp(h, q, keys, values, s.mask, *weights.attn_out, self.eps)
         logits = self.final_logits(h, self.norm, self.head, self.eps)
-        s.slot.add_(1)
-        s.positions.add_(1)
+        s.slot.add_(1).clamp_(max=last)
+        s.positions.add_(1).clamp_(max=last)
         return logits
 
     def _state_for(self, rows: int, length: int) -> DecodeState:
+        """The state, grown (running rows copied) or made anew when it lacks rows or columns."""
         s = self.state
-        if s is not None and s.tokens.shape[0] == rows and s.mask.shape[1] == length:
+        fits = s is not None and s.rows >= rows and s.length >= length
+        if fits and (self.slots or s.rows == self.want_rows):
             return s
-        self.state = None  # free the old bucket's cache first
+        rows = max(_bucket(rows, self.max_batch_bucket), self.want_rows)
+        length = -(-max(length, self.want_length) // LENGTH_BUCKET) * LENGTH_BUCKET
+        running = s if self.slots else None  # its rows are copied over, at the same rows and columns
+        if running is not None:
+            rows, length = max(rows, s.rows), max(length, s.length)
+        self.state = s = None  # free an idle bucket's cache before making the new one
         if self.embed.is_cuda:
             torch.cuda.empty_cache()
+        new = self._new_state(rows, length)
+        if running is not None:
+            _copy_rows(running, new)
+            del running
+        if self.cuda_graphs:
+            self._capture_or_fall_back(new)
+        self.state = new
+        return new
+
+    def _new_state(self, rows: int, length: int) -> DecodeState:
         dev, dtype = self.embed.device, self.embed.dtype
         cache_shape = (rows, self.n_kv, length, self.head_dim)
         cos, sin = self.rotary(torch.zeros((), dtype=dtype, device=dev), torch.arange(length, device=dev)[None])
-        s = DecodeState(
+        return DecodeState(
             tokens=torch.zeros(rows, dtype=torch.long, device=dev),
             positions=torch.zeros(rows, dtype=torch.long, device=dev),
-            slot=torch.zeros(1, dtype=torch.long, device=dev),
+            slot=torch.full((rows,), length - 1, dtype=torch.long, device=dev),
             mask=torch.full((rows, length), float("-inf"), dtype=dtype, device=dev),
             keys=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
             values=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
             cos=cos[0], sin=sin[0],
         )
-        if self.cuda_graphs:
-            try:
-                self._capture(s)
-            except Exception as exc:  # a compiler problem must not stop the user: run uncompiled
-                if not self.compiled:
-                    raise
-                warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
-                self.compiled = False
-                self.attention_in, self.attention_out_mlp, self.final_logits = (
-                    attention_in, attention_out_mlp, final_logits)
-                self._capture(s)
-        self.state = s
-        return s
+
+    def _capture_or_fall_back(self, s: DecodeState) -> None:
+        try:
+            self._capture(s)
+        except Exception as exc:  # a compiler problem must not stop the user: run uncompiled
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
+            self.compiled = False
+            self.attention_in, self.attention_out_mlp, self.final_logits = (
+                attention_in, attention_out_mlp, final_logits)
+            self._capture(s)
 
     def _capture(self, s: DecodeState) -> None:
-        """Warm up (compiles on first use) on a side stream, then record one step as a CUDA graph."""
+        """Warm up (compiles on first use) on a side stream, then record one step as a CUDA graph.
+
+        The warm-up steps write keys and values past each running row's slot, where nothing is
+        visible yet, and the row bookkeeping (tokens, positions, slots, mask) is restored after."""
+        saved = (s.tokens.clone(), s.positions.clone(), s.slot.clone(), s.mask.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -267,6 +336,20 @@ class StaticDecoder:
         with torch.cuda.graph(graph):
             s.logits = self.decode_step(s)
         s.graph = graph
+        for buffer, value in zip((s.tokens, s.positions, s.slot, s.mask), saved):
+            buffer.copy_(value)
+
+
+def _copy_rows(old: DecodeState, new: DecodeState) -> None:
+    """Copy a smaller state's rows and columns into the front of a bigger one."""
+    rows, length = old.rows, old.length
+    new.tokens[:rows].copy_(old.tokens)
+    new.positions[:rows].copy_(old.positions)
+    new.slot[:rows].copy_(old.slot)
+    new.mask[:rows, :length].copy_(old.mask)
+    for layer in range(len(new.keys)):
+        new.keys[layer][:rows, :, :length].copy_(old.keys[layer])
+        new.values[layer][:rows, :, :length].copy_(old.values[layer])
 
 
 def _cache_tensors(cache):

@@ -1,0 +1,151 @@
+"""Continuous batching on a tiny random Qwen2: sequences that join a running batch at any step, or
+leave it early, get exactly the greedy tokens they get alone, with both decoders; generate() refills
+finished rows and still equals one-at-a-time generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.infer import fast_decode
+from lorakit.infer.engine import Engine, SamplingParams
+from tests.test_engine import _model
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
+DECODERS = {"reference": dict(fast=False), "static": dict(fast=True, compile=False, cuda_graphs=False)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def prompts(qwen_tokenizer):
+    from lorakit.data.render import render_prompt
+
+    questions = ["Who are you?", "Write a long poem about the sea, the wind and the old lighthouse keeper.", "2+2?",
+                 "Name three colours.", "What is the capital of France, and why is it famous?", "Hi",
+                 "Explain continuous batching to a five year old in two sentences."]
+    return [render_prompt(qwen_tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def engine_for(model, tokenizer, decoder: str, **kw) -> Engine:
+    engine = Engine(model, tokenizer, **DECODERS[decoder], **kw)
+    engine.stop_ids = set()  # random weights: every reply runs to its budget, so the rows overlap
+    return engine
+
+
+@pytest.fixture(scope="module")
+def alone(model, qwen_tokenizer, prompts):
+    """Each prompt's greedy reply, generated on its own by the reference decoder."""
+    engine = engine_for(model, qwen_tokenizer, "reference")
+    replies = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    assert len(set(map(tuple, replies))) == len(prompts)  # the prompts really differ
+    return replies
+
+
+def run_to_end(batch, seqs) -> None:
+    while len(batch):
+        batch.step()
+    assert all(s.finish_reason == "length" for s in seqs)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_sequences_joining_at_different_steps_get_their_solo_tokens(model, qwen_tokenizer, prompts, alone, decoder):
+    engine = engine_for(model, qwen_tokenizer, decoder)
+    batch = engine.batch(4)
+    seqs = {0: batch.add(prompts[0], GREEDY)}
+    for _ in range(3):
+        batch.step()
+    seqs[1] = batch.add(prompts[1], GREEDY)  # the longest prompt joins a short running one
+    for _ in range(5):
+        batch.step()
+    assert len(seqs[0].tokens) == 8 and len(seqs[1].tokens) == 5
+    seqs[2] = batch.add(prompts[2], GREEDY)  # two join together: one left-padded prefill
+    seqs[3] = batch.add(prompts[4], GREEDY)
+    assert len(batch) == 4
+    with pytest.raises(ValueError, match="full"):
+        batch.add(prompts[5], GREEDY)
+    run_to_end(batch, seqs.values())
+    for k, i in zip(seqs, (0, 1, 2, 4)):
+        assert seqs[k].tokens == alone[i], (decoder, k)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_removing_a_sequence_mid_run_leaves_the_others_unchanged(model, qwen_tokenizer, prompts, alone, decoder):
+    engine = engine_for(model, qwen_tokenizer, decoder)
+    batch = engine.batch(4)
+    kept = [batch.add(prompts[i], GREEDY) for i in (1, 0)]
+    dropped = batch.add(prompts[6], GREEDY)
+    for _ in range(6):
+        batch.step()
+    batch.remove(dropped)  # a middle row of the decoder leaves
+    assert len(batch) == 2 and dropped.finish_reason is None and len(dropped.tokens) == 6
+    never = batch.add(prompts[3], GREEDY)
+    batch.remove(never)  # removed before its prefill: never runs
+    batch.step()
+    batch.remove(kept[0])  # the longest prompt leaves: the reference cache loses its padding columns
+    late = batch.add(prompts[5], GREEDY)
+    run_to_end(batch, [kept[1], late])
+    assert not never.tokens and len(kept[0].tokens) == 7
+    assert kept[0].tokens == alone[1][:7] and dropped.tokens == alone[6][:6]
+    assert kept[1].tokens == alone[0] and late.tokens == alone[5]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_generate_refills_finished_rows_and_equals_one_at_a_time(model, qwen_tokenizer, prompts, decoder):
+    engine = Engine(model, qwen_tokenizer, **DECODERS[decoder], max_batch_size=3)
+    free = engine.generate(prompts, GREEDY)
+    stops = tuple(free[i].token_ids[k] for i, k in ((1, 14), (6, 7), (5, 2)))  # replies stop at various steps
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=stops)
+    one_by_one = [engine.generate([p], params)[0] for p in prompts]
+    assert len({len(g.token_ids) for g in one_by_one}) > 3  # rows finish at different steps
+    decoder_obj = engine._fast or None
+    added, done = [], []
+    if decoder_obj is not None:
+        add = decoder_obj.add
+        decoder_obj.add = lambda batch, n: (added.append(len(batch.input_ids)), add(batch, n))[1]
+    batched = engine.generate(prompts, params, progress=done.append)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in one_by_one]
+    assert [g.finish_reason for g in batched] == [g.finish_reason for g in one_by_one]
+    assert sum(done) == len(prompts)
+    if decoder_obj is not None:  # 3 prompts first, then the others join as rows finish
+        assert added[0] == 3 and sum(added) == len(prompts) and len(added) > 2
+
+
+def test_per_row_sampling_parameters(model, qwen_tokenizer, prompts, alone):
+    """Greedy rows stay exact beside sampling rows; a seeded row samples as it does alone."""
+    engine = engine_for(model, qwen_tokenizer, "reference")
+    hot = SamplingParams(temperature=1.0, top_k=40, max_new_tokens=20, seed=3)
+    solo = engine.generate([prompts[2]], hot)[0].token_ids
+    batch = engine.batch(3)
+    seqs = [batch.add(prompts[0], GREEDY), batch.add(prompts[2], hot),
+            batch.add(prompts[1], SamplingParams(max_new_tokens=6))]
+    run_to_end(batch, seqs)
+    assert seqs[0].tokens == alone[0] and seqs[1].tokens == solo and seqs[2].tokens == alone[1][:6]
+    assert solo != alone[2]
+
+
+def test_static_cache_grows_when_a_joining_row_needs_more_columns(model, qwen_tokenizer, prompts, alone,
+                                                                  monkeypatch):
+    monkeypatch.setattr(fast_decode, "LENGTH_BUCKET", 16)
+    engine = engine_for(model, qwen_tokenizer, "static")
+    batch = engine.batch(2, length=len(prompts[2]) + 20)
+    first = batch.add(prompts[2], GREEDY)
+    for _ in range(4):
+        batch.step()
+    length = engine._fast.state.length
+    second = batch.add(prompts[1], GREEDY)  # its prompt alone is longer than the cache
+    assert len(prompts[1]) + 20 > length
+    run_to_end(batch, [first, second])
+    assert engine._fast.state.length >= len(prompts[1]) + 20
+    assert first.tokens == alone[2] and second.tokens == alone[1]
