@@ -2,14 +2,17 @@
 
 - One base model, several LoRA adapters on it (peft `load_adapter` + `set_adapter`), chosen by the
   request's `model` field; the base model answers under its own name (adapters disabled).
-- Requests are batched: a worker thread takes up to --max_concurrency waiting requests that share
-  an adapter and sampling settings and runs them as one batch through the engine's decode loop,
-  streaming every sequence's text as the steps come. Requests that arrive during a batch wait for
-  the next one in a bounded queue; past --max_queue the server answers 503 with Retry-After.
+- Continuous batching: a worker thread keeps one running batch of the engine (up to
+  --max_concurrency rows). Between two decode steps it admits waiting requests into free rows and
+  drops finished or cancelled ones, so a request's first token comes one prefill after it is
+  admitted, not after the batch in progress ends. Every row has its own sampling settings; the
+  rows share one adapter at a time (a request for another adapter waits for the batch to drain,
+  at most about ADAPTER_WAIT seconds of overtaking). Waiting requests sit in a bounded queue; past
+  --max_queue the server answers 503 with Retry-After.
 - Every error is OpenAI-shaped JSON: 400 names the bad field, 401 a missing/wrong key, 404 an
   unknown model or route, 503 a full queue; bad input never causes a 500 or a traceback.
-- A client that disconnects mid-stream frees its slot at once; its batch stops early when every
-  request in it is gone.
+- A client that disconnects mid-stream frees its slot at once and its row leaves the batch at the
+  next step.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,9 @@ from lorakit.errors import UserError
 from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
                                parse_chat_request, parse_completion_request, usage)
 
-# After the first request of a batch, keep gathering while requests keep arriving (each within
-# GATHER_GAP of the last), up to GATHER_MAX: clients that finished together re-submit together.
-GATHER_GAP = 0.01
-GATHER_MAX = 0.05
+# A waiting request for another adapter than the running batch's is overtaken by requests for the
+# running one for at most this many seconds; then the batch takes no new rows until it drains.
+ADAPTER_WAIT = 1.0
 
 
 # ---------------------------------------------------------------- the served models
@@ -146,19 +148,21 @@ class Job:
     text: str = ""
     sent: int = 0
     tokens: int = 0
-
-    @property
-    def key(self) -> tuple:
-        """Requests with the same key can share a batch (one adapter, one sampling setup)."""
-        return (self.served.adapter, self.served.name if self.served.adapter is None else None,
-                self.temperature, self.top_p, self.seed)
+    queued_at: float = field(default_factory=time.monotonic)
+    seq: Any = None  # its engine Sequence, once admitted into the running batch
+    stream: Any = None  # its TextStream, likewise
 
     def emit(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class Scheduler:
-    """A bounded queue of jobs and one worker thread that runs them in batches."""
+    """A bounded queue of jobs and one worker thread that decodes them in one running batch.
+
+    Between two decode steps the worker drops the rows of finished or cancelled jobs and admits
+    waiting jobs into the free rows (up to max_concurrency), so a request starts at the next step
+    instead of when the batch ends. The rows of a batch share one adapter (see `_admit`).
+    """
 
     def __init__(self, served: Served, max_concurrency: int, max_queue: int):
         self.served = served
@@ -166,7 +170,10 @@ class Scheduler:
         self.capacity = max_concurrency + max_queue
         self.pending: deque[Job] = deque()
         self.active = 0  # admitted and not yet finished or cancelled
-        self.running = 0
+        self.running = 0  # rows in the running batch
+        self.adapter: str | None = None  # the adapter the running batch uses
+        self.adapter_context = _adapter(served.model, None)
+        self.adapter_context.__enter__()
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="lorakit-batcher", daemon=True)
         self.thread.start()
@@ -189,71 +196,82 @@ class Scheduler:
                 job.done = True
                 self.active -= 1
 
-    def _next_batch(self) -> list[Job]:
-        with self.cond:
-            while not self.pending:
-                self.cond.wait()
-            deadline = time.monotonic() + GATHER_MAX
-            seen = len(self.pending)
-            while len(self.pending) < self.max_concurrency and time.monotonic() < deadline:
-                self.cond.wait(GATHER_GAP)
-                if len(self.pending) == seen:
-                    break
-                seen = len(self.pending)
-            key = self.pending[0].key
-            batch, rest = [], deque()
-            while self.pending:
-                job = self.pending.popleft()
-                if job.cancelled:
-                    continue
-                (batch if job.key == key and len(batch) < self.max_concurrency else rest).append(job)
-            self.pending = rest
-            self.running = len(batch)
-            return batch
-
     def _work(self) -> None:
+        batch = self.served.engine.batch(self.max_concurrency)
+        jobs: list[Job] = []  # the running batch's jobs
         while True:
-            batch = self._next_batch()
-            if not batch:
-                continue
+            jobs += self._admit(batch, jobs)
             try:
-                self._run_batch(batch)
-            except Exception as exc:  # a failed batch must fail its requests, not the server
-                error = exc if isinstance(exc, ApiError) else ApiError(
-                    400 if isinstance(exc, UserError) else 500,
-                    str(exc) if isinstance(exc, UserError) else f"generation failed: {type(exc).__name__}",
-                    type="invalid_request_error" if isinstance(exc, UserError) else "server_error")
-                if not isinstance(exc, (UserError, ApiError)):
-                    import traceback
-
-                    traceback.print_exc(file=sys.stderr)
-                for job in batch:
+                for seq in batch.step():
+                    job = next(j for j in jobs if j.seq is seq)
                     if not job.done:
-                        job.emit(("error", error))
-                        self.release(job)
-            finally:
-                self.running = 0
+                        self._advance(job, seq, job.stream)
+            except Exception as exc:  # a failed step must fail its requests, not the server
+                self._fail(jobs, exc)
+                jobs, batch = [], self.served.engine.batch(self.max_concurrency)
+            for job in [j for j in jobs if j.done]:  # finished, cut by a stop string, or its client left
+                batch.remove(job.seq)
+                jobs.remove(job)
+            self.running = len(batch)
 
-    def _run_batch(self, batch: list[Job]) -> None:
+    def _admit(self, batch, jobs: list[Job]) -> list[Job]:
+        """Move waiting jobs into the batch's free rows (waits while there is nothing to do).
+
+        The rows share the running adapter: a job for another adapter waits until the batch has
+        drained, then its adapter runs. Jobs for the running adapter may overtake it only while it
+        has waited less than ADAPTER_WAIT seconds, so no adapter starves under a steady load.
+        """
+        with self.cond:
+            while True:
+                self.pending = deque(j for j in self.pending if not j.cancelled)
+                if jobs or self.pending:
+                    break
+                self.cond.wait()
+            if not jobs and self.pending and self.pending[0].served.adapter != self.adapter:
+                self._use_adapter(self.pending[0].served.adapter)
+            admitted = []
+            for job in list(self.pending):
+                if len(batch) + len(admitted) >= self.max_concurrency:
+                    break
+                if job.served.adapter != self.adapter:
+                    if time.monotonic() - job.queued_at > ADAPTER_WAIT:
+                        break  # let the batch drain for it
+                    continue
+                self.pending.remove(job)
+                admitted.append(job)
+        self.running = len(batch) + len(admitted)
+        return [job for job in admitted if self._start(batch, job)]
+
+    def _start(self, batch, job: Job) -> bool:
         from lorakit.infer.engine import SamplingParams, TextStream
 
-        first = batch[0]
-        params = SamplingParams(temperature=first.temperature, top_p=first.top_p, seed=first.seed,
-                                max_new_tokens=max(j.max_tokens for j in batch))
-        streams = [TextStream(self.served.tokenizer) for _ in batch]
-        model = self.served.model
-        with _adapter(model, first.served.adapter):
-            seqs = []
-            for seqs in self.served.engine.steps([j.prompt for j in batch], params):
-                for job, seq, stream in zip(batch, seqs, streams):
-                    if not job.done:
-                        self._advance(job, seq, stream)
-                if all(j.done for j in batch):
-                    break
-        for job, seq, stream in zip(batch, seqs, streams):
+        try:
+            params = SamplingParams(temperature=job.temperature, top_p=job.top_p, seed=job.seed,
+                                    max_new_tokens=job.max_tokens)
+            job.seq, job.stream = batch.add(job.prompt, params), TextStream(self.served.tokenizer)
+            return True
+        except Exception as exc:
+            self._fail([job], exc)
+            return False
+
+    def _use_adapter(self, adapter: str | None) -> None:
+        self.adapter_context.__exit__(None, None, None)
+        self.adapter, self.adapter_context = adapter, _adapter(self.served.model, adapter)
+        self.adapter_context.__enter__()
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        error = exc if isinstance(exc, ApiError) else ApiError(
+            400 if isinstance(exc, UserError) else 500,
+            str(exc) if isinstance(exc, UserError) else f"generation failed: {type(exc).__name__}",
+            type="invalid_request_error" if isinstance(exc, UserError) else "server_error")
+        if not isinstance(exc, (UserError, ApiError)):
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        for job in jobs:
             if not job.done:
-                self._finish(job, seq.finish_reason or "length", stream.flush(),
-                             stop_token=seq.finish_reason == "stop")
+                job.emit(("error", error))
+                self.release(job)
 
     def _advance(self, job: Job, seq, stream) -> None:
         """Feed a sequence's new tokens into its job: text pieces, stop strings, max_tokens."""

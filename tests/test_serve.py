@@ -297,35 +297,157 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     assert health["in_flight"] == 0 and health["running"] == 0, health  # slot freed and the batch stopped
 
 
+class FakeBatch:
+    """Stands in for the engine's running batch: each step gives every row the token 'x' (after
+    waiting for `gate`) and a row ends at its max_new_tokens. `added` logs the admitted prompts."""
+
+    def __init__(self, gate: threading.Event, token: int):
+        self.gate, self.token, self.rows, self.added = gate, token, [], []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, prompt, params):
+        from lorakit.infer.engine import Sequence
+
+        self.added.append(prompt)
+        self.rows.append(Sequence(prompt, params, params.max_new_tokens, frozenset()))
+        return self.rows[-1]
+
+    def remove(self, seq):
+        self.rows = [s for s in self.rows if s is not seq]
+
+    def step(self):
+        self.gate.wait(30)
+        time.sleep(0.01)
+        stepped = list(self.rows)
+        for seq in stepped:
+            seq.tokens.append(self.token)
+            if len(seq.tokens) >= seq.budget:
+                seq.finish_reason = "length"
+        self.rows = [s for s in self.rows if s.finish_reason is None]
+        return stepped
+
+
+class FakeEngine:
+    def __init__(self, gate: threading.Event, token: int):
+        self.gate, self.token, self.batches = gate, token, []
+
+    def batch(self, capacity):
+        self.batches.append(FakeBatch(self.gate, self.token))
+        return self.batches[-1]
+
+
+def fake_scheduler(tokenizer, max_concurrency: int, max_queue: int, gate: threading.Event):
+    from lorakit.serve import Scheduler, Served, ServedModel
+
+    models = {name: ServedModel(name, adapter, None, name) for name, adapter in (("m", None), ("a", "a"), ("b", "b"))}
+    engine = FakeEngine(gate, tokenizer.convert_tokens_to_ids("x"))
+    return Scheduler(Served(object(), tokenizer, engine, models, 100), max_concurrency, max_queue), models, engine
+
+
+def make_job(model, loop, prompt=(1, 2), max_tokens: int = 4):
+    from lorakit.serve import Job
+
+    return Job(served=model, prompt=list(prompt), temperature=0.0, top_p=1.0, seed=None, max_tokens=max_tokens,
+               stop=[], loop=loop, events=asyncio.Queue())
+
+
+def wait_idle(scheduler, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while (scheduler.active or scheduler.running) and time.time() < deadline:
+        time.sleep(0.01)
+    assert scheduler.active == 0 and scheduler.running == 0
+
+
 def test_a_full_queue_answers_503_with_retry_after(qwen_tokenizer):
     """The scheduler admits max_concurrency + max_queue requests; the next gets 503 and Retry-After."""
-    from lorakit.serve import Job, Scheduler, Served, ServedModel
     from lorakit.serve_api import ApiError
 
-    release = threading.Event()
-
-    class BlockingEngine:
-        def steps(self, prompts, params):  # holds the batch until released, then ends without tokens
-            release.wait(30)
-            return
-            yield
-
-    model = ServedModel("m", None, None, "m")
-    scheduler = Scheduler(Served(object(), qwen_tokenizer, BlockingEngine(), {"m": model}, 100),
-                          max_concurrency=2, max_queue=1)
+    gate = threading.Event()
+    scheduler, models, _ = fake_scheduler(qwen_tokenizer, 2, 1, gate)
     loop = asyncio.new_event_loop()
-
-    def job():
-        return Job(served=model, prompt=[1, 2], temperature=0.0, top_p=1.0, seed=None, max_tokens=4, stop=[],
-                   loop=loop, events=asyncio.Queue())
-
-    jobs = [job() for _ in range(3)]
+    jobs = [make_job(models["m"], loop) for _ in range(3)]
     for j in jobs:
         scheduler.submit(j)
     with pytest.raises(ApiError) as info:
-        scheduler.submit(job())
+        scheduler.submit(make_job(models["m"], loop))
     assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
     scheduler.release(jobs[0], cancelled=True)  # a client went away: its slot is free again
-    scheduler.submit(job())
-    release.set()
+    scheduler.submit(make_job(models["m"], loop))
+    gate.set()
+    wait_idle(scheduler)
     loop.close()
+
+
+@pytest.mark.parametrize("wait", [30.0, 0.0])
+def test_requests_for_another_adapter_wait_for_the_batch_to_drain_but_not_forever(qwen_tokenizer, monkeypatch, wait):
+    """Rows share one adapter. A request for the running adapter overtakes one waiting for another
+    adapter while that one has waited less than ADAPTER_WAIT; after that it waits its turn."""
+    from lorakit import serve
+
+    monkeypatch.setattr(serve, "ADAPTER_WAIT", wait)
+    gate = threading.Event()
+    scheduler, models, engine = fake_scheduler(qwen_tokenizer, 4, 4, gate)
+    loop = asyncio.new_event_loop()
+    scheduler.submit(make_job(models["a"], loop, [1]))
+    deadline = time.time() + 10
+    while not (engine.batches and engine.batches[0].added) and time.time() < deadline:
+        time.sleep(0.005)  # the first request is running
+    scheduler.submit(make_job(models["b"], loop, [2]))
+    scheduler.submit(make_job(models["a"], loop, [3]))
+    time.sleep(0.05)
+    gate.set()
+    wait_idle(scheduler)
+    expected = [[1], [3], [2]] if wait else [[1], [2], [3]]
+    assert engine.batches[0].added == expected
+    loop.close()
+
+
+def test_a_request_joins_the_running_batch_and_finishes_first(qwen_tokenizer):
+    """Step-level admission: a short request sent while a long one streams is admitted at the next
+    step and gets its whole reply, the same as alone, before the long one ends."""
+    import torch
+
+    from lorakit.data.render import render_prompt
+    from lorakit.infer.engine import Engine, SamplingParams
+    from lorakit.serve import Scheduler, Served, ServedModel
+    from test_engine import _model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = _model()
+    engine = Engine(model, qwen_tokenizer, fast=False)
+    engine.stop_ids = set()  # random weights: every reply runs to its max_tokens
+    served = ServedModel("m", None, None, "m")
+    scheduler = Scheduler(Served(model, qwen_tokenizer, engine, {"m": served}, 4096), 4, 4)
+    long_prompt, short_prompt = (render_prompt(qwen_tokenizer, [{"role": "user", "content": q}])
+                                 for q in ("Tell me everything.", "Hi"))
+    finished: list[str] = []
+
+    async def collect(job, name, text=""):
+        while True:
+            event = await job.events.get()
+            if event[0] == "done":
+                finished.append(name)
+                return text, event
+            text += event[1]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        long, short = make_job(served, loop, long_prompt, 80), make_job(served, loop, short_prompt, 6)
+        scheduler.submit(long)
+        first = await long.events.get()
+        assert first[0] == "delta"  # the long reply is streaming
+        scheduler.submit(short)
+        return await asyncio.gather(collect(short, "short"), collect(long, "long", first[1]))
+
+    try:
+        (short_text, short_done), (long_text, long_done) = asyncio.run(main())
+        assert finished == ["short", "long"]
+        assert short_done[1:] == ("length", len(short_prompt), 6) and long_done[3] == 80
+        params = SamplingParams(max_new_tokens=6)
+        assert short_text == engine.generate([short_prompt], params)[0].text
+        assert long_text == engine.generate([long_prompt], SamplingParams(max_new_tokens=80))[0].text
+    finally:
+        torch.set_num_threads(threads)
