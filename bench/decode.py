@@ -4,7 +4,8 @@ Random bf16 weights are built directly on the GPU (no download). Prompt 512 toke
 tokens, greedy. Reports single-stream decode tokens/s, time to first token, batch-16 aggregate
 tokens/s, and HF `generate` timed in the same process; and checks the fast path's tokens:
 - exactly, against the reference decoder, on a 2-layer float32 model of the same width
-  (float32 keeps numerical noise far below the gaps between the top logits);
+  (float32 keeps numerical noise far below the gaps between the top logits), for a ragged batch
+  and for rows joining and leaving a running batch (`--exact_only` runs just these checks);
 - on the 7B bf16 model, by teacher forcing: one HF forward over prompt + fast reply must rank
   each fast token first, or within bf16 noise of first.
 
@@ -42,7 +43,7 @@ def time_engine(engine: Engine, prompts, params, device, repeats: int) -> dict:
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        steps = engine._run(prompts, params)
+        steps = engine.steps(prompts, params)
         seqs = next(steps)
         first = time.perf_counter()
         for seqs in steps:
@@ -78,8 +79,32 @@ def exact_check(tokenizer, device, settings: dict, compile: bool, graphs: bool) 
     fast_engine = Engine(model, tokenizer, fast=True, compile=compile, cuda_graphs=graphs)
     fast = fast_engine.generate(prompts, params)
     same = [a.token_ids == b.token_ids for a, b in zip(ref, fast)]
+    joined = continuous_check(fast_engine, prompts, params, [g.token_ids for g in ref])
     del model, fast_engine
-    return dict(identical=all(same), rows=len(same), tokens_per_row=params.max_new_tokens)
+    return dict(identical=all(same), rows=len(same), tokens_per_row=params.max_new_tokens, **joined)
+
+
+def continuous_check(engine: Engine, prompts, params, alone: list[list[int]]) -> dict:
+    """Rows joining a running batch at steps 0, 5 and 11 (the graph keeps running) and one leaving
+    at step 20 get the reference's tokens of each prompt generated alone."""
+    batch = engine.batch(4)
+    seqs, step = [], 0
+    joins = {0: prompts[0], 5: prompts[1], 11: prompts[2]}
+    dropped = None
+    while len(batch) or step in joins:
+        if step in joins:
+            seqs.append(batch.add(joins[step], params))
+        if step == 11:
+            dropped = batch.add(prompts[0], params)
+        if step == 20:
+            batch.remove(dropped)
+        batch.step()
+        step += 1
+    expected = [a[:len(s.tokens)] for a, s in zip(alone, seqs)]
+    return dict(continuous_identical=[s.tokens for s in seqs] == expected and all(len(s.tokens) == len(a) or
+                                      s.finish_reason == "stop" for s, a in zip(seqs, alone)),
+                continuous_dropped_prefix_ok=dropped.tokens == alone[0][:len(dropped.tokens)],
+                continuous_uses_graph=engine._fast.state.graph is not None)
 
 
 def teacher_forced_check(model, prompt: list[int], reply: list[int], device) -> dict:
@@ -243,6 +268,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_hf_batch", action="store_true")
+    parser.add_argument("--exact_only", action="store_true", help="only the fp32 fast == reference checks")
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -268,6 +294,10 @@ def main() -> int:
     results["exact_fp32"] = exact_check(tokenizer, device, settings, compile=on_gpu, graphs=on_gpu)
     results["exact_fp32_seconds"] = time.perf_counter() - t0
     save()
+    exact = results["exact_fp32"]
+    ok = exact["identical"] and exact["continuous_identical"] and exact["continuous_dropped_prefix_ok"]
+    if args.exact_only:
+        return 0 if ok else 1
 
     model = build_model(settings, torch.bfloat16 if on_gpu else torch.float32, device)
     gen = torch.Generator().manual_seed(0)
@@ -292,7 +322,7 @@ def main() -> int:
         autotuned_variant(model, tokenizer, prompts, params, device, args, results)
         save()
         print_table(results, args)
-    return 0 if results["exact_fp32"]["identical"] else 1
+    return 0 if ok else 1
 
 
 def autotuned_variant(model, tokenizer, prompts, params, device, args, results) -> None:
@@ -332,6 +362,7 @@ def print_table(r: dict, args) -> None:
         (f"lorakit graph+compile, bs{b} aggregate decode (tok/s)", get(f"graph+compile_bs{b}", "decode_tok_s")),
         (f"graph+compile bs{b}: GPU time of one step (ms)", get(f"graph+compile_bs{b}_graph_step_ms")),
         ("fast == reference, fp32 2-layer, ragged batch", get("exact_fp32", "identical")),
+        ("  same, rows joining / leaving a running batch", get("exact_fp32", "continuous_identical")),
         ("bf16 7B teacher-forced argmax agreement", get("graph+compile_bs1_teacher_forced", "argmax_agree")),
         ("  same for HF generate's own tokens", get("hf_generate_bs1_teacher_forced", "argmax_agree")),
         ("first decode step logits rel. error: fast", get("first_step_logits", "fast_rel_err")),
