@@ -8,13 +8,15 @@ and time to first token, and a single-client run for comparison.
 Run on the device machine:  python bench/serve.py --out $OUT
 Smoke test on a CPU:        python bench/serve.py --tiny
 
-Measured 2026-11-22 on one H100 80GB (--per_client 3: 48 requests, ~100-word prompts, 128 new tokens
-each, greedy, engine fast path with CUDA graphs): 16 concurrent clients 783 completion tok/s aggregate,
-request latency p50 2.44 s / p95 3.01 s, time to first token p50 1.52 s / p95 2.10 s; one client alone
-148 tok/s (0.82 s per 128-token reply). The first batch takes 85 s (compile + graph capture).
-Requests that arrive while a batch runs wait for the next batch, which is what the TTFT shows.
-(Measured with a fixed 10 ms gather window; the scheduler now gathers while requests keep arriving,
-up to 50 ms, which was not re-measured on the GPU.)
+Measured 2026-11-23 on one H100 80GB (--per_client 3: 48 requests, ~100-word prompts, 128 new tokens
+each, greedy, engine fast path with CUDA graphs, continuous batching: one running batch of 16 rows,
+requests admitted between decode steps): 16 concurrent clients 1,891 completion tok/s aggregate,
+request latency p50 1.07 s / p95 1.10 s, time to first token p50 0.22 s / p95 0.24 s; one client
+alone 144 tok/s (0.86 s per 128-token reply; the graph always runs 16 rows, which at this size
+costs about as much as one). The first requests take 50 s (compile + graph capture, once).
+Results: bench/results/serve-h100-2026-11-23.json.
+Before (2026-11-22, one batch at a time, later requests waiting for the whole batch): 783 tok/s,
+latency p50 2.44 s / p95 3.01 s, TTFT p50 1.52 s / p95 2.10 s, one client 148 tok/s.
 """
 
 from __future__ import annotations
