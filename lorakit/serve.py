@@ -220,6 +220,10 @@ class Scheduler:
         The rows share the running adapter: a job for another adapter waits until the batch has
         drained, then its adapter runs. Jobs for the running adapter may overtake it only while it
         has waited less than ADAPTER_WAIT seconds, so no adapter starves under a steady load.
+        (Not peft's mixed-adapter batches, `adapter_names=`: the engine would have to pass each
+        row's adapter into every forward, peft runs each adapter's rows as a sub-batch in every
+        LoRA layer, and the merged fast path has no adapters; one adapter per batch keeps the
+        engine free of PEFT and costs only a drain when the requested adapter changes.)
         """
         with self.cond:
             while True:

@@ -149,3 +149,14 @@ def test_static_cache_grows_when_a_joining_row_needs_more_columns(model, qwen_to
     run_to_end(batch, [first, second])
     assert engine._fast.state.length >= len(prompts[1]) + 20
     assert first.tokens == alone[2] and second.tokens == alone[1]
+
+
+def test_a_second_running_batch_takes_the_fast_decoder_over(model, qwen_tokenizer, prompts):
+    """The static cache is the engine's: an older batch refuses to step instead of decoding garbage."""
+    engine = engine_for(model, qwen_tokenizer, "static")
+    old = engine.batch(2)
+    old.add(prompts[0], GREEDY)
+    old.step()
+    engine.generate(prompts[1:2], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="one running batch per engine"):
+        old.step()

@@ -355,6 +355,9 @@ class RunningBatch:
 
     def step(self) -> list[Sequence]:
         """Decode one token for every sequence; returns them (finished ones included, then gone)."""
+        if self.decoder.owner is not self:
+            raise RuntimeError("A newer running batch of this engine has taken over the fast decoder's cache: "
+                               "use one running batch per engine at a time.")
         with torch.inference_mode():
             self._join()
             if not self.rows:
@@ -464,7 +467,8 @@ class Engine:
         capacity = capacity or self.max_batch_size
         decoder = self._fast or ReferenceDecoder(self.model)
         decoder.reset(capacity, length)
-        return RunningBatch(self, decoder, capacity)
+        decoder.owner = RunningBatch(self, decoder, capacity)
+        return decoder.owner
 
     def new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
         """A sequence for `prompt`: checked against the context, with its stop tokens and generator."""
