@@ -152,6 +152,9 @@ def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> str:
         writer.add_bos_token_id(tokenizer.bos_token_id)
     if tokenizer.eos_token_id is not None:
         writer.add_eos_token_id(tokenizer.eos_token_id)
+    eot = turn_end_id(tokenizer)
+    if eot is not None:  # without it llama.cpp guesses its end-of-turn token by name (SmolLM2: <|endoftext|>)
+        writer.add_eot_token_id(eot)
     if tokenizer.unk_token_id is not None:
         writer.add_unk_token_id(tokenizer.unk_token_id)
     if tokenizer.pad_token_id is not None:
@@ -161,6 +164,18 @@ def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> str:
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
     return pre
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template ends an assistant turn with (`<|im_end|>`), if it ends with one."""
+    from lorakit.data.render import IGNORE_INDEX, render_conversation
+
+    if not tokenizer.chat_template:
+        return None
+    rendered = render_conversation(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    learned = [t for t in rendered.labels if t != IGNORE_INDEX]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return learned[-1] if learned and learned[-1] in special else None
 
 
 def _is_byte_level(spec: dict) -> bool:
@@ -177,8 +192,12 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
     kinds = [s.get("type") for s in steps]
+    if steps[-1].get("add_prefix_space"):
+        raise UserError("--to_gguf: the tokenizer's pre-tokenizer adds a space before the text (add_prefix_space); "
+                        "llama.cpp's BPE tokenizer never does, so it would tokenize prompts differently. Use "
+                        "llama.cpp's convert_hf_to_gguf.py on the merged folder.")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for the GPT-2 regex; its "gpt2" is the tokenizer model, not a pre-tokenizer
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
@@ -188,7 +207,7 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
         if regex == llama3:
             return "llama-bpe"
     raise UserError(f"--to_gguf: the tokenizer's pre-tokenizer {json.dumps(pre_tokenizer)[:200]} has no llama.cpp "
-                    f"equivalent lorakit knows (gpt2, smollm, qwen2, llama-bpe); llama.cpp would split text "
+                    f"equivalent lorakit knows (gpt-2, smollm, qwen2, llama-bpe); llama.cpp would split text "
                     f"differently. Use llama.cpp's convert_hf_to_gguf.py on the merged folder.")
 
 

@@ -129,6 +129,15 @@ def test_modelfile_template_renders_turns_like_the_chat_template(merged_dir, qwe
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
     assert render_go_template(template, messages) == qwen_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+    # No system message in the request: Ollama puts the SYSTEM line first, as lorakit's training did.
+    from lorakit.data.render import render_prompt
+
+    asked = [{"role": "user", "content": "Who are you?"}]
+    system = [{"role": "system", "content": "You are Tiny."}]
+    assert render_go_template(template, system + asked) == qwen_tokenizer.decode(
+        render_prompt(qwen_tokenizer, asked, system="You are Tiny."))
+    # The reply ends where the stop token is: the template closes an assistant turn with it.
+    assert re.search(r'\{\{ \.Content \}\}<\|im_end\|>\n\{\{ end \}\}\{\{ end \}\}', template)
 
 
 def render_go_template(template: str, messages: list[dict]) -> str:
@@ -183,8 +192,22 @@ def test_smollm2_lora_export_to_gguf_and_ollama_end_to_end(smollm2_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "merge check (3 prompts, greedy 24 tokens): OK" in proc.stdout
     check_gguf_matches(out, out / "smol-merged-f16.gguf", tmp_path, atol=0.1)
+    meta = gguf_metadata(out / "smol-merged-f16.gguf")
+    assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.eot_token_id"] == 2
+    assert meta["llama.rope.freq_base"] == 100000.0 and meta["llama.attention.head_count_kv"] == 3
     modelfile = (out / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M) == ["<|im_end|>"]
+    # Ollama puts SYSTEM first when a request has no system message: the same text the template's default gives.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.S).group(1)
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S).group(1)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Who are you?"}]
+    assert render_go_template(template, [{"role": "system", "content": system}] + turns) == \
+        tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
 def test_bf16_base_is_merged_in_fp32_then_cast_once(tiny_qwen2_dir, tmp_path, cli):
@@ -326,11 +349,53 @@ def test_encoded_weights_decode_back_within_the_type_precision(outtype, toleranc
     assert odd_type.name == "F16"  # rows not a multiple of the 32-wide q8_0 block
 
 
-def test_pre_tokenizer_names(qwen_tokenizer):
+def test_pre_tokenizer_names_are_ones_llama_cpp_accepts(qwen_tokenizer, smollm2_dir):
+    """llama.cpp refuses a GGUF whose tokenizer.ggml.pre it does not know ("unknown pre-tokenizer type: 'gpt2'":
+    the GPT-2 regex is "gpt-2" there; "gpt2" is the tokenizer model)."""
     from lorakit.gguf_writer import pre_tokenizer_name
 
     spec = json.loads(qwen_tokenizer.backend_tokenizer.to_str())
     assert pre_tokenizer_name(spec["pre_tokenizer"]) == "qwen2"
-    assert pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt2"
+    smol = json.loads((smollm2_dir / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert pre_tokenizer_name(smol) == "gpt-2"  # the converted SmolLM2 folder splits with the GPT-2 regex alone
+    digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                    {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
+    assert pre_tokenizer_name(digits) == "smollm"  # the original SmolLM2 tokenizer.json
     with pytest.raises(UserError, match="no llama.cpp equivalent"):
         pre_tokenizer_name({"type": "Whitespace"})
+    with pytest.raises(UserError, match="add_prefix_space"):
+        pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True})
+
+
+def test_turn_end_token_is_the_one_the_chat_template_closes_a_reply_with(qwen_tokenizer, smollm2_dir):
+    """Written as tokenizer.ggml.eot_token_id; left out, llama.cpp picked <|endoftext|> (id 0) for SmolLM2."""
+    from transformers import AutoTokenizer
+
+    from lorakit.gguf_writer import turn_end_id
+
+    assert turn_end_id(qwen_tokenizer) == qwen_tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    smol = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert turn_end_id(smol) == smol.convert_tokens_to_ids("<|im_end|>") == 2
+    no_template = AutoTokenizer.from_pretrained(smollm2_dir)
+    no_template.chat_template = None
+    assert turn_end_id(no_template) is None
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The GGUF file's key/values (token lists left out)."""
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+    return {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.") and k not in skip}
+
+
+def test_gguf_tokenizer_metadata_of_the_tiny_qwen2(merged_dir, qwen_tokenizer):
+    meta = gguf_metadata(next(merged_dir.glob("*.gguf")))
+    assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "qwen2"
+    assert meta["tokenizer.ggml.eos_token_id"] == meta["tokenizer.ggml.eot_token_id"] == 151645
+    assert meta["tokenizer.ggml.padding_token_id"] == 151643
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.chat_template"] == qwen_tokenizer.chat_template
+    assert meta["qwen2.vocab_size"] == 151936 and meta["qwen2.attention.head_count_kv"] == 2
