@@ -164,10 +164,12 @@ class StaticDecoder:
 
     Cache size: `reset(rows, length)` asks for rows rounded up to a power of two and `length`
     rounded up to LENGTH_BUCKET columns; a row that needs more columns (its prefill width plus its
-    token budget) grows the cache, copying the running rows, and captures a new graph. The
-    cache is kept between batches while it is big enough and has the asked rows, so a server
-    (always the same rows) captures once per length. It takes rows x columns x layers x 2 x
-    kv_heads x head_dim x 2 bytes in bf16: Qwen2.5-7B, 16 rows x 4096 columns = 3.5 GiB.
+    token budget) grows the cache to at least twice its length (up to the context), copying the
+    running rows, and captures a new graph (a pause for the running rows: on a GPU, seconds, and
+    a recompile the first time). The cache is kept between batches while it is big enough and has
+    the asked rows, so a server (always the same rows) captures once per length. It takes rows x
+    columns x layers x 2 x kv_heads x head_dim x 2 bytes in bf16: Qwen2.5-7B, 16 rows x 4096
+    columns = 3.5 GiB; every step reads all of it, so a longer cache than needed costs time too.
     """
 
     def __init__(self, model, *, compile: bool | str, cuda_graphs: bool, max_batch_bucket: int = 64):
@@ -178,6 +180,7 @@ class StaticDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
         self.layers = [_layer_weights(layer) for layer in base.model.layers]
         self.embed = base.get_input_embeddings().weight
         self.norm = base.model.norm.weight
@@ -281,7 +284,10 @@ class StaticDecoder:
         length = -(-max(length, self.want_length) // LENGTH_BUCKET) * LENGTH_BUCKET
         running = s if self.slots else None  # its rows are copied over, at the same rows and columns
         if running is not None:
-            rows, length = max(rows, s.rows), max(length, s.length)
+            # Growing stalls the running rows for a graph capture: double, so it happens a few times at most.
+            context = -(-self.context // LENGTH_BUCKET) * LENGTH_BUCKET
+            grown = max(length, min(2 * s.length, context)) if length > s.length else s.length
+            rows, length = max(rows, s.rows), grown
         self.state = s = None  # free an idle bucket's cache before making the new one
         if self.embed.is_cuda:
             torch.cuda.empty_cache()
