@@ -70,26 +70,33 @@ def time_hf_generate(model, prompts, new_tokens: int, device) -> dict:
 
 
 def exact_check(tokenizer, device, settings: dict, compile: bool, graphs: bool) -> dict:
-    """Fast path vs reference decoder, float32, ragged batch: the tokens must be identical."""
+    """Fast path vs reference decoder, float32, ragged batch: the tokens must be identical; then
+    both decoders with rows joining and leaving a running batch."""
     model = build_model(dict(settings, num_hidden_layers=2), torch.float32, device, weight_std=0.05)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (37, 120, 5)]
+    prompts = [torch.randint(0, 150000, (n,), generator=gen).tolist() for n in (37, 120, 5, 300)]
     params = SamplingParams(max_new_tokens=48)
-    ref = Engine(model, tokenizer, fast=False).generate(prompts, params)
+    reference = Engine(model, tokenizer, fast=False)
+    ref = reference.generate(prompts, params)
     fast_engine = Engine(model, tokenizer, fast=True, compile=compile, cuda_graphs=graphs)
     fast = fast_engine.generate(prompts, params)
     same = [a.token_ids == b.token_ids for a, b in zip(ref, fast)]
-    joined = continuous_check(fast_engine, prompts, params, [g.token_ids for g in ref])
+    alone = [g.token_ids for g in ref]
+    joined = continuous_check(fast_engine, prompts, params, alone)
+    joined_reference = continuous_check(reference, prompts, params, alone)
     del model, fast_engine
-    return dict(identical=all(same), rows=len(same), tokens_per_row=params.max_new_tokens, **joined)
+    return dict(identical=all(same), rows=len(same), tokens_per_row=params.max_new_tokens, **joined,
+                reference_continuous_identical=joined_reference["continuous_identical"])
 
 
 def continuous_check(engine: Engine, prompts, params, alone: list[list[int]]) -> dict:
-    """Rows joining a running batch at steps 0, 5 and 11 (the graph keeps running) and one leaving
-    at step 20 get the reference's tokens of each prompt generated alone."""
-    batch = engine.batch(4)
+    """Rows joining a running batch at steps 0, 5, 11 and 15 and one leaving at step 20 get the
+    reference's tokens of each prompt generated alone. The fast decoder's cache starts at 256
+    columns; the 300-token prompt joining at step 15 makes it grow under 4 running rows (a new
+    graph)."""
+    batch = engine.batch(5)
     seqs, step = [], 0
-    joins = {0: prompts[0], 5: prompts[1], 11: prompts[2]}
+    joins = {0: prompts[0], 5: prompts[1], 11: prompts[2], 15: prompts[3]}
     dropped = None
     while len(batch) or step in joins:
         if step in joins:
@@ -101,10 +108,12 @@ def continuous_check(engine: Engine, prompts, params, alone: list[list[int]]) ->
         batch.step()
         step += 1
     expected = [a[:len(s.tokens)] for a, s in zip(alone, seqs)]
+    state = engine._fast.state if engine._fast else None
     return dict(continuous_identical=[s.tokens for s in seqs] == expected and all(len(s.tokens) == len(a) or
                                       s.finish_reason == "stop" for s, a in zip(seqs, alone)),
                 continuous_dropped_prefix_ok=dropped.tokens == alone[0][:len(dropped.tokens)],
-                continuous_uses_graph=engine._fast.state.graph is not None)
+                continuous_uses_graph=state is not None and state.graph is not None,
+                continuous_cache_length=state.length if state else None)
 
 
 def teacher_forced_check(model, prompt: list[int], reply: list[int], device) -> dict:
@@ -295,7 +304,8 @@ def main() -> int:
     results["exact_fp32_seconds"] = time.perf_counter() - t0
     save()
     exact = results["exact_fp32"]
-    ok = exact["identical"] and exact["continuous_identical"] and exact["continuous_dropped_prefix_ok"]
+    ok = all(exact[k] for k in ("identical", "continuous_identical", "continuous_dropped_prefix_ok",
+                                "reference_continuous_identical"))
     if args.exact_only:
         return 0 if ok else 1
 
