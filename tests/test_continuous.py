@@ -160,3 +160,23 @@ def test_a_second_running_batch_takes_the_fast_decoder_over(model, qwen_tokenize
     engine.generate(prompts[1:2], SamplingParams(max_new_tokens=2))
     with pytest.raises(RuntimeError, match="one running batch per engine"):
         old.step()
+
+
+def test_a_sliding_window_cache_takes_new_rows_only_when_empty(qwen_tokenizer):
+    """Sliding-window layers cannot be merged: rows still leave at once, newcomers wait for an empty batch."""
+    model = _model(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    engine = Engine(model, qwen_tokenizer, fast=False)
+    engine.stop_ids = set()
+    prompts = [list(range(100, 112)), [5, 6, 7], list(range(200, 217))]
+    alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    batch = engine.batch(2)
+    first, dropped = batch.add(prompts[0], GREEDY), batch.add(prompts[1], GREEDY)
+    for _ in range(3):
+        batch.step()
+    assert not batch.decoder.can_join
+    batch.remove(dropped)
+    late = batch.add(prompts[2], GREEDY)
+    batch.step()
+    assert not late.tokens and len(first.tokens) == 4  # waits while `first` runs
+    run_to_end(batch, [first, late])
+    assert first.tokens == alone[0] and late.tokens == alone[2] and dropped.tokens == alone[1][:3]
