@@ -38,6 +38,7 @@ OUTTYPES = ("f16", "q8_0", "bf16")
 CONVERSATIONS = (
     [{"role": "user", "content": "Who are you?"}],
     [{"role": "user", "content": "Write a short paragraph about the sea."}],
+    [{"role": "user", "content": "Explain step by step how a rainbow forms."}],
     [{"role": "system", "content": "You are terse. Answer in one line."},
      {"role": "user", "content": "Hi"},
      {"role": "assistant", "content": "Hello! How can I help?"},
@@ -143,7 +144,7 @@ def explain(model, case: Case, ref: list[int], got: list[int], top2: list, index
     with torch.no_grad():
         logits = model(torch.tensor([case.prompt_ids + ref[:index]])).logits[0, -1].float()
     gap = float(logits[ref[index]] - logits[got[index]])
-    first, p1, second, p2 = top2[index]
+    _, p1, second, p2 = top2[index]
     llama_gap = math.log(p1 / p2) if p2 else math.inf  # log p1/p2 is llama.cpp's logit gap between its top two
     return (f"@{index}: hf {ref[index]} vs llama.cpp {got[index]} (its 2nd: {second}); logit gap between them: "
             f"hf {gap:.3g}, llama.cpp {llama_gap:.3g}")
