@@ -114,6 +114,8 @@ class LoraArgs:
     "Rank-stabilised LoRA scaling (alpha / sqrt(r))."
     use_dora: bool = False
     "Weight-decomposed LoRA (DoRA)."
+    layers_to_transform: list[int] = field(default_factory=list)
+    "Decoder layer indices that get LoRA (empty: all); e.g. the top layers only, so backward stops there."
 
     def __post_init__(self):
         _check_choice("train_type", self.train_type, ("lora", "full"))
@@ -244,7 +246,7 @@ class FastArgs:
     """GPU fast paths (lorakit.fast.FastOptions); each one can be turned off. CPU always runs the reference."""
 
     fused_loss: bool = True
-    "GPU: chunked lm_head + cross-entropy, never holding the full-vocabulary fp32 logits. false: plain logits + CE."
+    "Chunked lm_head + cross-entropy over the positions with a target only, never holding the full-vocabulary fp32 logits (CPU too). false: plain logits + CE."
     fused_lora: bool = True
     "GPU: LoRA projections in bf16 with fused GEMMs. false: PEFT's own LoRA forward."
     packed_attention: bool = True
@@ -304,6 +306,10 @@ class QuickstartArgs:
     "Peak learning rate (default: chosen from the model size)."
     lora_rank: int = 8
     "LoRA rank r."
+    lora_layers: int | None = None
+    "LoRA on the top N decoder layers only (default: chosen per device; 0: every layer)."
+    replay_max_new_tokens: int | None = None
+    "Longest replay answer generated, in tokens (default: chosen per device)."
     per_device_train_batch_size: int | None = None
     "Samples per optimizer step (default: 2 on CPU, 8 on GPU, so a short run still takes enough steps)."
     seed: int = 42

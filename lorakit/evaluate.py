@@ -239,33 +239,105 @@ def base_answers(model, tokenizer, *, system, batch_size: int | None, cache_dir:
                               desc="eval: base answers")
 
 
-def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
-                      batch_size: int = 16) -> float:
-    """Mean per-token KL(base || model) over the reply tokens, with the adapter off for the base.
+@dataclass
+class TeacherForced:
+    """One teacher-forced pass of the model over prompt + reply rows."""
 
-    Each sequence is prompt + reply; position t's hidden state predicts token t+1, so the reply's
-    tokens are predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2. Only those
-    positions go through the output head ([N, V] logits, log-softmax in float32).
+    predicted: list[list[int]]
+    "Per row, the model's greedy pick at each reply position and one past it (len(reply) + 1 ids)."
+    kl_sum: float = 0.0
+    "Summed per-token KL(base || model) over the reply tokens of the `kl_rows`."
+    kl_tokens: int = 0
+
+
+def teacher_forced(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
+                   kl_rows: Sequence[int] = (), batch_size: int = 16) -> TeacherForced:
+    """The model's greedy picks along each reply, and KL(base || model) on `kl_rows` (adapter off for the base).
+
+    Row i is prompt + reply; position t's hidden state predicts token t+1, so the reply's tokens are
+    predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2 and the token after the reply at
+    len(prompt)+len(reply)-1. Only those positions go through the output head.
     """
-    total, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    pairs = [(p, r) for p, r in zip(prompts, replies) if r]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        seqs = [p + r for p, r in chunk]
+    out, wanted = TeacherForced(predicted=[[] for _ in prompts]), set(kl_rows)
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        seqs = [prompts[i] + replies[i] for i in rows]
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        rows = torch.cat([torch.full((len(r),), i) for i, (_, r) in enumerate(chunk)]).to(device)
-        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) for p, r in chunk]).to(device)
+        at_rows = torch.cat([torch.full((len(replies[i]) + 1,), k) for k, i in enumerate(rows)]).to(device)
+        at_cols = torch.cat([torch.arange(len(prompts[i]) - 1, len(prompts[i]) + len(replies[i]))
+                             for i in rows]).to(device)
         with torch.inference_mode():
-            tuned = _logits_at(model, ids, mask, rows, cols).float().log_softmax(-1)
-            with adapter_off(model):
-                base = _logits_at(model, ids, mask, rows, cols).float().log_softmax(-1)
-        total += (base.exp() * (base - tuned)).sum().item()
-        count += len(rows)
-    return total / max(count, 1)
+            tuned = _logits_at(model, ids, mask, at_rows, at_cols)
+            picks = tuned.argmax(-1).tolist()
+            offset = 0
+            for i in rows:
+                out.predicted[i] = picks[offset:offset + len(replies[i]) + 1]
+                offset += len(replies[i]) + 1
+            drift = [k for k, i in enumerate(rows) if i in wanted and replies[i]]
+            if drift:  # the reply positions of those rows (not the one past the end)
+                keep = torch.cat([torch.arange(len(replies[rows[k]])) + sum(len(replies[i]) + 1 for i in rows[:k])
+                                  for k in drift]).to(device)
+                tuned_lp = tuned[keep].float().log_softmax(-1)
+                with adapter_off(model):
+                    base_lp = _logits_at(model, ids, mask, at_rows[keep], at_cols[keep]).float().log_softmax(-1)
+                out.kl_sum += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
+                out.kl_tokens += len(keep)
+    return out
+
+
+def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
+                      batch_size: int = 16) -> float:
+    """Mean per-token KL(base || model) over the reply tokens, with the adapter off for the base."""
+    tf = teacher_forced(model, tokenizer, prompts, replies, kl_rows=range(len(prompts)), batch_size=batch_size)
+    return tf.kl_sum / max(tf.kl_tokens, 1)
+
+
+def greedy_after_drafts(model, tokenizer, prompts: list[list[int]], drafts: list, *, max_new_tokens: int,
+                        predicted: list[list[int]], batch_size: int | None, desc: str) -> list:
+    """The model's greedy replies, starting from drafts it is known to agree with.
+
+    `drafts` are other replies to the same prompts (the base model's, as `Reply`), `predicted` the
+    model's own greedy picks along them (`teacher_forced`). The model's reply follows a draft as long
+    as its picks equal the draft's tokens; at the first difference it takes its own pick, and only
+    replies that are not finished by then are decoded on from there. After a fine-tune that kept
+    general answers, most replies are the draft itself, and eval costs one forward instead of a
+    decode per token. The result is the model's plain greedy reply (up to float rounding between a
+    full-sequence forward and step-by-step decoding, as between any two batch shapes).
+    """
+    from lorakit.infer.engine import end_of_turn_ids
+    from lorakit.replay import Reply, generate_replies
+
+    stop = end_of_turn_ids(tokenizer, model)
+    replies: list = [None] * len(prompts)
+    resume: dict[int, list[int]] = {}
+    for i, (draft, picks) in enumerate(zip(drafts, predicted)):
+        tokens = draft.token_ids
+        j = next((k for k, (a, b) in enumerate(zip(tokens, picks)) if a != b), len(tokens))
+        if j >= max_new_tokens or (j == len(tokens) and not draft.finished):  # followed it to the length cut
+            replies[i] = Reply(_decode(tokenizer, tokens[:j]), tokens[:j], False)
+        elif picks[j] in stop:
+            replies[i] = Reply(_decode(tokenizer, tokens[:j]), tokens[:j], True)
+        elif j + 1 >= max_new_tokens:
+            replies[i] = Reply(_decode(tokenizer, tokens[:j] + [picks[j]]), tokens[:j] + [picks[j]], False)
+        else:
+            resume[i] = tokens[:j] + [picks[j]]
+    if resume:
+        order = sorted(resume)
+        tails = generate_replies(model, tokenizer, [prompts[i] + resume[i] for i in order],
+                                 max_new_tokens=[max_new_tokens - len(resume[i]) for i in order],
+                                 batch_size=batch_size, desc=desc)
+        for i, tail in zip(order, tails):
+            tokens = resume[i] + tail.token_ids
+            replies[i] = Reply(_decode(tokenizer, tokens), tokens, tail.finished)
+    return replies
+
+
+def _decode(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
@@ -294,24 +366,21 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
     identity = {lang: _share([p.passed for p in probes if p.lang == lang]) for lang in ("en", "zh")}
     questions = load_retention_questions()
     base = base_answers(model, tokenizer, system=system, batch_size=batch_size, cache_dir=cache_dir)
+    drift = 0.0
     if is_base:
         replies = base
-    else:
-        from lorakit.replay import generate_replies
-
-        replies = generate_replies(model, tokenizer, _prompts(tokenizer, [q["question"] for q in questions], system),
-                                   max_new_tokens=RETENTION_MAX_NEW_TOKENS, batch_size=batch_size,
-                                   desc="eval: general questions")
+    else:  # the base's replies are drafts: one forward finds where the model still says the same
+        prompts = _prompts(tokenizer, [q["question"] for q in questions], system)
+        tf = teacher_forced(model, tokenizer, prompts, [b.token_ids for b in base],
+                            kl_rows=drift_indices(len(questions)))
+        replies = greedy_after_drafts(model, tokenizer, prompts, base, max_new_tokens=RETENTION_MAX_NEW_TOKENS,
+                                      predicted=tf.predicted, batch_size=batch_size, desc="eval: general questions")
+        drift = tf.kl_sum / max(tf.kl_tokens, 1)
     rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
                             retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
             for q, b, r in zip(questions, base, replies)]
     base_ok = [row for row in rows if row.base_correct]
     kept = sum(row.correct for row in base_ok)
-    drift = 0.0
-    if not is_base:
-        picked = drift_indices(len(questions))
-        prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
-        drift = teacher_forced_kl(model, tokenizer, prompts, [base[i].token_ids for i in picked])
     return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
                       base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,

@@ -18,6 +18,7 @@ from pathlib import Path
 from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate
+from lorakit.replay import REPLAY_MAX_NEW_TOKENS
 from lorakit.report import Report, figures_table, write_report
 
 SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
@@ -36,6 +37,8 @@ class Recipe:
     gradient_accumulation_steps: int
     lora_rank: int
     lora_alpha: int
+    layers_to_transform: list[int]
+    replay_max_new_tokens: int
     reason: str
 
 
@@ -48,8 +51,9 @@ def default_learning_rate(n_params: int) -> float:
     return 1e-4
 
 
-def choose_recipe(n_rows: int, n_params: int, device_type: str, *, lora_rank: int = 8, epochs: float | None = None,
-                  learning_rate: float | None = None, batch_size: int | None = None) -> Recipe:
+def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int = 0, lora_rank: int = 8,
+                  epochs: float | None = None, learning_rate: float | None = None, batch_size: int | None = None,
+                  lora_layers: int | None = None, replay_max_new_tokens: int | None = None) -> Recipe:
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
@@ -65,8 +69,14 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, lora_rank: in
     reason = (f"{n_rows} rows / batch {batch} = {steps_per_epoch} steps per epoch; {chosen:g} epochs -> "
               f"{math.ceil(chosen * steps_per_epoch)} steps (aim >= {MIN_STEPS}); lr {lr:g} for a "
               f"{n_params / 1e6:.0f}M-parameter model")
+    top = lora_layers if lora_layers is not None else 0
+    layers = list(range(n_layers - top, n_layers)) if 0 < top < n_layers else []
+    if layers:
+        reason += f"; LoRA on the top {top} of {n_layers} layers"
     return Recipe(num_train_epochs=chosen, learning_rate=lr, per_device_train_batch_size=batch,
-                  gradient_accumulation_steps=1, lora_rank=lora_rank, lora_alpha=4 * lora_rank, reason=reason)
+                  gradient_accumulation_steps=1, lora_rank=lora_rank, lora_alpha=4 * lora_rank,
+                  layers_to_transform=layers, replay_max_new_tokens=replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS,
+                  reason=reason)
 
 
 def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str]) -> SftArgs:
@@ -75,7 +85,8 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str]) -> S
         model=args.model,
         data=DataArgs(dataset=datasets, model_name=list(args.model_name), model_author=list(args.model_author),
                       seed=args.seed, split_dataset_ratio=0.0, max_length=1024),
-        lora=LoraArgs(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0),
+        lora=LoraArgs(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                      layers_to_transform=recipe.layers_to_transform),
         train=TrainArgs(output_dir=args.output_dir, num_train_epochs=recipe.num_train_epochs,
                         learning_rate=recipe.learning_rate,
                         per_device_train_batch_size=recipe.per_device_train_batch_size,
@@ -131,7 +142,7 @@ def load_base(args: QuickstartArgs):
     return model_path, tokenizer, model, device
 
 
-def training_mix(args: QuickstartArgs, model, tokenizer, device) -> tuple[list[str], int]:
+def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], int]:
     """--dataset specs for training: self-cognition, the replay file (if any rows), the user's data."""
     from lorakit.model import CACHE_DIR
     from lorakit.replay import ensure_replay_file
@@ -145,7 +156,7 @@ def training_mix(args: QuickstartArgs, model, tokenizer, device) -> tuple[list[s
     datasets, replay_rows = ["self-cognition"], 0
     if n_replay > 0:
         replay_file = ensure_replay_file(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
-                                         allow_empty=True)
+                                         max_new_tokens=max_new_tokens, allow_empty=True)
         if replay_file is not None:
             replay_rows = count_lines(replay_file)
             datasets.append(str(replay_file))
@@ -172,16 +183,19 @@ def quickstart(args: QuickstartArgs) -> Report:
     print_answers("Before training, the base model says:", sample_answers(before))
     clock.lap("baseline")
 
-    datasets, replay_rows = training_mix(args, model, tokenizer, device)
+    n_layers = getattr(model.config, "num_hidden_layers", 0)
+    plan = dict(n_layers=n_layers, lora_rank=args.lora_rank, epochs=args.num_train_epochs,
+                learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
+                lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens)
+    replay_tokens = choose_recipe(SELF_COGNITION_ROWS, n_params, device.type, **plan).replay_max_new_tokens
+    datasets, replay_rows = training_mix(args, model, tokenizer, replay_tokens)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     clock.lap("replay answers")
 
-    recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, lora_rank=args.lora_rank,
-                           epochs=args.num_train_epochs, learning_rate=args.learning_rate,
-                           batch_size=args.per_device_train_batch_size)
+    recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, **plan)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
     result = train(sft_args_for(args, recipe, datasets))
     clock.lap("training")

@@ -54,9 +54,10 @@ def generation_batch_size(model, requested: int | None = None) -> int:
     return requested or 64
 
 
-def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int],
                      batch_size: int | None = None, desc: str = "generating") -> list[Reply]:
-    """Greedy replies to tokenised prompts, batched through the inference engine, with a progress bar."""
+    """Greedy replies to tokenised prompts, batched through the inference engine, with a progress bar
+    (`max_new_tokens`: one for all, or one per prompt)."""
     batch_size = generation_batch_size(model, batch_size)
     from tqdm import tqdm
 
@@ -65,16 +66,12 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_toke
     # The reference decoder: the static-cache fast path compiles first (a minute on a 7B model), which
     # a one-shot batch of short answers never wins back; a LoRA model is unmerged and uses it anyway.
     engine = Engine(model, tokenizer, max_batch_size=batch_size, fast=False)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    # Engine.generate batches the shortest prompts together; feeding it chunks lets the bar move.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[Reply | None] = [None] * len(prompts)
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in budgets]
+    # One generate call: a finished reply's row goes at once to the next waiting prompt.
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            for i, gen in zip(chunk, engine.generate([prompts[i] for i in chunk], params)):
-                replies[i] = Reply(gen.text.strip(), gen.token_ids, gen.finish_reason == "stop")
-            bar.update(len(chunk))
+        gens = engine.generate(prompts, params, progress=bar.update)
+    replies = [Reply(gen.text.strip(), gen.token_ids, gen.finish_reason == "stop") for gen in gens]
     return replies
 
 

@@ -217,8 +217,9 @@ def prepare_model(model, args: SftArgs, device: torch.device):
 
 
 def make_loss_fn(device: torch.device, args: SftArgs) -> LossFn:
-    """causal_lm_loss, with the chunked head+CE on GPU (same value, far less memory; --fused_loss false: plain)."""
-    fused = device.type == "cuda" and args.fast.fused_loss
+    """causal_lm_loss with the chunked head+CE (same value; far less memory, and the head skips every
+    position without a target: 10% of a CPU step on SmolLM2 chat rows). --fused_loss false: plain."""
+    fused = args.fast.fused_loss
     return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
 
 

@@ -77,6 +77,14 @@ def _check_modules_to_save(model: nn.Module, names: list[str]) -> None:
         )
 
 
+def _check_layers(model: nn.Module, layers: list[int]) -> list[int] | None:
+    n = getattr(model.config, "num_hidden_layers", None)
+    bad = [i for i in layers if n is not None and not 0 <= i < n]
+    if bad:
+        raise UserError(f"--layers_to_transform {' '.join(map(str, bad))}: the model has layers 0..{n - 1}.")
+    return sorted(set(layers)) or None
+
+
 def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, TrainableSummary]:
     """Return the model to train: a peft LoRA wrapper, or `model` itself with every weight unfrozen."""
     if lora.train_type == "full":
@@ -96,6 +104,7 @@ def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, Trainable
         modules_to_save=lora.modules_to_save or None,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
+        layers_to_transform=_check_layers(model, lora.layers_to_transform),
     )
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -88,6 +88,7 @@ def tiny_peft(tiny_qwen2_dir):
     from lorakit.model import load_model, load_tokenizer
 
     model = load_model(tiny_qwen2_dir, device="cpu")
+    torch.manual_seed(0)  # LoRA's init draws from the global RNG: the same adapter whatever ran before
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     return peft.eval(), load_tokenizer(tiny_qwen2_dir)
 
@@ -119,6 +120,34 @@ def test_kl_is_zero_when_the_adapter_is_a_no_op_and_matches_a_direct_computation
         assert kl > 0
         assert kl == pytest.approx(total / 5, rel=1e-4)
         assert teacher_forced_kl(model, tok, prompts, replies, batch_size=2) == pytest.approx(kl, rel=1e-4)  # padding
+    finally:
+        _set_lora_b(model, 0.0)
+
+
+@pytest.mark.parametrize("lora_b", [0.0, 0.02, 0.3])
+def test_greedy_after_drafts_equals_plain_greedy_decoding(tiny_peft, lora_b):
+    """Following the base's replies as drafts gives the tuned model's own greedy replies, whether it
+    agrees with all of a draft (b = 0), part of it, or almost none."""
+    from lorakit.evaluate import greedy_after_drafts, teacher_forced
+    from lorakit.replay import Reply, generate_replies
+
+    model, tok = tiny_peft
+    prompts = [[9707, 11, 1879, 0], [785, 6722, 315, 9625, 374], [16, 488, 16, 284], [40, 1075]]
+    with model.disable_adapter():
+        drafts = generate_replies(model, tok, prompts, max_new_tokens=12)
+    drafts[1] = Reply("", drafts[1].token_ids[:5], True)  # a draft that ended early: the model goes on past it
+    _set_lora_b(model, lora_b)
+    try:
+        plain = generate_replies(model, tok, prompts, max_new_tokens=12)
+        tf = teacher_forced(model, tok, prompts, [d.token_ids for d in drafts])
+        assert [len(p) for p in tf.predicted] == [len(d.token_ids) + 1 for d in drafts]
+        replies = greedy_after_drafts(model, tok, prompts, drafts, max_new_tokens=12, predicted=tf.predicted,
+                                      batch_size=None, desc="test")
+        assert [r.token_ids for r in replies] == [r.token_ids for r in plain]
+        assert [r.finished for r in replies] == [r.finished for r in plain]
+        if lora_b == 0.0:  # the adapter does nothing: every untouched draft is the reply
+            assert [r.token_ids for k, r in enumerate(replies) if k != 1] == [
+                d.token_ids for k, d in enumerate(drafts) if k != 1]
     finally:
         _set_lora_b(model, 0.0)
 

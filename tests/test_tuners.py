@@ -58,3 +58,21 @@ def test_full_trains_everything(tiny_model):
     model, summary = attach_tuner(tiny_model, LoraArgs(train_type="full"))
     assert model is tiny_model
     assert summary.trainable == summary.total == sum(p.numel() for p in tiny_model.parameters())
+
+
+def test_layers_to_transform_puts_lora_only_there_and_backward_stops_below(tiny_model):
+    n = tiny_model.config.num_hidden_layers
+    model, _ = attach_tuner(tiny_model, LoraArgs(layers_to_transform=[n - 1]))
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {str(n - 1)}
+    seen = []
+    model.get_base_model().model.layers[0].register_full_backward_hook(lambda *a: seen.append(0))
+    model.get_base_model().model.layers[n - 1].register_full_backward_hook(lambda *a: seen.append(n - 1))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert seen == [n - 1]  # no gradient flows into the frozen layers below the adapted one
+
+
+def test_layers_to_transform_out_of_range_is_a_user_error(tiny_model):
+    with pytest.raises(UserError, match="layers 0.."):
+        attach_tuner(tiny_model, LoraArgs(layers_to_transform=[99]))

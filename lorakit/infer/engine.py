@@ -490,24 +490,25 @@ class Engine:
             raise UserError(f"The prompt has {len(prompt)} tokens but the model's context is {self.context}: "
                             "shorten it (or start a new conversation).")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  progress: Callable[[int], None] | None = None) -> list[Generation]:
         """Generate a reply for every prompt: up to max_batch_size at a time, shortest prompts first;
-        a finished reply's row goes at once to the next waiting prompt. `progress(n)` is called as
-        n more replies are done."""
+        a finished reply's row goes at once to the next waiting prompt. `params`: one for all, or one
+        per prompt. `progress(n)` is called as n more replies are done."""
         if not prompts:
             return []
         for prompt in prompts:
             self._check_prompt(prompt)
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         waiting = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
         batch = self.batch(min(self.max_batch_size, len(prompts)),
-                           length=max(len(p) for p in prompts) + params.max_new_tokens)
+                           length=max(len(p) + q.max_new_tokens for p, q in zip(prompts, per_prompt)))
         results: list[Generation | None] = [None] * len(prompts)
         index: dict[Sequence, int] = {}
         while waiting or len(batch):
             while waiting and len(batch) < batch.capacity:
                 i = waiting.popleft()
-                index[batch.add(prompts[i], params)] = i
+                index[batch.add(prompts[i], per_prompt[i])] = i
             done = [seq for seq in batch.step() if seq.finish_reason]
             for seq in done:
                 results[index.pop(seq)] = self._finish(seq)
