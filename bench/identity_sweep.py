@@ -19,6 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def cpu_like_training() -> None:
+    """Make quickstart train with the CPU's computation (fp32 reference LoRA, no compile) on any device."""
+    from dataclasses import replace
+
+    import lorakit.quickstart as qs
+    from lorakit.args import FastArgs
+
+    plain = qs.sft_args_for
+
+    def sft_args_for(*a, **k):
+        args = plain(*a, **k)
+        args.fast = FastArgs(fused_loss=True, fused_lora=False, packed_attention=False, torch_compile=False)
+        args.train = replace(args.train, gradient_checkpointing=False)
+        return args
+
+    qs.sft_args_for = sft_args_for
+
+
 def main() -> None:
     from lorakit.args import ModelArgs, QuickstartArgs
     from lorakit.quickstart import quickstart
@@ -30,7 +48,11 @@ def main() -> None:
     parser.add_argument("--configs", default='[{"name": "default"}]')
     parser.add_argument("--out", default="/tmp/identity-sweep")
     parser.add_argument("--results", default=None, help="JSON file for the results (rewritten after each config)")
+    parser.add_argument("--cpu_like", action="store_true",
+                        help="train as on a CPU (no GPU fast paths, no recompute): quality sweeps for the CPU recipe")
     opts = parser.parse_args()
+    if opts.cpu_like:
+        cpu_like_training()
     results = []
     for config in json.loads(opts.configs):
         name = config.pop("name")
@@ -47,8 +69,9 @@ def main() -> None:
             Path(opts.results).write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
     for r in results:
         a = r["after"]
-        print(f"{r['name']:<28} id_en {a['identity_en']:.3f} id_zh {a['identity_zh']:.3f} ret {a['retention']} "
-              f"leak {a['leak']:.3f} kl {a['drift_kl']:.4f} steps {r['recipe']['steps']} wall {r['wall_s']:.0f}s")
+        print(f"{r['name']:<28} id_en {a['identity_en']:.3f} id_zh {a['identity_zh']:.3f} ret {a['retention']:.3f} "
+              f"({a['kept_correct']}/{a['base_correct']}) leak {a['leak']:.3f} kl {a['drift_kl']:.4f} "
+              f"steps {r['recipe']['steps']} rows {r['recipe']['replay_rows']} wall {r['wall_s']:.0f}s")
 
 
 if __name__ == "__main__":
