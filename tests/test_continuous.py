@@ -9,23 +9,10 @@ import torch
 
 from lorakit.infer import fast_decode
 from lorakit.infer.engine import Engine, SamplingParams
-from tests.test_engine import _model
+from tests.test_engine import _model, model, one_thread  # noqa: F401  (fixtures: the tiny model, one thread)
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
 DECODERS = {"reference": dict(fast=False), "static": dict(fast=True, compile=False, cuda_graphs=False)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _model()
 
 
 @pytest.fixture(scope="module")
