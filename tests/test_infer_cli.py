@@ -285,8 +285,10 @@ def test_ctrl_c_in_a_subprocess_stops_the_answer_and_returns_to_the_prompt(tiny_
     from conftest import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # Greedy: a sampled reply of the random model can be a long run of bytes that are not yet whole
+    # UTF-8 characters, which the stream rightly holds back, so the answer would not show in time.
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "infer", "--model", str(tiny_qwen2_dir),
-                             "--max_new_tokens", "4000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             "--max_new_tokens", "4000", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         proc.stdin.write("Tell me a very long story.\n")
