@@ -275,6 +275,15 @@ def test_tutorial_command_on_a_smollm2_checkpoint(smollm2_dir, tmp_path):
     assert "<|im_end|>" not in proc.stdout and "<|im_start|>" not in proc.stdout
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C handled as in a terminal, even when the tests run as a background job
+    (a non-interactive shell starts those with SIGINT ignored, and a child inherits that)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_in_a_subprocess_stops_the_answer_and_returns_to_the_prompt(tiny_qwen2_dir):
     import os
     import signal
@@ -285,11 +294,9 @@ def test_ctrl_c_in_a_subprocess_stops_the_answer_and_returns_to_the_prompt(tiny_
     from conftest import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    # Greedy: a sampled reply of the random model can be a long run of bytes that are not yet whole
-    # UTF-8 characters, which the stream rightly holds back, so the answer would not show in time.
     proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", "infer", "--model", str(tiny_qwen2_dir),
                              "--max_new_tokens", "4000", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.DEVNULL, text=True, env=env, preexec_fn=_default_sigint)
     try:
         proc.stdin.write("Tell me a very long story.\n")
         proc.stdin.flush()
