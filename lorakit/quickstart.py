@@ -187,8 +187,7 @@ def quickstart(args: QuickstartArgs) -> Report:
     plan = dict(n_layers=n_layers, lora_rank=args.lora_rank, epochs=args.num_train_epochs,
                 learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
                 lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens)
-    replay_tokens = choose_recipe(SELF_COGNITION_ROWS, n_params, device.type, **plan).replay_max_new_tokens
-    datasets, replay_rows = training_mix(args, model, tokenizer, replay_tokens)
+    datasets, replay_rows = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
     if device.type == "cuda":
