@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lorakit.errors import UserError
 
@@ -46,9 +47,11 @@ class SamplingParams:
     "Seed for sampling; None draws a fresh one."
     stop_token_ids: tuple[int, ...] = ()
     "Extra stop tokens, on top of EOS and the template's end-of-turn tokens."
+    logprobs: int = 0
+    "Return the k most likely tokens and their log-probabilities at every step (0: none); raw model distribution."
 
     def __post_init__(self):
-        if self.temperature < 0 or self.max_new_tokens <= 0 or not 0 < self.top_p <= 1:
+        if self.temperature < 0 or self.max_new_tokens <= 0 or not 0 < self.top_p <= 1 or self.logprobs < 0:
             raise UserError(
                 f"Bad sampling parameters: temperature {self.temperature} (>= 0), "
                 f"max_new_tokens {self.max_new_tokens} (> 0), top_p {self.top_p} (in (0, 1])."
@@ -66,6 +69,8 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     "Tokens the model generated, the stop token included."
+    logprobs: list[tuple[list[int], list[float]]] | None = None
+    "With SamplingParams.logprobs = k: per generated token (the stop token included), the top-k (ids, log-probs)."
 
 
 @dataclass
@@ -112,45 +117,196 @@ def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-class ReferenceDecoder:
-    """The model's own forward with a growing transformers `DynamicCache` (any architecture, any device).
+class _BufferLayer(DynamicLayer):
+    """One layer of `_KVBuffers` as a transformers cache layer: `update` writes the step's keys and
+    values in place and returns the filled columns of the active rows (a view, no copy)."""
 
-    New rows are prefilled as a batch of their own and their cache is concatenated to the running
-    one on the batch axis, the narrower of the two left-padded (attention mask 0 there, positions
-    per row). Leaving rows are dropped with index_select, and leading columns that are padding in
-    every remaining row are cut. A cache with other layers than plain `DynamicLayer`s (sliding
-    windows) cannot be merged: such a model takes new rows only when the batch is empty.
+    def __init__(self, buffers: _KVBuffers, index: int):
+        super().__init__()
+        self.buffers, self.index = buffers, index
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.buffers.write(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.buffers.end - self.buffers.start
+
+
+def _plain_dynamic(cache) -> bool:
+    """Whether a prefill's cache is a `DynamicCache` of full-attention `DynamicLayer`s only."""
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class _KVBuffers:
+    """Every layer's keys and values, pre-allocated [row slots, heads, columns, head_dim] and written in place.
+
+    The active rows sit in slots 0..n-1; `slots[i]` is the slot of row i (the decoder's order). A
+    leaving row's slot takes one of the last rows, so a `keep` moves only as many rows as left. The
+    rows share the filled columns [start, end), left-padded like the prompts: slot s holds its tokens
+    in columns first[s]..end-1, and the columns before are masked (zeros or finite stale keys). A
+    step writes column `end`. When the columns run out, the filled ones move to the left edge (and
+    the capacity doubles if they fill more than half of it).
     """
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, cache, rows: int, columns: int):
+        self.keys = [_zeros_like(layer.keys, rows, columns) for layer in cache.layers]
+        self.values = [_zeros_like(layer.values, rows, columns) for layer in cache.layers]
+        self.n = self.start = self.end = 0
+        self.first: list[int] = []  # per active slot: the column of its first token
+        self.slots: list[int] = []  # per row: its slot
+        self.cache = Cache(layers=[_BufferLayer(self, i) for i in range(len(self.keys))])
+        self._index()
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.keys[0].shape[0], self.keys[0].shape[2]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's keys/values [n, heads, q, dim] at column `end`; return columns start..end+q-1."""
+        stop = self.end + keys.shape[2]
+        self.keys[layer][:self.n, :, self.end:stop] = keys
+        self.values[layer][:self.n, :, self.end:stop] = values
+        return self.keys[layer][:self.n, :, self.start:stop], self.values[layer][:self.n, :, self.start:stop]
+
+    def join(self, cache, pads: list[int], budget: int) -> None:
+        """Append a prefilled left-padded batch (its `DynamicCache` and padding per row) as new rows."""
+        new = cache.layers[0].keys
+        rows, width = self.n + new.shape[0], new.shape[2]
+        if self.n == 0:
+            self.start = self.end = width
+        slots, columns = self.capacity
+        if rows > slots or width > self.end or self.end + budget > columns:
+            live = self.end - self.start
+            start = max(0, width - live)  # the new prompts fit left of `end`
+            need = start + live + budget
+            self._relayout(slots if rows <= slots else max(2 * slots, rows),
+                           columns if need <= columns else max(2 * columns, need), start)
+        low = self.end - width
+        for mine, theirs in ((self.keys, [layer.keys for layer in cache.layers]),
+                             (self.values, [layer.values for layer in cache.layers])):
+            for buffer, prefilled in zip(mine, theirs):
+                buffer[self.n:rows, :, low:self.end] = prefilled
+        self.first += [low + p for p in pads]
+        self.slots += list(range(self.n, rows))
+        self.n, self.start = rows, min(self.first)
+        self._index()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep these rows in this order: kept rows in slots >= len(rows) move into the freed slots below."""
+        slots, n = [self.slots[i] for i in rows], len(rows)
+        movers = sorted(s for s in slots if s >= n)
+        if movers:
+            holes = sorted(set(range(n)) - set(slots))
+            source, target = (torch.tensor(x, device=self.keys[0].device) for x in (movers, holes))
+            for buffer in self.keys + self.values:
+                filled = buffer[:, :, self.start:self.end]
+                filled.index_copy_(0, target, filled.index_select(0, source))
+            moved = dict(zip(movers, holes))
+            for m, h in moved.items():
+                self.first[h] = self.first[m]
+            slots = [moved.get(s, s) for s in slots]
+        self.first, self.slots, self.n = self.first[:n], slots, n
+        self.start = min(self.first, default=self.end)  # columns that are padding in every row are cut
+        self._index()
+
+    def step_inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input ids [n, 1], attention mask [n, width + 1] and positions [n, 1] of a step, in slot order."""
+        slots, columns = self.capacity
+        if self.end == columns:
+            live = self.end - self.start
+            self._relayout(slots, columns if 2 * (live + 1) <= columns else 2 * columns, 0)
+        ids = tokens if self.in_order else tokens.index_select(0, self.rows_t)
+        cols = torch.arange(self.start, self.end + 1, device=tokens.device)
+        mask = (cols >= self.first_t[:, None]).long()
+        return ids[:, None], mask, (self.end - self.first_t)[:, None]
+
+    def step_done(self, logits: torch.Tensor) -> torch.Tensor:
+        """Count the written column; return the step's logits [n, V] in row order."""
+        self.end += 1
+        return logits if self.in_order else logits.index_select(0, self.slots_t)
+
+    def _relayout(self, rows: int, columns: int, start: int) -> None:
+        """Move the filled columns to start at `start` in new buffers of this capacity."""
+        width, shift = self.end - self.start, start - self.start
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = _zeros_like(old, rows, columns)
+                buffers[i][:self.n, :, start:start + width] = old[:self.n, :, self.start:self.end]
+        self.first = [f + shift for f in self.first]
+        self.start, self.end = start, start + width
+        self._index()
+
+    def _index(self) -> None:
+        device = self.keys[0].device
+        self.in_order = self.slots == list(range(self.n))
+        rows = [0] * self.n  # per slot: its row
+        for row, slot in enumerate(self.slots):
+            rows[slot] = row
+        self.first_t = torch.tensor(self.first, dtype=torch.long, device=device)
+        self.slots_t = torch.tensor(self.slots, dtype=torch.long, device=device)
+        self.rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _zeros_like(x: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    return x.new_zeros(rows, x.shape[1], columns, x.shape[3])
+
+
+class ReferenceDecoder:
+    """The model's own forward over a transformers cache (any architecture, any device).
+
+    Default (`in_place`): the keys and values live in `_KVBuffers`, pre-allocated for the prompt
+    width plus the longest reply budget, and each step writes its column in place (a
+    `DynamicCache` copies the whole cache with torch.cat every step in every layer). New rows are
+    prefilled as a batch of their own and copied into free slots; leaving rows free their slots.
+    A model whose prefill cache is not plain full-attention `DynamicLayer`s (sliding windows),
+    or `in_place=False`, takes the `DynamicCache` path: new rows' cache is concatenated to the
+    running one on the batch axis, the narrower of the two left-padded (attention mask 0 there,
+    positions per row); leaving rows are dropped with index_select, and leading columns that are
+    padding in every remaining row are cut. A cache with other layers than plain `DynamicLayer`s
+    cannot be merged: such a model takes new rows only when the batch is empty.
+    """
+
+    def __init__(self, model, *, in_place: bool = True):
+        self.model, self.in_place = model, in_place
         self.reset(0, None)
 
     def reset(self, rows: int, length: int | None) -> None:
-        self.cache = None
+        self.hint = (rows, length)  # row capacity and tokens per row expected (for the in-place buffers)
+        self.buffers: _KVBuffers | None = None  # the in-place path
+        self.cache = None  # the DynamicCache path
         self.mask = None  # [B, W] long, 0 on padding
         self.positions = None  # [B, 1] long: the rotary position of the next token
         self.pads: list[int] = []  # leading padding columns per row
 
     @property
     def can_join(self) -> bool:
-        return self.cache is None or all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
+        if self.buffers is not None or self.cache is None:
+            return True
+        return all(type(layer).__name__ == "DynamicLayer" for layer in self.cache.layers)
 
     def prefill(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
         """Start over with `batch` as the only rows."""
         self.reset(len(batch.input_ids), None)
         return self.add(batch, max_new_tokens)
 
+    @torch.inference_mode()
     def add(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
         mask = batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        if self.cache is None:
-            self.cache, self.mask, self.positions = out.past_key_values, mask, positions[:, -1:]
+        cache = out.past_key_values
+        if self.in_place and self.buffers is None and self.cache is None and _plain_dynamic(cache):
+            rows, length = self.hint
+            self.buffers = _KVBuffers(cache, max(rows, len(mask)), max(length or 0, mask.shape[1] + max_new_tokens))
+        if self.buffers is not None:
+            self.buffers.join(cache, batch.pad_lengths, max_new_tokens)
+        elif self.cache is None:
+            self.cache, self.mask, self.positions = cache, mask, positions[:, -1:]
             self.pads = list(batch.pad_lengths)
         else:
-            self._merge(out.past_key_values, mask, positions[:, -1:], batch.pad_lengths)
+            self._merge(cache, mask, positions[:, -1:], batch.pad_lengths)
         return out.logits[:, -1].float()
 
     def _merge(self, cache, mask, positions, pads: list[int]) -> None:
@@ -163,9 +319,12 @@ class ReferenceDecoder:
         self.positions = torch.cat([self.positions, positions])
         self.pads = [p + width - old_width for p in self.pads] + [p + width - new_width for p in pads]
 
+    @torch.inference_mode()  # the buffers are written in place, also when a caller drops a row outside it
     def keep(self, rows: list[int]) -> None:
+        if self.buffers is not None:
+            return self.buffers.keep(rows)
         if not rows:
-            return self.reset(0, None)
+            return self.reset(*self.hint)
         index = torch.tensor(rows, device=self.mask.device)
         self.pads = [self.pads[i] for i in rows]
         cut = min(self.pads) if self.can_join else 0  # columns that are padding in every kept row
@@ -179,7 +338,13 @@ class ReferenceDecoder:
         else:
             self.cache.batch_select_indices(index)
 
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.buffers is not None:
+            ids, mask, positions = self.buffers.step_inputs(tokens)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self.buffers.cache, use_cache=True)
+            return self.buffers.step_done(out.logits[:, -1].float())
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         self.positions = self.positions + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions,
@@ -311,6 +476,8 @@ class Sequence:
     "The reply so far, without the stop token."
     finish_reason: str | None = None
     "None while running; 'stop' or 'length' once done."
+    logprobs: list[tuple[list[int], list[float]]] = field(default_factory=list)
+    "With params.logprobs: the top-k (ids, log-probs) of every step so far."
 
     @property
     def prompt_tokens(self) -> int:
@@ -362,6 +529,7 @@ class RunningBatch:
             self._join()
             if not self.rows:
                 return []
+            top = self._top_logprobs()
             tokens = sample_rows(self._penalised(), self.rows)
             if self.seen is not None:
                 self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
@@ -371,7 +539,10 @@ class RunningBatch:
                 self.logits = self.decoder.step(tokens)
             if ready is not None:
                 ready.synchronize()
-            for seq, token in zip(self.rows, picked.tolist()):
+            for row, (seq, token) in enumerate(zip(self.rows, picked.tolist())):
+                if top is not None and seq.params.logprobs:
+                    k = seq.params.logprobs
+                    seq.logprobs.append((top[0][row][:k], top[1][row][:k]))
                 if token in seq.stop_ids:
                     seq.finish_reason = "stop"
                 else:
@@ -381,6 +552,14 @@ class RunningBatch:
             stepped = list(self.rows)
             self._keep([i for i, s in enumerate(self.rows) if s.finish_reason is None])
             return stepped
+
+    def _top_logprobs(self) -> tuple[list[list[int]], list[list[float]]] | None:
+        """(ids, log-probs) of the largest k any row asks for, every row (host lists), or None."""
+        k = max(s.params.logprobs for s in self.rows)
+        if not k:
+            return None
+        values, ids = torch.log_softmax(self.logits.float(), dim=-1).topk(min(k, self.logits.shape[-1]), dim=-1)
+        return ids.tolist(), values.tolist()
 
     def _penalised(self) -> torch.Tensor:
         if self.seen is None:
@@ -550,4 +729,5 @@ class Engine:
             finish_reason=seq.finish_reason or "length",
             prompt_tokens=seq.prompt_tokens,
             completion_tokens=len(seq.tokens) + (seq.finish_reason == "stop"),
+            logprobs=list(seq.logprobs) if seq.params.logprobs else None,
         )
