@@ -99,11 +99,11 @@ def main() -> None:
     width = sum(map(len, prompts)) / len(prompts)
     print(f"SmolLM2-135M-Instruct float32, {torch.get_num_threads()} threads, {len(prompts)} prompts "
           f"(mean {width:.1f} tokens), up to {args.new} new tokens, greedy")
+    paths = {"old": [False], "new": [True]}.get(args.only, [False, True])
     if args.profile:
-        for in_place in (False, True):
+        for in_place in paths:
             profile(model, tokenizer, prompts, args.profile, in_place)
         return
-    paths = {"old": [False], "new": [True]}.get(args.only, [False, True])
     for batch in args.batch:
         replies = {}
         for in_place in paths:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorakit.infer import engine as engine_module
-from lorakit.infer.engine import Engine, ReferenceDecoder, RunningBatch, SamplingParams
+from lorakit.infer.engine import MIN_SHARED_PREFIX, Engine, ReferenceDecoder, RunningBatch, SamplingParams
 from tests.test_engine import _model, one_thread  # noqa: F401  (fixture: one thread)
 
 QUESTIONS = ["Who are you?", "Write a long poem about the sea, the wind and the old lighthouse keeper.", "2+2?",
@@ -75,6 +75,7 @@ def test_joining_leaving_and_growing_pick_the_dynamic_cache_tokens(name, request
     old, reference = scenario(engine, prompts, in_place=False)
     assert new == old
     assert reference.buffers is None and decoder.buffers is not None
+    assert len(decoder.prefix[0]) >= MIN_SHARED_PREFIX  # the system prompt was prefilled once, then reused
     rows, columns = decoder.buffers.capacity
     assert rows >= 5 and rows >= 2 * 2  # grew from the hinted 2 rows, by doubling
     width = len(prompts[2])
@@ -121,6 +122,21 @@ def test_steps_write_into_the_same_buffers_and_a_leaving_row_frees_its_slot(tiny
     while len(old):
         old.step()
     assert [s.tokens for s in seqs[1:]] == [s.tokens for s in again[1:]]
+
+
+def test_prompts_without_a_common_prefix_are_prefilled_whole(tiny):
+    engine, prompts = tiny
+    cut = [p[i:] for i, p in enumerate(prompts[:4])]  # every prompt starts at a different token
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    new = running_batch(engine, True, 4, (4, None))
+    seqs = [new.add(p, params) for p in cut]
+    old = running_batch(engine, False, 4, (4, None))
+    again = [old.add(p, params) for p in cut]
+    for batch in (new, old):
+        while len(batch):
+            batch.step()
+    assert new.decoder.prefix is None and new.decoder.buffers is not None
+    assert [s.tokens for s in seqs] == [s.tokens for s in again]
 
 
 def test_a_sliding_window_model_keeps_the_dynamic_cache_path(qwen_tokenizer):

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from lorakit.errors import UserError
 
 COMPILE_MODE = "max-autotune-no-cudagraphs"  # the fast decoder's torch.compile mode on CUDA
+MIN_SHARED_PREFIX = 8  # prompts sharing fewer first tokens are each prefilled whole
 
 
 @dataclass
@@ -149,9 +150,9 @@ class _KVBuffers:
     the capacity doubles if they fill more than half of it).
     """
 
-    def __init__(self, cache, rows: int, columns: int):
-        self.keys = [_zeros_like(layer.keys, rows, columns) for layer in cache.layers]
-        self.values = [_zeros_like(layer.values, rows, columns) for layer in cache.layers]
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int, columns: int):
+        self.keys = [_zeros_like(keys, rows, columns) for keys, _ in kv]
+        self.values = [_zeros_like(values, rows, columns) for _, values in kv]
         self.n = self.start = self.end = 0
         self.first: list[int] = []  # per active slot: the column of its first token
         self.slots: list[int] = []  # per row: its slot
@@ -169,9 +170,9 @@ class _KVBuffers:
         self.values[layer][:self.n, :, self.end:stop] = values
         return self.keys[layer][:self.n, :, self.start:stop], self.values[layer][:self.n, :, self.start:stop]
 
-    def join(self, cache, pads: list[int], budget: int) -> None:
-        """Append a prefilled left-padded batch (its `DynamicCache` and padding per row) as new rows."""
-        new = cache.layers[0].keys
+    def join(self, kv: list[tuple[torch.Tensor, torch.Tensor]], pads: list[int], budget: int) -> None:
+        """Append a prefilled left-padded batch (each layer's keys and values, padding per row) as new rows."""
+        new = kv[0][0]
         rows, width = self.n + new.shape[0], new.shape[2]
         if self.n == 0:
             self.start = self.end = width
@@ -183,8 +184,7 @@ class _KVBuffers:
             self._relayout(slots if rows <= slots else max(2 * slots, rows),
                            columns if need <= columns else max(2 * columns, need), start)
         low = self.end - width
-        for mine, theirs in ((self.keys, [layer.keys for layer in cache.layers]),
-                             (self.values, [layer.values for layer in cache.layers])):
+        for mine, theirs in ((self.keys, [keys for keys, _ in kv]), (self.values, [values for _, values in kv])):
             for buffer, prefilled in zip(mine, theirs):
                 buffer[self.n:rows, :, low:self.end] = prefilled
         self.first += [low + p for p in pads]
@@ -248,6 +248,14 @@ class _KVBuffers:
         self.rows_t = torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    first = rows[0]
+    for i in range(min(map(len, rows))):
+        if any(row[i] != first[i] for row in rows):
+            return i
+    return min(map(len, rows))
+
+
 def _zeros_like(x: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
     return x.new_zeros(rows, x.shape[1], columns, x.shape[3])
 
@@ -259,6 +267,8 @@ class ReferenceDecoder:
     width plus the longest reply budget, and each step writes its column in place (a
     `DynamicCache` copies the whole cache with torch.cat every step in every layer). New rows are
     prefilled as a batch of their own and copied into free slots; leaving rows free their slots.
+    The prompts' common prefix (a chat template's system prompt: 24 of SmolLM2's ~44 prompt tokens)
+    is prefilled once and kept: new rows prefill only the tokens after it.
     A model whose prefill cache is not plain full-attention `DynamicLayer`s (sliding windows),
     or `in_place=False`, takes the `DynamicCache` path: new rows' cache is concatenated to the
     running one on the batch axis, the narrower of the two left-padded (attention mask 0 there,
@@ -278,6 +288,7 @@ class ReferenceDecoder:
         self.mask = None  # [B, W] long, 0 on padding
         self.positions = None  # [B, 1] long: the rotary position of the next token
         self.pads: list[int] = []  # leading padding columns per row
+        self.prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # see _shared_prefix
 
     @property
     def can_join(self) -> bool:
@@ -292,22 +303,75 @@ class ReferenceDecoder:
 
     @torch.inference_mode()
     def add(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
-        mask = batch.attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if self.in_place and self.buffers is None and self.cache is None and _plain_dynamic(cache):
-            rows, length = self.hint
-            self.buffers = _KVBuffers(cache, max(rows, len(mask)), max(length or 0, mask.shape[1] + max_new_tokens))
-        if self.buffers is not None:
-            self.buffers.join(cache, batch.pad_lengths, max_new_tokens)
-        elif self.cache is None:
-            self.cache, self.mask, self.positions = cache, mask, positions[:, -1:]
-            self.pads = list(batch.pad_lengths)
+        shared = self._shared_prefix(batch) if self.in_place and self.cache is None else None
+        if shared is not None:
+            logits, kv, pads = self._prefill_after_prefix(batch, *shared)
         else:
-            self._merge(cache, mask, positions[:, -1:], batch.pad_lengths)
-        return out.logits[:, -1].float()
+            mask = batch.attention_mask
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
+            logits, cache, pads = out.logits[:, -1], out.past_key_values, list(batch.pad_lengths)
+            if not (self.in_place and self.cache is None and (self.buffers is not None or _plain_dynamic(cache))):
+                if self.cache is None:
+                    self.cache, self.mask, self.positions, self.pads = cache, mask, positions[:, -1:], pads
+                else:
+                    self._merge(cache, mask, positions[:, -1:], pads)
+                return logits.float()
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.buffers is None:
+            rows, length = self.hint
+            width = kv[0][0].shape[2]
+            self.buffers = _KVBuffers(kv, max(rows, len(pads)), max(length or 0, width + max_new_tokens))
+        self.buffers.join(kv, pads, max_new_tokens)
+        return logits.float()
+
+    def _shared_prefix(self, batch: Batch) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """The new prompts' common prefix (all but their last token at most): its length and each layer's keys
+        and values [1, heads, length, dim]. The last prefix is kept and reused while it matches at least
+        MIN_SHARED_PREFIX tokens (a chat template's system prompt); a new one is prefilled for two rows or more."""
+        prompts = [row[pad:] for row, pad in zip(batch.input_ids.tolist(), batch.pad_lengths)]
+        length = min(_common_prefix_length(prompts), min(map(len, prompts)) - 1)
+        if self.prefix is not None:
+            tokens, kv = self.prefix
+            reuse = _common_prefix_length([tokens, prompts[0][:length]])
+            if reuse >= MIN_SHARED_PREFIX:
+                return reuse, [(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in kv]
+        if length < MIN_SHARED_PREFIX or len(prompts) < 2:
+            return None
+        ids = torch.tensor([prompts[0][:length]], device=batch.input_ids.device)
+        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        if not _plain_dynamic(cache):
+            self.in_place = False  # sliding windows and the like: the DynamicCache path from now on
+            return None
+        self.prefix = (prompts[0][:length], [(layer.keys, layer.values) for layer in cache.layers])
+        return length, self.prefix[1]
+
+    def _prefill_after_prefix(self, batch: Batch, shared: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]):
+        """Prefill only the prompts' tokens after their `shared` common ones, attending to the prefix's cache.
+
+        Returns the last logits, each layer's keys and values laid out as a left-padded prefill of the
+        whole prompts would leave them (width `shared` + the longest rest), and each row's padding."""
+        rows, width = batch.input_ids.shape
+        low = min(batch.pad_lengths)
+        device = batch.input_ids.device
+        pads = torch.tensor(batch.pad_lengths, device=device)[:, None]
+        rest = (torch.arange(low + shared, width, device=device) >= pads + shared).long()  # [rows, S]: a row's own
+        past = DynamicCache()
+        for i, (keys, values) in enumerate(prefix):
+            past.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
+        out = self.model(input_ids=batch.input_ids[:, low + shared:], past_key_values=past, use_cache=True,
+                         attention_mask=torch.cat([rest.new_ones(rows, shared), rest], dim=1),
+                         position_ids=shared + rest.cumsum(-1) - 1, logits_to_keep=1)
+        # A row's tokens sit in columns [0, shared) and [shared + pad - low, end): move its prefix next to its rest.
+        columns = torch.arange(shared + rest.shape[1], device=device)[None, :]
+        shift = pads - low
+        index = torch.where((columns >= shift) & (columns < shift + shared), columns - shift, columns)
+        kv = []
+        for layer in out.past_key_values.layers:
+            kv.append(tuple(x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+                            for x in (layer.keys, layer.values)))
+        return out.logits[:, -1], kv, shift[:, 0].tolist()
 
     def _merge(self, cache, mask, positions, pads: list[int]) -> None:
         old_width, new_width = self.mask.shape[1], mask.shape[1]
