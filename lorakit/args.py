@@ -174,7 +174,9 @@ class TrainArgs:
     dataloader_num_workers: int = 0
     "Accepted for compatibility; tokenised data is already in memory, so it is not needed."
     replay: int = 0
-    "Mix in the base model's own answers to N built-in general prompts (keeps general ability)."
+    "Mix in the base model's own answers to N built-in general prompts, learned as its distributions (keeps general ability)."
+    replay_max_new_tokens: int = 32
+    "Longest replay answer, in tokens (each answer token carries the base's top-20 distribution)."
     dry_run: bool = False
     "Load and check the data, print the summary, and stop before loading weights."
     add_version: bool = True

@@ -65,15 +65,55 @@ def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def shift_teacher(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The teacher's top-k (ids, probs) aligned like `shift_targets`, or None when the batch has none.
+
+    batch["teacher_ids"] / ["teacher_probs"]: [B, T, K], unshifted like labels (entry t is the teacher's
+    distribution over token t); probs are 0 where a position has no teacher (it then uses its label).
+    """
+    if "teacher_ids" not in batch:
+        return None
+    ids = F.pad(batch["teacher_ids"][:, 1:], (0, 0, 0, 1))
+    probs = F.pad(batch["teacher_probs"][:, 1:], (0, 0, 0, 1))
+    position_ids = batch.get("position_ids")
+    if position_ids is not None:
+        starts = F.pad(position_ids[:, 1:] == 0, (0, 1), value=False)
+        probs = probs.masked_fill(starts.unsqueeze(-1), 0.0)
+    return ids, probs
+
+
+def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, K], weights [N, K]): the teacher's distribution where it has one, else the one-hot label.
+
+    targets: [N] (-100 ignored); teacher: ([N, K] ids, [N, K] probs, 0 on padding entries). A row
+    with a label and a teacher learns the teacher's probabilities, renormalised over its K tokens
+    (soft-label cross-entropy); a row with only a label, plain cross-entropy (weight 1 on it).
+    """
+    ids, probs = teacher
+    valid = targets != IGNORE_INDEX
+    probs = probs.float()
+    has_teacher = (probs.sum(-1) > 0) & valid
+    hard_ids = F.pad(targets.clamp_min(0).unsqueeze(1), (0, ids.shape[1] - 1))
+    hard_w = F.pad(valid.float().unsqueeze(1), (0, ids.shape[1] - 1))
+    soft_w = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (torch.where(has_teacher.unsqueeze(1), ids, hard_ids),
+            torch.where(has_teacher.unsqueeze(1), soft_w, hard_w))
+
+
 def reference_linear_ce(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum over rows of CE(hidden @ weight.T (+ bias), target) with full fp32 logits.
 
-    hidden: [N, H]; weight: [V, H]; targets: [N] (-100 ignored). Returns fp32 scalar.
+    hidden: [N, H]; weight: [V, H]; targets: [N] (-100 ignored); soft: optional targets from
+    `soft_targets`, which then replace the labels. Returns fp32 scalar.
     """
     logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if soft is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    ids, weights = soft
+    return -(torch.log_softmax(logits, dim=-1).gather(1, ids) * weights).sum()
 
 
 def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +133,32 @@ def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return loss, grad.to(logits.dtype)
 
 
+def soft_ce_chunk_grad(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ce_chunk_grad for weighted targets (`soft_targets`): ids, weights [n, K], each row's weights sum to 1.
+
+    loss = sum_k w_k (lse - x_k); d loss / d logits = softmax * sum_k w_k - scatter(w).
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    total = weights.sum(1)
+    loss = (lse * total - (x.gather(1, ids) * weights).sum(1)).sum()
+    grad = torch.exp(x - lse.unsqueeze(1)) * total.unsqueeze(1)
+    grad.scatter_add_(1, ids, -weights)
+    return loss, grad.to(logits.dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def chunk_fn_for(device: torch.device):
-    """ce_chunk_grad, compiled on CUDA (one fused pass instead of six over the chunk's logits)."""
+def chunk_fn_for(device: torch.device, soft: bool = False):
+    """ce_chunk_grad (or soft_ce_chunk_grad), compiled on CUDA (one fused pass instead of six over the chunk's logits)."""
+    fn = soft_ce_chunk_grad if soft else ce_chunk_grad
     if torch.device(device).type != "cuda":
-        return ce_chunk_grad
-    return torch.compile(ce_chunk_grad, dynamic=True)
+        return fn
+    return torch.compile(fn, dynamic=True)
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, chunk_fn):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, chunk_fn, soft=None):
         n = hidden.shape[0]
         want_h, want_w = hidden.requires_grad, weight.requires_grad
         want_b = bias is not None and bias.requires_grad
@@ -113,7 +168,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             h = hidden[start : start + chunk_size]
-            loss_c, dlogits = chunk_fn(F.linear(h, weight, bias), targets[start : start + chunk_size])
+            logits = F.linear(h, weight, bias)
+            if soft is None:
+                loss_c, dlogits = chunk_fn(logits, targets[start : start + chunk_size])
+            else:
+                loss_c, dlogits = chunk_fn(logits, *(part[start : start + chunk_size] for part in soft))
             loss += loss_c
             if want_h:
                 torch.matmul(dlogits, weight, out=grad_h[start : start + chunk_size])
@@ -132,7 +191,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_loss).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def chunked_linear_ce(
@@ -143,19 +202,24 @@ def chunked_linear_ce(
     *,
     chunk_size: int = 1024,
     chunk_fn=None,
+    soft: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sum over rows of CE(hidden @ weight.T (+ bias), targets), never holding all logits.
 
     hidden: [N, H]; weight: [V, H]; targets: [N] (-100 ignored). Rows without a target are
-    dropped before the matmul. chunk_fn defaults to ce_chunk_grad (lorakit.fast may pass a
-    compiled copy). Returns an fp32 scalar with the same value and gradients as the reference.
+    dropped before the matmul. chunk_fn defaults to ce_chunk_grad, or soft_ce_chunk_grad with
+    `soft` (from `soft_targets`); lorakit.fast may pass a compiled copy.
+    Returns an fp32 scalar with the same value and gradients as the reference.
     """
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     if keep.numel() < targets.numel():
         hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+        if soft is not None:
+            soft = tuple(part.index_select(0, keep) for part in soft)
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0.0).float()
-    return _ChunkedLinearCE.apply(hidden, weight, bias, targets, chunk_size, chunk_fn or ce_chunk_grad)
+    default = ce_chunk_grad if soft is None else soft_ce_chunk_grad
+    return _ChunkedLinearCE.apply(hidden, weight, bias, targets, chunk_size, chunk_fn or default, soft)
 
 
 def causal_lm_loss(
@@ -164,17 +228,25 @@ def causal_lm_loss(
     """Summed next-token cross-entropy of `batch` under `model`.
 
     batch: input_ids [B, T]; labels [B, T] (-100 masked, unshifted); position_ids [B, T] (restart
-    per packed sample, optional); attention_mask [B, T] (optional). fused=True uses the chunked
-    linear+CE (same value, far less memory); chunk_size is its rows per chunk.
+    per packed sample, optional); attention_mask [B, T] (optional); teacher_ids / teacher_probs
+    [B, T, K] (optional, see `shift_teacher`: distillation targets that replace the labels where
+    given). fused=True uses the chunked linear+CE (same value, far less memory); chunk_size is its
+    rows per chunk.
     """
     hidden = hidden_states(model, batch)
     _, head = _causal_lm_parts(model)
     targets = shift_targets(batch["labels"], batch.get("position_ids")).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     n_tokens = (targets != IGNORE_INDEX).sum()
+    teacher = shift_teacher(batch)
+    soft = None
+    if teacher is not None:
+        k = teacher[0].shape[-1]
+        soft = soft_targets(targets, (teacher[0].reshape(-1, k), teacher[1].reshape(-1, k)))
     if fused:
-        chunk_fn = chunk_fn_for(hidden.device)
-        loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size, chunk_fn=chunk_fn)
+        chunk_fn = chunk_fn_for(hidden.device, soft is not None)
+        loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size,
+                                     chunk_fn=chunk_fn, soft=soft)
     else:
-        loss_sum = reference_linear_ce(hidden, head.weight, targets, head.bias)
+        loss_sum = reference_linear_ce(hidden, head.weight, targets, head.bias, soft=soft)
     return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens)

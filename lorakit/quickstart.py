@@ -79,7 +79,7 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
                   reason=reason)
 
 
-def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str]) -> SftArgs:
+def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], replay: int = 0) -> SftArgs:
     """The `sft` flags quickstart trains with (the same code path as `lorakit sft`)."""
     return SftArgs(
         model=args.model,
@@ -91,7 +91,8 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str]) -> S
                         learning_rate=recipe.learning_rate,
                         per_device_train_batch_size=recipe.per_device_train_batch_size,
                         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-                        warmup_ratio=0.05, logging_steps=1, save_steps=10**9, report_to=["none"]),
+                        warmup_ratio=0.05, logging_steps=1, save_steps=10**9, report_to=["none"],
+                        replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens),
     )
 
 
@@ -143,24 +144,19 @@ def load_base(args: QuickstartArgs):
 
 
 def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], int]:
-    """--dataset specs for training: self-cognition, the replay file (if any rows), the user's data."""
+    """(--dataset specs: self-cognition and the user's data, replay samples). The base's replay answers
+    are generated here, with the model already loaded, and cached: training reads them from the cache."""
     from lorakit.model import CACHE_DIR
-    from lorakit.replay import ensure_replay_file
+    from lorakit.replay import replay_answers
 
-    # Measured on SmolLM2-135M (lr 7e-4): 64 replay prompts left Chinese general questions answered
-    # with the new identity (14-32% leak); 160 brought the leak to 1% but kept 86% of answers;
-    # the whole set (310) keeps 91% with 2% leak. Default: every built-in prompt.
     n_replay = args.replay if args.replay is not None else DEFAULT_REPLAY
     print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
-    datasets, replay_rows = ["self-cognition"], 0
+    replay_rows = 0
     if n_replay > 0:
-        replay_file = ensure_replay_file(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
-                                         max_new_tokens=max_new_tokens, allow_empty=True)
-        if replay_file is not None:
-            replay_rows = count_lines(replay_file)
-            datasets.append(str(replay_file))
-    return datasets + list(args.dataset), replay_rows
+        replay_rows = len(replay_answers(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
+                                         max_new_tokens=max_new_tokens))
+    return ["self-cognition", *args.dataset], replay_rows
 
 
 def quickstart(args: QuickstartArgs) -> Report:
@@ -196,7 +192,7 @@ def quickstart(args: QuickstartArgs) -> Report:
 
     recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, **plan)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
-    result = train(sft_args_for(args, recipe, datasets))
+    result = train(sft_args_for(args, recipe, datasets, replay=replay_rows))
     clock.lap("training")
     infer_command = f"lorakit infer --adapters {result.last_checkpoint}"
 

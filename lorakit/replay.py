@@ -1,26 +1,36 @@
-"""Replay against forgetting: the base model's own greedy answers to built-in general prompts.
+"""Replay against forgetting: distillation from the base model on its own answers to general prompts.
 
-Mixing these rows into an identity fine-tune is self-distillation: on everything that is not
-identity the target is what the model already says, so training has no reason to change it.
-Answers are generated once per (model, prompts, system, length) and cached as a JSONL file in
-the `messages` format, which is also how they enter training: the file is one more --dataset.
+Mixing these samples into an identity fine-tune is self-distillation: on everything that is not
+identity the target is what the model already says, so training has no reason to change it. Each
+answer position carries the base's whole next-token distribution (its top-k), not only the token it
+picked: a drifting model is pulled back on every plausible token, which holds the model in place
+with short answers (a cut answer also teaches no early stop: it has no end-of-turn target).
+Answers are generated once per (model, template, system, prompts, length, k) and cached as JSONL,
+token ids included, so training sees exactly the tokens whose distributions were recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorakit.data.formats import Conversation
+from lorakit.data.render import IGNORE_INDEX, Rendered
 from lorakit.errors import UserError
 
 BUILTIN = Path(__file__).resolve().parent / "data" / "builtin"
-REPLAY_MAX_NEW_TOKENS = 128
+REPLAY_MAX_NEW_TOKENS = 32
+REPLAY_TOP_K = 20  # the base's most likely tokens kept per answer position
+# Each answer token's target: this share on the token the base picked, the rest spread as the base's top-k.
+# Measured on SmolLM2-135M (lr 7e-4, bench/results/kl-sweep-*.json): the distribution alone (0) keeps the
+# model closest to the base (drift KL 0.06 vs 0.47 for plain replay) but lets the new identity leak into
+# Chinese answers (5-8%), where the base is unsure (top-20 mass ~50%) and so holds nothing in place;
+# 0.5 brings the leak to 2-4% and keeps drift at 0.13-0.16; 0.8 loses retention (86-89%).
+REPLAY_PICK_WEIGHT = 0.5
 
 
 @dataclass
@@ -58,9 +68,10 @@ def generation_batch_size(model, requested: int | None = None) -> int:
 
 
 def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int],
-                     batch_size: int | None = None, desc: str = "generating") -> list[Reply]:
+                     batch_size: int | None = None, desc: str = "generating", logprobs: int = 0) -> list:
     """Greedy replies to tokenised prompts, batched through the inference engine, with a progress bar
-    (`max_new_tokens`: one for all, or one per prompt)."""
+    (`max_new_tokens`: one for all, or one per prompt). With `logprobs` = k: the engine's Generations
+    (each step's top-k log-probabilities included) instead of Replies."""
     batch_size = generation_batch_size(model, batch_size)
     from tqdm import tqdm
 
@@ -70,12 +81,13 @@ def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_toke
     # a one-shot batch of short answers never wins back; a LoRA model is unmerged and uses it anyway.
     engine = Engine(model, tokenizer, max_batch_size=batch_size, fast=False)
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in budgets]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n, logprobs=logprobs) for n in budgets]
     # One generate call: a finished reply's row goes at once to the next waiting prompt.
     with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False) as bar:
         gens = engine.generate(prompts, params, progress=bar.update)
-    replies = [Reply(gen.text.strip(), gen.token_ids, gen.finish_reason == "stop") for gen in gens]
-    return replies
+    if logprobs:
+        return gens
+    return [Reply(gen.text.strip(), gen.token_ids, gen.finish_reason == "stop") for gen in gens]
 
 
 def model_fingerprint(model) -> str:
@@ -97,58 +109,84 @@ def model_fingerprint(model) -> str:
 
 
 def replay_cache_path(model, tokenizer, prompts: list[str], *, system: str | None, max_new_tokens: int,
-                      cache_dir: Path) -> Path:
-    """Cache file for these answers, keyed by model, chat template, system prompt, prompts and length."""
+                      cache_dir: Path, top_k: int = REPLAY_TOP_K) -> Path:
+    """Cache file for these answers, keyed by model, chat template, system prompt, prompts, length and k."""
     key = json.dumps({
         "model": model_fingerprint(model), "template": getattr(tokenizer, "chat_template", None),
-        "system": system, "prompts": prompts, "max_new_tokens": max_new_tokens,
+        "system": system, "prompts": prompts, "max_new_tokens": max_new_tokens, "top_k": top_k, "format": 2,
     }, ensure_ascii=False, sort_keys=True)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return Path(cache_dir) / f"replay-{len(prompts)}-{digest}.jsonl"
 
 
-_SENTENCE_END = re.compile(r"(?<=\D[.!?])(?=\s)|(?<=[。！？\n])")  # "1. " is a list item, not an end
+@dataclass
+class ReplayAnswer:
+    """The base's greedy answer to one prompt, with its next-token distribution at every answer position."""
+
+    prompt: str
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    "The generated tokens, the end-of-turn token included when the answer ended on its own."
+    top_ids: list[list[int]]
+    top_probs: list[list[float]]
+    "Per answer token: the base's top-k tokens and probabilities (before that token was picked)."
+    text: str = ""
+
+    def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT) -> Rendered:
+        """Prompt (no loss) + answer; every answer token's target is `pick_weight` on the token the base
+        picked plus (1 - pick_weight) times the base's top-k distribution (renormalised)."""
+        start = len(self.prompt_ids)
+        teacher = {start + j: target_distribution(token, ids, probs, pick_weight)
+                   for j, (token, ids, probs) in enumerate(zip(self.answer_ids, self.top_ids, self.top_probs))}
+        return Rendered(input_ids=self.prompt_ids + self.answer_ids,
+                        labels=[IGNORE_INDEX] * start + self.answer_ids, teacher=teacher)
 
 
-def trim_reply(reply: Reply) -> str:
-    """The reply as a replay target: a finished reply whole; a cut one up to its last full sentence,
-    and any reply up to the first sentence it repeats (small models loop, mostly in Chinese)."""
-    pieces = _SENTENCE_END.split(reply.text)
-    if not reply.finished and pieces and not re.search(r"[.!?。！？\n]\s*$", pieces[-1]):
-        pieces = pieces[:-1]  # the sentence the length limit cut
-    kept, seen = [], set()
-    for piece in pieces:
-        key = piece.strip()
-        if key and key in seen:
-            break
-        seen.add(key)
-        kept.append(piece)
-    return "".join(kept).strip()
+def target_distribution(token: int, ids: list[int], probs: list[float], pick_weight: float) -> tuple[list[int], list[float]]:
+    """(ids, probs) summing to 1: pick_weight on `token`, the rest as `probs` renormalised over `ids`."""
+    total = sum(probs) or 1.0
+    mixed = [(1.0 - pick_weight) * p / total for p in probs]
+    if token in ids:
+        mixed[ids.index(token)] += pick_weight
+    else:  # a tie broken the other way: the picked token joins the list
+        ids, mixed = [*ids, token], [*mixed, pick_weight]
+    return list(ids), mixed
 
 
-def replay_rows_from_replies(prompts: list[str], replies: list[Reply]) -> list[dict]:
-    """Messages rows from the base's answers, trimmed by `trim_reply`; empty ones are dropped.
-
-    Cut answers are kept (trimmed to whole sentences): dropping them would drop most answers in a
-    language the model is weak in, and then nothing would teach it that a general question in that
-    language gets a general answer, not the new identity.
-    """
-    rows = []
-    for prompt, reply in zip(prompts, replies):
-        text = trim_reply(reply)
-        if text:
-            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]})
-    return rows
+def answer_from_generation(prompt: str, prompt_ids: list[int], gen) -> ReplayAnswer:
+    """A ReplayAnswer from an engine Generation made with logprobs (greedy: each step's top-1 is its token)."""
+    steps = gen.logprobs or []
+    answer = list(gen.token_ids)
+    if gen.finish_reason == "stop":
+        answer.append(steps[-1][0][0])  # the end-of-turn token greedy picked
+    steps = steps[:len(answer)]
+    probs = [[round(math.exp(lp), 6) for lp in lps] for _, lps in steps]
+    return ReplayAnswer(prompt=prompt, prompt_ids=list(prompt_ids), answer_ids=answer,
+                        top_ids=[list(ids) for ids, _ in steps], top_probs=probs, text=gen.text.strip())
 
 
-def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
-                       max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, batch_size: int | None = None,
-                       allow_empty: bool = False) -> Path | None:
-    """Path of a JSONL file (messages format) holding the base model's answers to N built-in prompts.
+def read_answers(path: Path) -> list[ReplayAnswer]:
+    with open(path, encoding="utf-8") as f:
+        return [ReplayAnswer(**json.loads(line)) for line in f if line.strip()]
 
-    Generated once and cached; a later call with the same model, template, system, N and length
-    returns the file at once. Pass the path as a --dataset to train on it. When no answer ended
-    within the length, that is an error, or with `allow_empty` a warning and None.
+
+def write_answers(path: Path, answers: list[ReplayAnswer]) -> None:
+    """Atomically: a killed run leaves either the whole cache file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for answer in answers:
+            f.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
+                   max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, top_k: int = REPLAY_TOP_K,
+                   batch_size: int | None = None) -> list[ReplayAnswer]:
+    """The base model's greedy answers to N built-in prompts with its top-k distributions (cached per model).
+
+    Generated once; a later call with the same model, template, system, N, length and k reads the cache.
+    `model` must be the base model (no adapter): its answers are the targets.
     """
     from lorakit.data.render import render_prompt
 
@@ -156,37 +194,21 @@ def ensure_replay_file(model, tokenizer, n: int, *, system: str | None, cache_di
         raise UserError(f"--replay must be positive to build replay rows, got {n}.")
     prompts = pick_prompts(n)
     path = replay_cache_path(model, tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, top_k=top_k)
     if path.is_file():
         print(f"replay: reusing {path}", file=sys.stderr)
-        return path
+        return read_answers(path)
     ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], system=system) for p in prompts]
-    replies = generate_replies(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               desc="replay: base answers")
-    rows = replay_rows_from_replies(prompts, replies)
-    if not rows and allow_empty:
-        print(f"warning: replay: none of the base model's {len(prompts)} answers holds a whole sentence within "
-              f"{max_new_tokens} tokens; training without replay rows.", file=sys.stderr)
-        return None
-    if not rows:
-        raise UserError(f"replay: none of the base model's {len(prompts)} answers holds a whole sentence within "
-                        f"{max_new_tokens} tokens, so there is nothing to replay. Run with --replay 0 to train without it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    cut = sum(not r.finished for r in replies)
-    print(f"replay: {len(rows)} of {len(prompts)} base answers kept ({cut} cut at {max_new_tokens} tokens, "
-          f"trimmed to whole sentences) -> {path}", file=sys.stderr)
-    return path
+    gens = generate_replies(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            desc="replay: base answers", logprobs=top_k)
+    answers = [answer_from_generation(p, i, g) for p, i, g in zip(prompts, ids, gens)]
+    write_answers(path, answers)
+    ended = sum(g.finish_reason == "stop" for g in gens)
+    print(f"replay: {len(answers)} base answers ({ended} ended within {max_new_tokens} tokens; the others are "
+          f"learned up to the cut, with no end-of-turn) -> {path}", file=sys.stderr)
+    return answers
 
 
-def build_replay_rows(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
-                      max_new_tokens: int = REPLAY_MAX_NEW_TOKENS) -> list[Conversation]:
-    """The base model's greedy answers to N built-in general prompts, as conversations (cached per model)."""
-    path = ensure_replay_file(model, tokenizer, n, system=system, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
-    with open(path, encoding="utf-8") as f:
-        return [Conversation(messages=json.loads(line)["messages"], source=f"{path}:{i}")
-                for i, line in enumerate(f, start=1) if line.strip()]
+def replay_samples(model, tokenizer, n: int, **kwargs) -> list[Rendered]:
+    """Training samples (with distillation targets) from `replay_answers`."""
+    return [answer.sample() for answer in replay_answers(model, tokenizer, n, **kwargs)]

@@ -180,19 +180,19 @@ def load_data(args: SftArgs, tokenizer):
 
 
 def add_replay(args: SftArgs, model, tokenizer, data):
-    """--replay N: the base model's own answers to N built-in prompts, added to the training data."""
+    """--replay N: the base model's answers to N built-in prompts, with its distributions, added to the training data."""
     from dataclasses import replace
 
-    from lorakit.data.loading import build_datasets
     from lorakit.model import CACHE_DIR
-    from lorakit.replay import ensure_replay_file
+    from lorakit.replay import replay_samples
 
-    path = ensure_replay_file(model, tokenizer, args.train.replay, system=data.system, cache_dir=CACHE_DIR / "replay")
-    with_replay = replace(args.data, dataset=[*args.data.dataset, str(path)])
-    data = build_datasets(with_replay, tokenizer, use_hf=args.model.use_hf, template=args.model.template)
-    print(f"replay: training on {len(data.train)} samples including the base model's answers from {path}",
-          file=sys.stderr)
-    return data
+    samples = replay_samples(model, tokenizer, args.train.replay, system=data.system, cache_dir=CACHE_DIR / "replay",
+                             max_new_tokens=args.train.replay_max_new_tokens)
+    samples = [s for s in samples if len(s.input_ids) <= args.data.max_length]
+    tokens = sum(len(s.input_ids) for s in samples)
+    print(f"replay: {len(samples)} samples ({tokens} tokens) of the base model's answers, learned as its "
+          f"distributions; {len(data.train) + len(samples)} training samples in all", file=sys.stderr)
+    return replace(data, train=data.train + samples)
 
 
 def prepare_model(model, args: SftArgs, device: torch.device):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lorakit.loss import causal_lm_loss, ce_chunk_grad, chunked_linear_ce, reference_linear_ce, shift_targets
+from lorakit.loss import (causal_lm_loss, ce_chunk_grad, chunked_linear_ce, reference_linear_ce, shift_targets,
+                          soft_ce_chunk_grad, soft_targets)
 
 VOCAB = 1000
 
@@ -110,3 +111,85 @@ def test_packed_batch_loss_equals_separate_samples():
         packed = causal_lm_loss(model, {"input_ids": ids, "labels": ids, "position_ids": pos}, fused=fused)
         assert packed.n_tokens.item() == 8 + 13
         torch.testing.assert_close(packed.loss_sum, separate, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- distillation targets (replay)
+
+
+def teacher_batch(b: int = 2, t: int = 24, k: int = 5, seed: int = 4) -> dict:
+    """random_batch plus top-k teacher distributions on some labelled positions of each row."""
+    batch = random_batch(b, t)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.stack([torch.randperm(VOCAB, generator=g)[:k] for _ in range(t)]) for _ in range(b)])
+    probs = torch.rand(b, t, k, generator=g)
+    probs = probs / probs.sum(-1, keepdim=True)
+    probs[:, :14] = 0.0  # positions before 14 keep their one-hot labels
+    probs[1, 20, 3:] = 0.0  # a position with fewer than k entries (padding)
+    return batch | {"teacher_ids": ids, "teacher_probs": probs}
+
+
+def test_soft_targets_take_the_teacher_where_given_and_the_label_elsewhere():
+    targets = torch.tensor([5, -100, 7, 9])
+    ids = torch.tensor([[1, 2], [1, 2], [3, 4], [0, 0]])
+    probs = torch.tensor([[0.2, 0.6], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
+    got_ids, got_w = soft_targets(targets, (ids, probs))
+    assert got_ids.tolist() == [[1, 2], [0, 0], [7, 0], [9, 0]]
+    torch.testing.assert_close(got_w, torch.tensor([[0.25, 0.75], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4096])
+def test_teacher_loss_fused_equals_reference_and_one_hot_teacher_equals_plain_ce(chunk_size):
+    batch = teacher_batch()
+    results = []
+    for fused in (False, True):
+        model = tiny_model()
+        out = causal_lm_loss(model, batch, fused=fused, chunk_size=chunk_size)
+        (out.loss_sum * 0.37).backward()
+        results.append((out.loss_sum.detach(), _grads(model)))
+    (ref_loss, ref_g), (loss, g) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    for name in ref_g:
+        torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-6, msg=name)
+    # A teacher that puts all its mass on the label is the label: same loss as without a teacher.
+    plain = random_batch()
+    one_hot = plain | {"teacher_ids": plain["labels"].clamp_min(0).unsqueeze(-1),
+                       "teacher_probs": (plain["labels"] != -100).float().unsqueeze(-1)}
+    model = tiny_model()
+    for fused in (False, True):
+        torch.testing.assert_close(causal_lm_loss(model, one_hot, fused=fused, chunk_size=chunk_size).loss_sum,
+                                   causal_lm_loss(model, plain).loss_sum, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(ref_loss, causal_lm_loss(model, plain).loss_sum)  # the teacher did change the loss
+
+
+def test_soft_ce_chunk_grad_is_the_gradient_of_its_loss():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 40, (6, 3), generator=g)
+    weights = torch.rand(6, 3, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum(1, keepdim=True)
+    weights[2] = 0.0  # a row without loss
+    loss, grad = soft_ce_chunk_grad(logits, ids, weights)
+    expected = -(torch.log_softmax(logits, -1).gather(1, ids) * weights).sum()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, logits)[0])
+    assert grad[2].abs().max() == 0
+
+
+def test_packed_teacher_batch_equals_separate_samples():
+    """A teacher position keeps its target when samples are packed (collate + _join offsets)."""
+    from lorakit.data.packing import collate, pack_sequences
+    from lorakit.data.render import Rendered
+
+    g = torch.Generator().manual_seed(6)
+    samples = []
+    for n in (9, 14):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        labels = [-100] * 4 + ids[4:]
+        teacher = {t: (torch.randperm(VOCAB, generator=g)[:3].tolist(), [0.5, 0.3, 0.2]) for t in range(5, n)}
+        samples.append(Rendered(ids, labels, teacher))
+    model = tiny_model()
+    separate = sum(causal_lm_loss(model, collate([s], 0)).loss_sum for s in samples)
+    packed = collate(pack_sequences(samples, 64), 0)
+    assert packed["teacher_ids"].shape == (1, 23, 3)
+    for fused in (False, True):
+        torch.testing.assert_close(causal_lm_loss(model, packed, fused=fused).loss_sum, separate, rtol=1e-5, atol=1e-4)

@@ -1,15 +1,14 @@
-"""Replay rows: prompt choice, batched greedy answers, the cut-answer filter, and the per-model cache."""
+"""Replay: prompt choice, batched greedy answers with their distributions, distillation samples, the per-model cache."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from lorakit.errors import UserError
-from lorakit.replay import (Reply, ensure_replay_file, generate_replies, load_general_prompts, pick_prompts,
-                            replay_cache_path, replay_rows_from_replies)
+from lorakit.replay import (answer_from_generation, generate_replies, load_general_prompts, pick_prompts,
+                            replay_answers, replay_cache_path, target_distribution)
 
 
 @pytest.fixture(scope="module")
@@ -29,23 +28,6 @@ def test_pick_prompts_is_deterministic_and_mixes_languages_and_categories():
     assert len(pick_prompts(10_000)) == len(rows)
 
 
-def test_cut_answers_are_trimmed_to_whole_sentences_and_loops_stop():
-    rows = replay_rows_from_replies(
-        ["a?", "b?", "c?", "d?", "e?"],
-        [Reply("A. Done", [1], True), Reply("B is long. And cu", [2], False), Reply("", [], True),
-         Reply("no end at all", [3], False), Reply("好的！好的！好的！好", [4], False)])
-    assert [r["messages"][1]["content"] for r in rows] == ["A. Done", "B is long.", "好的！"]
-    assert [r["messages"][0]["content"] for r in rows] == ["a?", "b?", "e?"]
-    assert rows[0]["messages"][0]["role"] == "user" and rows[0]["messages"][1]["role"] == "assistant"
-
-
-def test_trim_keeps_numbered_lists_and_line_breaks():
-    from lorakit.replay import trim_reply
-
-    assert trim_reply(Reply("1. Study\n2. Rest\n\n3. Eat well and", [], False)) == "1. Study\n2. Rest"
-    assert trim_reply(Reply("Paris.\n\nIt is big.", [], True)) == "Paris.\n\nIt is big."
-
-
 def test_generate_replies_equals_transformers_greedy(tiny):
     model, tok = tiny
     from lorakit.data.render import render_prompt
@@ -59,13 +41,14 @@ def test_generate_replies_equals_transformers_greedy(tiny):
         assert reply.finished == (len(reply.token_ids) < 6)
 
 
-def test_cache_key_depends_on_model_system_prompts_and_length(tiny, tmp_path):
+def test_cache_key_depends_on_model_system_prompts_length_and_k(tiny, tmp_path):
     model, tok = tiny
     base = replay_cache_path(model, tok, ["a"], system=None, max_new_tokens=8, cache_dir=tmp_path)
     assert base == replay_cache_path(model, tok, ["a"], system=None, max_new_tokens=8, cache_dir=tmp_path)
     assert base != replay_cache_path(model, tok, ["b"], system=None, max_new_tokens=8, cache_dir=tmp_path)
     assert base != replay_cache_path(model, tok, ["a"], system="Be brief.", max_new_tokens=8, cache_dir=tmp_path)
     assert base != replay_cache_path(model, tok, ["a"], system=None, max_new_tokens=9, cache_dir=tmp_path)
+    assert base != replay_cache_path(model, tok, ["a"], system=None, max_new_tokens=8, cache_dir=tmp_path, top_k=5)
     saved = model.name_or_path
     model.name_or_path = "/elsewhere/model"
     try:
@@ -74,20 +57,60 @@ def test_cache_key_depends_on_model_system_prompts_and_length(tiny, tmp_path):
         model.name_or_path = saved
 
 
-def test_a_cached_file_is_reused_and_loads_as_a_dataset(tiny, tmp_path):
+def test_logprobs_are_the_models_distribution_at_each_generated_token(tiny):
+    """The engine's top-k log-probabilities equal a teacher-forced forward over prompt + reply."""
     model, tok = tiny
-    path = replay_cache_path(model, tok, pick_prompts(3), system=None, max_new_tokens=4, cache_dir=tmp_path)
-    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "cached answer"}]}
-    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
-    assert ensure_replay_file(model, tok, 3, system=None, cache_dir=tmp_path, max_new_tokens=4) == path
-    from lorakit.data.loading import load_conversations
+    from lorakit.data.render import render_prompt
 
-    parts = load_conversations([str(path)], seed=0, use_hf=False, model_name=[], model_author=[])
-    assert parts[0].conversations[0].messages[-1]["content"] == "cached answer"
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q in ("Hi", "What is 2 + 2? Say it.")]
+    gens = generate_replies(model, tok, prompts, max_new_tokens=5, batch_size=2, logprobs=4)
+    for ids, gen in zip(prompts, gens):
+        assert len(gen.logprobs) == gen.completion_tokens and all(len(t[0]) == 4 for t in gen.logprobs)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + gen.token_ids])).logits[0].float().log_softmax(-1)
+        for j, (top_ids, top_lp) in enumerate(gen.logprobs[:len(gen.token_ids)]):
+            assert top_ids[0] == gen.token_ids[j]  # greedy: the pick is the most likely token
+            values, expected = logp[len(ids) - 1 + j].topk(4)
+            assert top_ids == expected.tolist()
+            torch.testing.assert_close(torch.tensor(top_lp), values, rtol=0, atol=1e-4)
 
 
-def test_no_whole_sentence_is_a_clear_error(tiny, tmp_path):
-    model, tok = tiny  # random weights say neither a sentence end nor the end-of-turn token within 2 tokens
-    with pytest.raises(UserError, match="--replay 0"):
-        ensure_replay_file(model, tok, 2, system=None, cache_dir=tmp_path, max_new_tokens=2)
-    assert not list(tmp_path.iterdir())
+def test_target_distribution_mixes_the_pick_and_the_top_k():
+    ids, probs = target_distribution(7, [7, 3, 9], [0.4, 0.3, 0.1], 0.5)
+    assert ids == [7, 3, 9]
+    assert probs == pytest.approx([0.5 + 0.25, 0.1875, 0.0625]) and sum(probs) == pytest.approx(1.0)
+    ids, probs = target_distribution(5, [7, 3], [0.5, 0.5], 0.5)  # a tie broken towards a token outside the list
+    assert ids == [7, 3, 5] and probs == pytest.approx([0.25, 0.25, 0.5])
+
+
+def test_answer_from_generation_keeps_the_end_of_turn_only_when_the_reply_ended():
+    from lorakit.infer.engine import Generation
+
+    steps = [([11, 12], [-0.1, -2.5]), ([13, 14], [-0.3, -1.4]), ([2, 15], [-0.05, -3.0])]
+    ended = answer_from_generation("q", [1, 1], Generation([11, 13], "x y", "stop", 2, 3, logprobs=steps))
+    assert ended.answer_ids == [11, 13, 2] and len(ended.top_ids) == 3
+    cut = answer_from_generation("q", [1, 1], Generation([11, 13], "x y", "length", 2, 2, logprobs=steps[:2]))
+    assert cut.answer_ids == [11, 13] and len(cut.top_probs) == 2
+    assert cut.top_probs[0][0] == pytest.approx(0.904837, abs=1e-6)
+    sample = ended.sample(pick_weight=0.5)
+    assert sample.input_ids == [1, 1, 11, 13, 2] and sample.labels == [-100, -100, 11, 13, 2]
+    assert sorted(sample.teacher) == [2, 3, 4]
+    ids, probs = sample.teacher[4]
+    assert ids[0] == 2 and probs[0] > 0.5 and sum(probs) == pytest.approx(1.0)
+
+
+def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    answers = replay_answers(model, tok, 3, system=None, cache_dir=tmp_path, max_new_tokens=4, top_k=5)
+    assert [a.prompt for a in answers] == pick_prompts(3)
+    for a in answers:
+        sample = a.sample()
+        start = len(a.prompt_ids)
+        assert sample.input_ids[:start] == a.prompt_ids and sample.labels[:start] == [-100] * start
+        assert sample.labels[start:] == a.answer_ids and sorted(sample.teacher) == list(range(start, len(sample.labels)))
+    import lorakit.replay as replay
+
+    monkeypatch.setattr(replay, "generate_replies", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert replay_answers(model, tok, 3, system=None, cache_dir=tmp_path, max_new_tokens=4, top_k=5) == answers
+    with pytest.raises(UserError, match="--replay"):
+        replay_answers(model, tok, 0, system=None, cache_dir=tmp_path)

@@ -130,3 +130,24 @@ def test_short_run_warning(capsys):
     assert "only 12 optimizer steps" in err and "--gradient_accumulation_steps" in err
     warn_if_short(plan_steps(640, batch_size=1, grad_accum=16, epochs=3, max_steps=-1, seed=0), args)
     assert capsys.readouterr().err == ""
+
+
+def test_replay_adds_cached_distillation_samples(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """--replay N: the base's answers to N built-in prompts are generated (cached) and trained on, every
+    answer token with the base's distribution as its target; the run records the replay settings."""
+    import lorakit.model
+    from lorakit.replay import replay_samples
+
+    monkeypatch.setattr(lorakit.model, "CACHE_DIR", tmp_path / "cache")
+    data = _write_rows(tmp_path / "rows.json", n=2)
+    result = train(_args(tiny_qwen2_dir, data, tmp_path / "run", replay=6, replay_max_new_tokens=6, max_steps=4))
+    assert result.steps == 4
+    saved = json.loads((result.run_dir / "args.json").read_text())
+    assert saved["train"]["replay"] == 6 and saved["train"]["replay_max_new_tokens"] == 6
+    cached = list((tmp_path / "cache" / "replay").glob("replay-6-*.jsonl"))
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 6
+    from lorakit.model import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_qwen2_dir, device="cpu"), load_tokenizer(tiny_qwen2_dir)
+    samples = replay_samples(model, tok, 6, system=None, cache_dir=tmp_path / "cache" / "replay", max_new_tokens=6)
+    assert all(s.teacher and len(s.teacher) == s.num_loss_tokens for s in samples)

@@ -27,6 +27,7 @@ class Packed:
     labels: list[int]
     position_ids: list[int]
     lengths: list[int]  # length of each sample, in order
+    teacher: dict[int, tuple[list[int], list[float]]] | None = None  # as Rendered.teacher, positions in the row
 
 
 def pack_sequences(samples: list[Rendered], max_length: int) -> list[Packed]:
@@ -50,13 +51,14 @@ def pack_sequences(samples: list[Rendered], max_length: int) -> list[Packed]:
 
 
 def _join(members: list[Rendered]) -> Packed:
-    ids, labels, positions, lengths = [], [], [], []
+    ids, labels, positions, lengths, teacher = [], [], [], [], {}
     for s in members:
+        teacher.update({len(ids) + t: top for t, top in (s.teacher or {}).items()})
         ids += s.input_ids
         labels += [IGNORE_INDEX] + s.labels[1:]
         positions += range(len(s.input_ids))
         lengths.append(len(s.input_ids))
-    return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths)
+    return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths, teacher=teacher or None)
 
 
 def collate(batch: list[Rendered] | list[Packed], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -65,6 +67,7 @@ def collate(batch: list[Rendered] | list[Packed], pad_token_id: int) -> dict[str
     Rendered samples: input_ids, labels (-100 on padding), attention_mask (1 real, 0 padding).
     Packed rows: input_ids, labels, position_ids and no attention_mask, so the model isolates each
     sample; padding forms its own segment (positions 0..p-1) after the real tokens.
+    Samples with distillation targets add teacher_ids / teacher_probs [B, T, K] (probs 0 elsewhere).
     """
     width = max(len(x.input_ids) for x in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -85,4 +88,18 @@ def collate(batch: list[Rendered] | list[Packed], pad_token_id: int) -> dict[str
         for r, x in enumerate(batch):
             attention_mask[r, : len(x.input_ids)] = 1
         out["attention_mask"] = attention_mask
+    if any(x.teacher for x in batch):
+        out.update(collate_teacher(batch, width))
     return out
+
+
+def collate_teacher(batch: list[Rendered] | list[Packed], width: int) -> dict[str, torch.Tensor]:
+    """teacher_ids (int64) and teacher_probs (fp32), [B, T, K]: each position's top-k, zeros where none."""
+    k = max(len(ids) for x in batch for ids, _ in (x.teacher or {}).values())
+    teacher_ids = torch.zeros((len(batch), width, k), dtype=torch.long)
+    teacher_probs = torch.zeros((len(batch), width, k), dtype=torch.float32)
+    for r, x in enumerate(batch):
+        for t, (ids, probs) in (x.teacher or {}).items():
+            teacher_ids[r, t, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            teacher_probs[r, t, : len(probs)] = torch.tensor(probs, dtype=torch.float32)
+    return {"teacher_ids": teacher_ids, "teacher_probs": teacher_probs}

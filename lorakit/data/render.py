@@ -33,6 +33,8 @@ class Rendered:
 
     input_ids: list[int]
     labels: list[int]
+    teacher: dict[int, tuple[list[int], list[float]]] | None = None
+    "Distillation targets: token position -> the teacher's top-k (ids, probs) for that token (replaces its label)."
 
     @property
     def num_loss_tokens(self) -> int:
