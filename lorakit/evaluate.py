@@ -130,7 +130,9 @@ def load_retention_questions() -> list[dict]:
 # ---------------------------------------------------------------- running the model
 
 PROBE_MAX_NEW_TOKENS = 48
-RETENTION_MAX_NEW_TOKENS = 64  # a small model's answer often comes after a sentence of preamble
+# A small model's answer often comes after a sentence of preamble: SmolLM2-135M's 44 correct answers state
+# it by token 32 at the latest (median 7); 48 leaves room, and the identity leak is looked for in 48 tokens.
+RETENTION_MAX_NEW_TOKENS = 48
 DRIFT_QUESTIONS = 32  # drift is measured on every third retention question: two forwards each, on CPU it adds up
 
 
@@ -175,9 +177,12 @@ class EvalResult:
 
     def figures(self) -> dict:
         """The headline numbers only."""
+        asked = {lang: [p.passed for p in self.probes if p.lang == lang] for lang in ("en", "zh")}
         return {"identity_en": self.identity.get("en"), "identity_zh": self.identity.get("zh"),
                 "retention": self.retention, "leak": self.leak, "drift_kl": self.drift_kl,
-                "base_correct": self.base_correct, "kept_correct": self.kept_correct}
+                "base_correct": self.base_correct, "kept_correct": self.kept_correct,
+                "probes_en": len(asked["en"]), "probes_zh": len(asked["zh"]),
+                "passed_en": sum(asked["en"]), "passed_zh": sum(asked["zh"])}
 
     def to_json(self) -> dict:
         return asdict(self) | {"figures": self.figures()}
@@ -200,9 +205,13 @@ def _prompts(tokenizer, questions: list[str], system: str | None) -> list[list[i
 
 
 def identity_probe_results(model, tokenizer, *, name, author, system, batch_size: int | None,
-                           max_new_tokens: int = PROBE_MAX_NEW_TOKENS, cache_dir: Path | None = None) -> list[ProbeResult]:
-    """Ask every held-out identity probe and score the replies (`cache_dir`: cache a base model's replies)."""
+                           max_new_tokens: int = PROBE_MAX_NEW_TOKENS, cache_dir: Path | None = None,
+                           per_lang: int | None = None) -> list[ProbeResult]:
+    """Ask the held-out identity probes (all, or the first `per_lang` of each language) and score the
+    replies (`cache_dir`: cache a base model's replies)."""
     probes = load_probes()
+    if per_lang is not None:
+        probes = [p for lang in ("en", "zh") for p in [q for q in probes if q["lang"] == lang][:per_lang]]
     replies = cached_replies(model, tokenizer, [p["query"] for p in probes], system=system, batch_size=batch_size,
                              max_new_tokens=max_new_tokens, cache_dir=cache_dir, desc="eval: identity probes")
     return [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
@@ -353,16 +362,19 @@ def drift_indices(n: int, k: int = DRIFT_QUESTIONS) -> list[int]:
 
 
 def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_base: bool = False,
-             batch_size: int | None = None, cache_dir: Path | None = None) -> EvalResult:
+             batch_size: int | None = None, cache_dir: Path | None = None,
+             probes_per_lang: int | None = None) -> EvalResult:
     """Identity on the held-out probes, retention and leak on the general questions, and drift.
 
     `model` is a PEFT model (its adapter is switched off for the base figures) or, with
     `is_base`, a plain base model (retention is then 1 and drift 0 by definition).
+    `probes_per_lang`: ask only the first N probes of each language (quickstart's baseline: a base
+    model states no new identity it was never told, so a few show it).
     """
     started = time.perf_counter()
     name, author = _names(name), _names(author)
     probes = identity_probe_results(model, tokenizer, name=name, author=author, system=system, batch_size=batch_size,
-                                    cache_dir=cache_dir if is_base else None)
+                                    cache_dir=cache_dir if is_base else None, per_lang=probes_per_lang)
     identity = {lang: _share([p.passed for p in probes if p.lang == lang]) for lang in ("en", "zh")}
     questions = load_retention_questions()
     base = base_answers(model, tokenizer, system=system, batch_size=batch_size, cache_dir=cache_dir)

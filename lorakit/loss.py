@@ -54,8 +54,14 @@ def _causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 
 def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Run the decoder body (no lm_head): [B, T] ids -> [B, T, H] final-norm hidden states."""
+    """Run the decoder body (no lm_head): [B, T] ids -> [B, T, H] final-norm hidden states.
+
+    With prefix_ids [1, P] (collate(shared_prefix=True)): the prefix runs once, its keys and values
+    (gradients included) are shared by every row, and the rows continue from position P.
+    """
     body, _ = _causal_lm_parts(model)
+    if "prefix_ids" in batch:
+        return _hidden_after_prefix(body, batch)
     out = body(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -98,6 +104,23 @@ def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tenso
     soft_w = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
     return (torch.where(has_teacher.unsqueeze(1), ids, hard_ids),
             torch.where(has_teacher.unsqueeze(1), soft_w, hard_w))
+
+
+def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    prefix = body(input_ids=batch["prefix_ids"], use_cache=True)
+    cache = prefix.past_key_values
+    rows, width = batch["input_ids"].shape
+    for layer in cache.layers:  # one copy of the prefix, broadcast to every row
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    n = batch["prefix_ids"].shape[1]
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
+    positions = torch.arange(n, n + width, device=batch["input_ids"].device).expand(rows, width)
+    out = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, past_key_values=cache,
+               use_cache=True)
+    return out.last_hidden_state
 
 
 def reference_linear_ce(

@@ -25,6 +25,7 @@ SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
 MIN_STEPS = 60  # fewer optimizer steps than this do not teach an identity that holds on unseen questions
 MAX_EPOCHS = 6
 DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
+BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
 
 @dataclass
@@ -175,7 +176,8 @@ def quickstart(args: QuickstartArgs) -> Report:
     clock.lap("load base model")
 
     print(f"[1/5] baseline: {model_path.name} ({n_params / 1e6:.0f}M parameters) on {device}", file=sys.stderr)
-    before = evaluate(model, tokenizer, name=args.model_name, author=args.model_author, is_base=True, cache_dir=cache)
+    before = evaluate(model, tokenizer, name=args.model_name, author=args.model_author, is_base=True, cache_dir=cache,
+                      probes_per_lang=BASELINE_PROBES)
     print_answers("Before training, the base model says:", sample_answers(before))
     clock.lap("baseline")
 

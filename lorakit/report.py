@@ -25,13 +25,22 @@ def fmt(value: float | None, percent: bool) -> str:
     return f"{100 * value:.1f}%" if percent else f"{value:.4f}"
 
 
+def cell(figures: dict[str, Any], key: str, percent: bool) -> str:
+    """fmt, plus the counts behind an identity share: '93.8% (30/32)'."""
+    text = fmt(figures.get(key), percent)
+    lang = key.removeprefix("identity_")
+    if key.startswith("identity_") and figures.get(f"probes_{lang}"):
+        text += f" ({figures[f'passed_{lang}']}/{figures[f'probes_{lang}']})"
+    return text
+
+
 def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markdown: bool = False) -> str:
     """Before/after table of the headline figures (plain text for the terminal, or markdown)."""
     header = ["", "before", "after", "target"] if before is not None else ["", "value", "target"]
     body = []
     for key, label, percent in ROWS:
-        cells = [label] + ([fmt(before.get(key), percent)] if before is not None else [])
-        body.append(cells + [fmt(after.get(key), percent), TARGETS.get(key, "")])
+        cells = [label] + ([cell(before, key, percent)] if before is not None else [])
+        body.append(cells + [cell(after, key, percent), TARGETS.get(key, "")])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])

@@ -193,3 +193,40 @@ def test_packed_teacher_batch_equals_separate_samples():
     assert packed["teacher_ids"].shape == (1, 23, 3)
     for fused in (False, True):
         torch.testing.assert_close(causal_lm_loss(model, packed, fused=fused).loss_sum, separate, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prefix_batch_gives_the_same_loss_and_gradients():
+    """collate(shared_prefix=True) runs the common start (the system prompt) once for all rows: same numbers."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.data.packing import collate, shared_prefix_length
+    from lorakit.data.render import Rendered
+
+    g = torch.Generator().manual_seed(7)
+    system = torch.randint(0, VOCAB, (10,), generator=g).tolist()
+    samples = []
+    for n in (7, 12, 5):
+        ids = system + torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        labels = [-100] * (len(system) + 2) + ids[len(system) + 2:]
+        samples.append(Rendered(ids, labels, {len(system) + 3: ([1, 2, 3], [0.5, 0.3, 0.2])}))
+    assert shared_prefix_length(samples) == 10
+    assert shared_prefix_length(samples[:1]) == 0
+    early = Rendered(samples[0].input_ids, [-100] * 5 + samples[0].input_ids[5:])
+    assert shared_prefix_length([early, samples[1]]) == 4  # stops before the first learned token's predictor
+    batch = collate(samples, 0, shared_prefix=True)
+    assert batch["prefix_ids"].tolist() == [system] and batch["input_ids"].shape == (3, 12)
+    for fused in (False, True):
+        results = []
+        for shared in (False, True):
+            torch.manual_seed(0)
+            model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                            init_lora_weights=False))
+            out = causal_lm_loss(model, collate(samples, 0, shared_prefix=shared), fused=fused)
+            out.loss_sum.backward()
+            results.append((out.loss_sum.detach(), out.n_tokens, _grads(model)))
+        (ref, ref_n, ref_g), (got, n, g_) = results
+        assert n == ref_n
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert ref_g.keys() == g_.keys() and any("lora" in k for k in ref_g)
+        for name in ref_g:
+            torch.testing.assert_close(g_[name], ref_g[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -61,14 +61,44 @@ def _join(members: list[Rendered]) -> Packed:
     return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths, teacher=teacher or None)
 
 
-def collate(batch: list[Rendered] | list[Packed], pad_token_id: int) -> dict[str, torch.Tensor]:
+def shared_prefix_length(batch: list[Rendered]) -> int:
+    """Tokens every sample starts with and learns nothing from (none of them, nor the token after, has a
+    label): the template's system prompt, say. 0 for a single sample or when it is too short to matter."""
+    if len(batch) < 2:
+        return 0
+    first = batch[0].input_ids
+    n = min(len(x.input_ids) for x in batch) - 1
+    for x in batch:
+        labelled = next((t for t, label in enumerate(x.labels) if label != IGNORE_INDEX), len(x.labels))
+        n = min(n, labelled - 1)
+    for t in range(max(n, 0)):
+        if any(x.input_ids[t] != first[t] for x in batch[1:]):
+            n = t
+            break
+    return n if n >= 4 else 0
+
+
+def strip_prefix(sample: Rendered, n: int) -> Rendered:
+    teacher = {t - n: top for t, top in sample.teacher.items()} if sample.teacher else None
+    return Rendered(input_ids=sample.input_ids[n:], labels=sample.labels[n:], teacher=teacher)
+
+
+def collate(batch: list[Rendered] | list[Packed], pad_token_id: int, *, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad a batch into int64 tensors [B, T].
+
+    shared_prefix (unpacked samples): the tokens all samples start with (`shared_prefix_length`) are cut
+    from every row and returned once as prefix_ids [1, P]; the loss runs them once for the whole batch
+    (lorakit.loss.hidden_states). Same loss and gradients, (B - 1) x P fewer tokens through the model.
 
     Rendered samples: input_ids, labels (-100 on padding), attention_mask (1 real, 0 padding).
     Packed rows: input_ids, labels, position_ids and no attention_mask, so the model isolates each
     sample; padding forms its own segment (positions 0..p-1) after the real tokens.
     Samples with distillation targets add teacher_ids / teacher_probs [B, T, K] (probs 0 elsewhere).
     """
+    prefix = shared_prefix_length(batch) if shared_prefix and not isinstance(batch[0], Packed) else 0
+    if prefix:
+        out = collate([strip_prefix(x, prefix) for x in batch], pad_token_id)
+        return out | {"prefix_ids": torch.tensor([batch[0].input_ids[:prefix]], dtype=torch.long)}
     width = max(len(x.input_ids) for x in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
