@@ -248,6 +248,20 @@ class _KVBuffers:
         self.rows_t = torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _similar_lengths(batch: Batch, waste: float = 0.25) -> list[Batch]:
+    """The batch cut into runs of consecutive rows whose padding is at most `waste` of a run's tokens."""
+    lengths = [batch.input_ids.shape[1] - pad for pad in batch.pad_lengths]
+    parts, begin = [], 0
+    for end in range(1, len(lengths) + 1):
+        run = lengths[begin:end + 1]
+        if end == len(lengths) or max(run) * len(run) - sum(run) > waste * max(run) * len(run):
+            cut = min(batch.pad_lengths[begin:end])
+            parts.append(Batch(batch.input_ids[begin:end, cut:], batch.attention_mask[begin:end, cut:],
+                               [pad - cut for pad in batch.pad_lengths[begin:end]]))
+            begin = end
+    return parts
+
+
 def _common_prefix_length(rows: list[list[int]]) -> int:
     first = rows[0]
     for i in range(min(map(len, rows))):
@@ -304,27 +318,40 @@ class ReferenceDecoder:
     @torch.inference_mode()
     def add(self, batch: Batch, max_new_tokens: int) -> torch.Tensor:
         shared = self._shared_prefix(batch) if self.in_place and self.cache is None else None
+        if shared is not None or self.buffers is not None:
+            # Rows of similar length are prefilled together: less padding (generate adds them sorted).
+            return torch.cat([self._join(part, shared, max_new_tokens) for part in _similar_lengths(batch)])
+        mask = batch.attention_mask
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        cache, pads = out.past_key_values, list(batch.pad_lengths)
+        if self.in_place and self.cache is None and _plain_dynamic(cache):
+            self._to_buffers([(layer.keys, layer.values) for layer in cache.layers], pads, max_new_tokens)
+        elif self.cache is None:
+            self.cache, self.mask, self.positions, self.pads = cache, mask, positions[:, -1:], pads
+        else:
+            self._merge(cache, mask, positions[:, -1:], pads)
+        return out.logits[:, -1].float()
+
+    def _join(self, batch: Batch, shared, max_new_tokens: int) -> torch.Tensor:
+        """Prefill `batch` (after the shared prefix, if any) into the buffers; return its last logits."""
         if shared is not None:
             logits, kv, pads = self._prefill_after_prefix(batch, *shared)
         else:
-            mask = batch.attention_mask
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, logits_to_keep=1)
-            logits, cache, pads = out.logits[:, -1], out.past_key_values, list(batch.pad_lengths)
-            if not (self.in_place and self.cache is None and (self.buffers is not None or _plain_dynamic(cache))):
-                if self.cache is None:
-                    self.cache, self.mask, self.positions, self.pads = cache, mask, positions[:, -1:], pads
-                else:
-                    self._merge(cache, mask, positions[:, -1:], pads)
-                return logits.float()
-            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=positions, use_cache=True, logits_to_keep=1)
+            logits, pads = out.logits[:, -1], list(batch.pad_lengths)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._to_buffers(kv, pads, max_new_tokens)
+        return logits.float()
+
+    def _to_buffers(self, kv: list[tuple[torch.Tensor, torch.Tensor]], pads: list[int], max_new_tokens: int) -> None:
         if self.buffers is None:
             rows, length = self.hint
-            width = kv[0][0].shape[2]
-            self.buffers = _KVBuffers(kv, max(rows, len(pads)), max(length or 0, width + max_new_tokens))
+            self.buffers = _KVBuffers(kv, max(rows, len(pads)), max(length or 0, kv[0][0].shape[2] + max_new_tokens))
         self.buffers.join(kv, pads, max_new_tokens)
-        return logits.float()
 
     def _shared_prefix(self, batch: Batch) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None:
         """The new prompts' common prefix (all but their last token at most): its length and each layer's keys
