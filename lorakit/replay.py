@@ -59,12 +59,14 @@ def pick_prompts(n: int, *, seed: int = 0) -> list[str]:
 
 
 def generation_batch_size(model, requested: int | None = None) -> int:
-    """Prompts decoded together. CPU: 64 (a decode step costs far less than linear in the batch, on
-    a CPU too: SmolLM2-135M, one core, 0.2 s per step at 8, 0.43 s at 32). GPU: 256, since a decode
-    step reads every weight once whatever the batch (Qwen2.5-7B: 310 replay prompts in 2 waves, not 5)."""
+    """Prompts decoded together. CPU: 128 (bench/decode_cpu.py, SmolLM2-135M float32, 2 cores, 300
+    prompts x 32 new tokens: 70 s at 64, 58 s at 128, 53-61 s at 192, 54-62 s at 300; a decode step
+    costs 4.9 ms per row at 64, 3.3 at 128, 2.6 at 300, but larger batches gained little end to end
+    and were erratic on a shared CPU). GPU: 256, since a decode step reads every weight once whatever
+    the batch (Qwen2.5-7B: 310 replay prompts in 2 waves, not 5)."""
     if requested:
         return requested
-    return 256 if next(model.parameters()).is_cuda else 64
+    return 256 if next(model.parameters()).is_cuda else 128
 
 
 def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int],
