@@ -177,6 +177,8 @@ class TrainArgs:
     "Mix in the base model's own answers to N built-in general prompts, learned as its distributions (keeps general ability)."
     replay_max_new_tokens: int = 32
     "Longest replay answer, in tokens (each answer token carries the base's top-20 distribution)."
+    replay_weight: float = 1.0
+    "Loss weight of a replay token relative to a token of your data (below 1: your data counts for more)."
     dry_run: bool = False
     "Load and check the data, print the summary, and stop before loading weights."
     add_version: bool = True
@@ -312,6 +314,8 @@ class QuickstartArgs:
     "LoRA on the top N decoder layers only (default: chosen per device; 0: every layer)."
     replay_max_new_tokens: int | None = None
     "Longest replay answer generated, in tokens (default: chosen per device)."
+    replay_weight: float | None = None
+    "Loss weight of a replay token relative to an identity token (default: chosen by quickstart)."
     per_device_train_batch_size: int | None = None
     "Samples per optimizer step (default: 2 on CPU, 8 on GPU, so a short run still takes enough steps)."
     seed: int = 42

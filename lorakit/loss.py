@@ -92,8 +92,8 @@ def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tenso
     """(ids [N, K], weights [N, K]): the teacher's distribution where it has one, else the one-hot label.
 
     targets: [N] (-100 ignored); teacher: ([N, K] ids, [N, K] probs, 0 on padding entries). A row
-    with a label and a teacher learns the teacher's probabilities, renormalised over its K tokens
-    (soft-label cross-entropy); a row with only a label, plain cross-entropy (weight 1 on it).
+    with a label and a teacher learns the teacher's probabilities (soft-label cross-entropy; they
+    sum to 1, or to the sample's loss weight); a row with only a label, plain cross-entropy.
     """
     ids, probs = teacher
     valid = targets != IGNORE_INDEX
@@ -101,9 +101,8 @@ def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tenso
     has_teacher = (probs.sum(-1) > 0) & valid
     hard_ids = F.pad(targets.clamp_min(0).unsqueeze(1), (0, ids.shape[1] - 1))
     hard_w = F.pad(valid.float().unsqueeze(1), (0, ids.shape[1] - 1))
-    soft_w = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
     return (torch.where(has_teacher.unsqueeze(1), ids, hard_ids),
-            torch.where(has_teacher.unsqueeze(1), soft_w, hard_w))
+            torch.where(has_teacher.unsqueeze(1), probs, hard_w))
 
 
 def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -25,6 +25,7 @@ SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
 MIN_STEPS = 60  # fewer optimizer steps than this do not teach an identity that holds on unseen questions
 MAX_EPOCHS = 6
 DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
+REPLAY_WEIGHT = 1.0  # loss weight of a replay token relative to an identity token
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
 
@@ -40,6 +41,7 @@ class Recipe:
     lora_alpha: int
     layers_to_transform: list[int]
     replay_max_new_tokens: int
+    replay_weight: float
     reason: str
 
 
@@ -54,7 +56,8 @@ def default_learning_rate(n_params: int) -> float:
 
 def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int = 0, lora_rank: int = 8,
                   epochs: float | None = None, learning_rate: float | None = None, batch_size: int | None = None,
-                  lora_layers: int | None = None, replay_max_new_tokens: int | None = None) -> Recipe:
+                  lora_layers: int | None = None, replay_max_new_tokens: int | None = None,
+                  replay_weight: float | None = None) -> Recipe:
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
@@ -77,6 +80,7 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
     return Recipe(num_train_epochs=chosen, learning_rate=lr, per_device_train_batch_size=batch,
                   gradient_accumulation_steps=1, lora_rank=lora_rank, lora_alpha=4 * lora_rank,
                   layers_to_transform=layers, replay_max_new_tokens=replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS,
+                  replay_weight=replay_weight if replay_weight is not None else REPLAY_WEIGHT,
                   reason=reason)
 
 
@@ -93,7 +97,8 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
                         per_device_train_batch_size=recipe.per_device_train_batch_size,
                         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
                         warmup_ratio=0.05, logging_steps=1, save_steps=10**9, report_to=["none"],
-                        replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens),
+                        replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens,
+                        replay_weight=recipe.replay_weight),
     )
 
 
@@ -184,7 +189,8 @@ def quickstart(args: QuickstartArgs) -> Report:
     n_layers = getattr(model.config, "num_hidden_layers", 0)
     plan = dict(n_layers=n_layers, lora_rank=args.lora_rank, epochs=args.num_train_epochs,
                 learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
-                lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens)
+                lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens,
+                replay_weight=args.replay_weight)
     datasets, replay_rows = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()

@@ -134,12 +134,15 @@ class ReplayAnswer:
     "Per answer token: the base's top-k tokens and probabilities (before that token was picked)."
     text: str = ""
 
-    def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT) -> Rendered:
+    def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT, weight: float = 1.0) -> Rendered:
         """Prompt (no loss) + answer; every answer token's target is `pick_weight` on the token the base
-        picked plus (1 - pick_weight) times the base's top-k distribution (renormalised)."""
+        picked plus (1 - pick_weight) times the base's top-k distribution (renormalised), all times the
+        sample's loss `weight` (relative to a labelled token's 1)."""
         start = len(self.prompt_ids)
-        teacher = {start + j: target_distribution(token, ids, probs, pick_weight)
-                   for j, (token, ids, probs) in enumerate(zip(self.answer_ids, self.top_ids, self.top_probs))}
+        teacher = {}
+        for j, (token, ids, probs) in enumerate(zip(self.answer_ids, self.top_ids, self.top_probs)):
+            ids, mixed = target_distribution(token, ids, probs, pick_weight)
+            teacher[start + j] = (ids, [weight * p for p in mixed])
         return Rendered(input_ids=self.prompt_ids + self.answer_ids,
                         labels=[IGNORE_INDEX] * start + self.answer_ids, teacher=teacher)
 
@@ -211,6 +214,6 @@ def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: P
     return answers
 
 
-def replay_samples(model, tokenizer, n: int, **kwargs) -> list[Rendered]:
-    """Training samples (with distillation targets) from `replay_answers`."""
-    return [answer.sample() for answer in replay_answers(model, tokenizer, n, **kwargs)]
+def replay_samples(model, tokenizer, n: int, *, weight: float = 1.0, **kwargs) -> list[Rendered]:
+    """Training samples (with distillation targets, loss `weight` each) from `replay_answers`."""
+    return [answer.sample(weight=weight) for answer in replay_answers(model, tokenizer, n, **kwargs)]

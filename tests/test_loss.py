@@ -159,6 +159,9 @@ def test_teacher_loss_fused_equals_reference_and_one_hot_teacher_equals_plain_ce
         torch.testing.assert_close(causal_lm_loss(model, one_hot, fused=fused, chunk_size=chunk_size).loss_sum,
                                    causal_lm_loss(model, plain).loss_sum, rtol=1e-6, atol=1e-5)
     assert not torch.allclose(ref_loss, causal_lm_loss(model, plain).loss_sum)  # the teacher did change the loss
+    half = plain | {"teacher_ids": one_hot["teacher_ids"], "teacher_probs": one_hot["teacher_probs"] * 0.5}
+    torch.testing.assert_close(causal_lm_loss(model, half, fused=True, chunk_size=chunk_size).loss_sum,
+                               0.5 * causal_lm_loss(model, plain).loss_sum, rtol=1e-6, atol=1e-5)  # a sample weight
 
 
 def test_soft_ce_chunk_grad_is_the_gradient_of_its_loss():

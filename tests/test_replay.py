@@ -97,6 +97,9 @@ def test_answer_from_generation_keeps_the_end_of_turn_only_when_the_reply_ended(
     assert sorted(sample.teacher) == [2, 3, 4]
     ids, probs = sample.teacher[4]
     assert ids[0] == 2 and probs[0] > 0.5 and sum(probs) == pytest.approx(1.0)
+    weighted = ended.sample(pick_weight=0.5, weight=0.25)  # --replay_weight: every target scaled, ids unchanged
+    for t, (ids, probs) in weighted.teacher.items():
+        assert ids == sample.teacher[t][0] and probs == pytest.approx([0.25 * p for p in sample.teacher[t][1]])
 
 
 def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatch):
