@@ -134,7 +134,7 @@ def test_soft_targets_take_the_teacher_where_given_and_the_label_elsewhere():
     probs = torch.tensor([[0.2, 0.6], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
     got_ids, got_w = soft_targets(targets, (ids, probs))
     assert got_ids.tolist() == [[1, 2], [0, 0], [7, 0], [9, 0]]
-    torch.testing.assert_close(got_w, torch.tensor([[0.25, 0.75], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))
+    torch.testing.assert_close(got_w, torch.tensor([[0.2, 0.6], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]))  # as given: a weight
 
 
 @pytest.mark.parametrize("chunk_size", [3, 4096])
