@@ -75,8 +75,13 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     for name in ("report.md", "report.png", "eval.json"):
         assert (run_dir / name).is_file()
     # the printed table holds the numbers in report.json
-    printed = re.search(r"identity, English \(held-out probes\)\s+(\S+)\s+(\S+)", proc.stdout)
-    assert printed.group(2) == f"{100 * report['after']['identity_en']:.1f}%"
+    printed = re.search(r"identity, English \(held-out probes\)\s+(\S+) \((\d+)/(\d+)\)\s+(\S+) \((\d+)/(\d+)\)",
+                        proc.stdout)
+    after = report["after"]
+    assert printed.group(4) == f"{100 * after['identity_en']:.1f}%"
+    assert (int(printed.group(5)), int(printed.group(6))) == (after["passed_en"], after["probes_en"]) == (
+        round(after["identity_en"] * 32), 32)
+    assert (int(printed.group(2)), int(printed.group(3))) == (0, report["before"]["probes_en"])
     assert report["before"]["identity_en"] == 0.0 and report["before"]["identity_zh"] == 0.0
     assert f"lorakit infer --adapters {report['checkpoint']}" in proc.stdout
     # even this short run learns the identity (the base scores 0 on the same held-out probes)
