@@ -186,7 +186,8 @@ class TrainArgs:
 
     def __post_init__(self):
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, ("cosine", "linear", "constant"))
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                     "replay_max_new_tokens", "replay_weight"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
 
@@ -320,6 +321,13 @@ class QuickstartArgs:
     "Samples per optimizer step (default: 2 on CPU, 8 on GPU, so a short run still takes enough steps)."
     seed: int = 42
     "Random seed."
+
+    def __post_init__(self):  # before any model loads: a bad recipe flag costs nothing
+        for name in ("replay_max_new_tokens", "replay_weight", "per_device_train_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.lora_layers is not None and self.lora_layers < 0:
+            raise UserError(f"--lora_layers must be >= 0 (0: every layer), got {self.lora_layers}.")
 
 
 @dataclass

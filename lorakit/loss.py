@@ -156,7 +156,8 @@ def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 
 def soft_ce_chunk_grad(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ce_chunk_grad for weighted targets (`soft_targets`): ids, weights [n, K], each row's weights sum to 1.
+    """ce_chunk_grad for weighted targets (`soft_targets`): ids, weights [n, K] (a row's weights sum to its
+    loss weight: 1 for a label or a plain teacher, 0 for no loss).
 
     loss = sum_k w_k (lse - x_k); d loss / d logits = softmax * sum_k w_k - scatter(w).
     """

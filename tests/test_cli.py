@@ -61,3 +61,13 @@ def test_cli_unknown_flag_exit_code(cli):
     result = cli("sft", "--lora_rnak", "8")
     assert result.returncode == 2
     assert "Did you mean --lora_rank" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--replay_weight", "0", "--replay_weight must be positive"),
+    ("--replay_max_new_tokens", "-1", "--replay_max_new_tokens must be positive"),
+    ("--lora_layers", "-2", "--lora_layers must be >= 0"),
+])
+def test_bad_quickstart_recipe_flags_fail_before_any_model_loads(cli, flag, value, message):
+    proc = cli("quickstart", "--model_name", "A", "--model_author", "B", flag, value, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr

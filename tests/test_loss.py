@@ -48,16 +48,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _loss_and_grads(batch, fused, chunk_size):
+    """(loss, loss tokens, gradients) of a fresh tiny model on `batch`."""
+    model = tiny_model()
+    out = causal_lm_loss(model, batch, fused=fused, chunk_size=chunk_size)
+    (out.loss_sum * 0.37).backward()  # a non-unit upstream gradient must be applied too
+    return out.loss_sum.detach(), out.n_tokens, _grads(model)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
 def test_fused_loss_and_grads_equal_reference(chunk_size):
-    batch = random_batch()
-    results = []
-    for fused in (False, True):
-        model = tiny_model()
-        out = causal_lm_loss(model, batch, fused=fused, chunk_size=chunk_size)
-        (out.loss_sum * 0.37).backward()  # a non-unit upstream gradient must be applied too
-        results.append((out.loss_sum.detach(), out.n_tokens, _grads(model)))
-    (ref_loss, ref_n, ref_g), (loss, n, g) = results
+    (ref_loss, ref_n, ref_g), (loss, n, g) = [_loss_and_grads(random_batch(), fused, chunk_size) for fused in (False, True)]
     assert n.item() == ref_n.item()
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     assert ref_g.keys() == g.keys() and "lm_head.weight" in g
@@ -139,14 +140,7 @@ def test_soft_targets_take_the_teacher_where_given_and_the_label_elsewhere():
 
 @pytest.mark.parametrize("chunk_size", [3, 4096])
 def test_teacher_loss_fused_equals_reference_and_one_hot_teacher_equals_plain_ce(chunk_size):
-    batch = teacher_batch()
-    results = []
-    for fused in (False, True):
-        model = tiny_model()
-        out = causal_lm_loss(model, batch, fused=fused, chunk_size=chunk_size)
-        (out.loss_sum * 0.37).backward()
-        results.append((out.loss_sum.detach(), _grads(model)))
-    (ref_loss, ref_g), (loss, g) = results
+    (ref_loss, _, ref_g), (loss, _, g) = [_loss_and_grads(teacher_batch(), fused, chunk_size) for fused in (False, True)]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
     for name in ref_g:
         torch.testing.assert_close(g[name], ref_g[name], rtol=1e-5, atol=1e-6, msg=name)
