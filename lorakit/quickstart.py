@@ -102,11 +102,6 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
     )
 
 
-def count_lines(path: Path) -> int:
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
-
-
 def sample_answers(result: EvalResult, k: int = 2) -> list[dict[str, str]]:
     """A few probe replies per language, for the terminal and the report."""
     out = []
