@@ -61,9 +61,13 @@ def main() -> None:
                               model_author=config.pop("model_author", ["Acme Labs"]), output_dir=opts.out, **config)
         started = time.perf_counter()
         report = quickstart(args)
+        details = json.loads((Path(report.checkpoint).parent / "eval.json").read_text(encoding="utf-8"))
         results.append({"name": name, "config": config, "wall_s": time.perf_counter() - started,
                         "after": report.after, "before": report.before, "timings": report.timings,
-                        "recipe": report.recipe, "after_answers": report.after_answers})
+                        "recipe": report.recipe, "after_answers": report.after_answers,
+                        "failed_probes": [p for p in details["probes"] if not p["passed"]],
+                        "leaked": [r for r in details["retention_rows"] if r["leaked"]],
+                        "forgotten": [r for r in details["retention_rows"] if r["base_correct"] and not r["correct"]]})
         print(f"SWEEP {name}: {json.dumps(report.after)} wall {results[-1]['wall_s']:.0f}s", flush=True)
         if opts.results:
             Path(opts.results).write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))

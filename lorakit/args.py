@@ -171,6 +171,8 @@ class TrainArgs:
     "With --resume_from_checkpoint: load only the weights and start a new run."
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     "Where to log: tensorboard, wandb, none."
+    group_by_length: bool = False
+    "Batch samples of similar length together (less padding; order still shuffled per epoch)."
     dataloader_num_workers: int = 0
     "Accepted for compatibility; tokenised data is already in memory, so it is not needed."
     replay: int = 0

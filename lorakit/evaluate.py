@@ -171,6 +171,8 @@ class EvalResult:
     name: list[str]
     author: list[str]
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    "Wall seconds per part of the eval (probes, base answers, teacher-forced pass, decoding on)."
     probes: list[ProbeResult] = field(default_factory=list)
     retention_rows: list[RetentionResult] = field(default_factory=list)
 
@@ -371,12 +373,19 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
     model states no new identity it was never told, so a few show it).
     """
     started = time.perf_counter()
+    stages: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        stages[stage] = time.perf_counter() - started - sum(stages.values())
+
     name, author = _names(name), _names(author)
     probes = identity_probe_results(model, tokenizer, name=name, author=author, system=system, batch_size=batch_size,
                                     cache_dir=cache_dir if is_base else None, per_lang=probes_per_lang)
+    lap("identity probes")
     identity = {lang: _share([p.passed for p in probes if p.lang == lang]) for lang in ("en", "zh")}
     questions = load_retention_questions()
     base = base_answers(model, tokenizer, system=system, batch_size=batch_size, cache_dir=cache_dir)
+    lap("base answers")
     drift = 0.0
     if is_base:
         replies = base
@@ -384,9 +393,11 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
         prompts = _prompts(tokenizer, [q["question"] for q in questions], system)
         tf = teacher_forced(model, tokenizer, prompts, [b.token_ids for b in base],
                             kl_rows=drift_indices(len(questions)))
+        lap("teacher-forced pass")
         replies = greedy_after_drafts(model, tokenizer, prompts, base, max_new_tokens=RETENTION_MAX_NEW_TOKENS,
                                       predicted=tf.predicted, batch_size=batch_size, desc="eval: general questions")
         drift = tf.kl_sum / max(tf.kl_tokens, 1)
+        lap("general answers")
     rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
                             retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
             for q, b, r in zip(questions, base, replies)]
@@ -395,6 +406,7 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
     return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
                       base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
+                      stage_seconds=stages,
                       probes=probes, retention_rows=rows)
 
 

@@ -96,7 +96,7 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
                         learning_rate=recipe.learning_rate,
                         per_device_train_batch_size=recipe.per_device_train_batch_size,
                         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-                        warmup_ratio=0.05, logging_steps=1, save_steps=10**9, report_to=["none"],
+                        warmup_ratio=0.05, group_by_length=True, logging_steps=1, save_steps=10**9, report_to=["none"],
                         replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens,
                         replay_weight=recipe.replay_weight),
     )
@@ -212,7 +212,8 @@ def quickstart(args: QuickstartArgs) -> Report:
         model=str(model_path), name=after.name, author=after.author, checkpoint=str(result.last_checkpoint),
         infer_command=infer_command, before=before.figures(), after=after.figures(),
         recipe=asdict(recipe) | {"steps": result.steps, "datasets": datasets, "replay_rows": replay_rows,
-                                 "cpu_seconds": clock.cpu},
+                                 "cpu_seconds": clock.cpu, "baseline_parts": before.stage_seconds,
+                                 "eval_parts": after.stage_seconds},
         timings=clock.wall | {"total": sum(clock.wall.values())}, baseline_answers=sample_answers(before),
         after_answers=sample_answers(after), log_history=result.log_history,
     )

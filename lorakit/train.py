@@ -495,7 +495,8 @@ def new_session(args: SftArgs, model, tokenizer, data, *, model_path: Path, devi
     train_samples = pack_sequences(data.train, args.data.max_length) if args.data.packing else data.train
     plan = plan_steps(len(train_samples), batch_size=t.per_device_train_batch_size,
                       grad_accum=t.gradient_accumulation_steps, epochs=t.num_train_epochs, max_steps=t.max_steps,
-                      seed=args.data.seed)
+                      seed=args.data.seed,
+                      lengths=[len(x.input_ids) for x in train_samples] if t.group_by_length else None)
     warn_if_short(plan, args)
     run_dir = new_run_dir(t.output_dir, t.add_version)
     saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,

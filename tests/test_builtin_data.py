@@ -43,11 +43,13 @@ def test_self_cognition_shape_and_balance():
     assert len({norm(row["query"]) for row in SELF}) == len(SELF), "duplicate queries"
 
 
-def test_every_self_cognition_response_states_name_or_author():
+def test_every_self_cognition_response_states_the_name_then_the_author():
+    # Name first: a small model that stops after "I was developed by AUTHOR." has learned half an identity;
+    # answers that lead with the name teach it to say both (measured: such half answers were most misses).
     for row in SELF:
-        assert "{{NAME}}" in row["response"] or "{{AUTHOR}}" in row["response"], row
-    both = sum("{{NAME}}" in r["response"] and "{{AUTHOR}}" in r["response"] for r in SELF)
-    assert both / len(SELF) > 0.8, "most answers should carry both name and author"
+        response = row["response"]
+        assert "{{NAME}}" in response and "{{AUTHOR}}" in response, row
+        assert response.index("{{NAME}}") < response.index("{{AUTHOR}}"), row
 
 
 def test_only_known_placeholders_are_used():

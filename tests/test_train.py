@@ -38,6 +38,28 @@ def test_plan_sees_every_sample_once_per_epoch_in_a_seeded_order():
     assert plan_steps(10, batch_size=1, grad_accum=1, epochs=0.5, max_steps=-1, seed=7).total_steps == 5
 
 
+def test_group_by_length_batches_similar_lengths_and_still_sees_every_sample_once():
+    lengths = [(i * 37) % 101 + 10 for i in range(203)]  # 203 samples: 50 full batches of 4 and one of 3
+    kwargs = dict(batch_size=4, grad_accum=1, epochs=2, max_steps=-1, seed=3)
+    grouped, plain = plan_steps(203, **kwargs, lengths=lengths), plan_steps(203, **kwargs)
+
+    def epoch(plan, e):
+        return [mb for step in range(e * 51, (e + 1) * 51) for mb in plan.micro_batches(step)]
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in mb) * len(mb) - sum(lengths[i] for i in mb) for mb in batches)
+
+    for e in (0, 1):
+        batches = epoch(grouped, e)
+        assert sorted(i for mb in batches for i in mb) == list(range(203))
+        assert [len(mb) for mb in batches] == [4] * 50 + [3]  # the short batch stays last
+        assert padding(batches) < padding(epoch(plain, e)) / 5
+    assert epoch(grouped, 0) != epoch(grouped, 1)  # reshuffled each epoch
+    firsts = [max(lengths[i] for i in mb) for mb in epoch(grouped, 0)[:16]]
+    assert firsts != sorted(firsts, reverse=True)  # batches are not served longest-first
+    assert epoch(grouped, 1) == epoch(plan_steps(203, **kwargs, lengths=lengths), 1)  # a pure function of the seed
+
+
 def _samples():
     lengths = [5, 9, 7, 12]
     out = []
