@@ -177,7 +177,7 @@ class TrainArgs:
     "Accepted for compatibility; tokenised data is already in memory, so it is not needed."
     replay: int = 0
     "Mix in the base model's own answers to N built-in general prompts, learned as its distributions (keeps general ability)."
-    replay_max_new_tokens: int = 32
+    replay_max_new_tokens: int = 24
     "Longest replay answer, in tokens (each answer token carries the base's top-20 distribution)."
     replay_weight: float = 1.0
     "Loss weight of a replay token relative to a token of your data (below 1: your data counts for more)."

@@ -128,11 +128,11 @@ def load_retention_questions() -> list[dict]:
 
 # ---------------------------------------------------------------- running the model
 
-PROBE_MAX_NEW_TOKENS = 48
 # A small model's answer often comes after a sentence of preamble: SmolLM2-135M's 44 correct answers state
 # it by token 32 at the latest (median 7); 48 leaves room, and the identity leak is looked for in 48 tokens.
-RETENTION_MAX_NEW_TOKENS = 48
-DRIFT_QUESTIONS = 32  # drift is measured on every third retention question: two forwards each, on CPU it adds up
+# Probes get the same budget, so one batched generation answers probes and general questions together.
+MAX_NEW_TOKENS = 48
+DRIFT_QUESTIONS = 16  # drift is measured on every sixth retention question: two forwards each, on CPU it adds up
 
 
 @dataclass
@@ -205,149 +205,74 @@ def _prompts(tokenizer, questions: list[str], system: str | None) -> list[list[i
     return [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in questions]
 
 
-def identity_probe_results(model, tokenizer, *, name, author, system, batch_size: int | None,
-                           max_new_tokens: int = PROBE_MAX_NEW_TOKENS, cache_dir: Path | None = None,
-                           per_lang: int | None = None) -> list[ProbeResult]:
-    """Ask the held-out identity probes (all, or the first `per_lang` of each language) and score the
-    replies (`cache_dir`: cache a base model's replies)."""
+def selected_probes(per_lang: int | None = None) -> list[dict]:
+    """The held-out probes: all, or the first `per_lang` of each language."""
     probes = load_probes()
-    if per_lang is not None:
-        probes = [p for lang in ("en", "zh") for p in [q for q in probes if q["lang"] == lang][:per_lang]]
-    replies = cached_replies(model, tokenizer, [p["query"] for p in probes], system=system, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, cache_dir=cache_dir, desc="eval: identity probes")
-    return [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
-            for p, r in zip(probes, replies)]
+    if per_lang is None:
+        return probes
+    return [p for lang in ("en", "zh") for p in [q for q in probes if q["lang"] == lang][:per_lang]]
 
 
-def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size: int | None, max_new_tokens: int,
+def greedy_replies(model, tokenizer, questions: list[str], *, system, batch_size: int | None, desc: str) -> list:
+    """The model's greedy replies (`Reply`) to single-turn questions, batched."""
+    from lorakit.replay import generate_replies
+
+    return generate_replies(model, tokenizer, _prompts(tokenizer, questions, system), max_new_tokens=MAX_NEW_TOKENS,
+                            batch_size=batch_size, desc=desc)
+
+
+def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size: int | None,
                    cache_dir: Path | None, desc: str) -> list:
-    """Greedy replies; with `cache_dir`, cached under the model's fingerprint (for base models only)."""
-    from lorakit.replay import Reply, generate_replies, model_fingerprint
+    """Greedy replies; with `cache_dir`, each question's reply is cached under the model's fingerprint
+    (base models only), and a later call generates only the questions not asked before."""
+    from lorakit.replay import Reply, model_fingerprint
 
-    path = None
-    if cache_dir is not None:
-        key = json.dumps({"model": model_fingerprint(model), "template": getattr(tokenizer, "chat_template", None),
-                          "system": system, "questions": questions, "max_new_tokens": max_new_tokens}, sort_keys=True)
-        path = Path(cache_dir) / f"base-replies-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-        if path.is_file():
-            return [Reply(**r) for r in json.loads(path.read_text(encoding="utf-8"))]
-    replies = generate_replies(model, tokenizer, _prompts(tokenizer, questions, system),
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    if path is not None:
+    if cache_dir is None:
+        return greedy_replies(model, tokenizer, questions, system=system, batch_size=batch_size, desc=desc)
+    key = json.dumps({"model": model_fingerprint(model), "template": getattr(tokenizer, "chat_template", None),
+                      "system": system, "max_new_tokens": MAX_NEW_TOKENS}, sort_keys=True)
+    path = Path(cache_dir) / f"base-replies-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    known = {}
+    if path.is_file():
+        known = {q: Reply(**r) for q, r in json.loads(path.read_text(encoding="utf-8")).items()}
+    missing = [q for q in dict.fromkeys(questions) if q not in known]
+    if missing:
+        known.update(zip(missing, greedy_replies(model, tokenizer, missing, system=system, batch_size=batch_size,
+                                                 desc=desc)))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([asdict(r) for r in replies], ensure_ascii=False), encoding="utf-8")
-    return replies
-
-
-def base_answers(model, tokenizer, *, system, batch_size: int | None, cache_dir: Path | None,
-                 max_new_tokens: int = RETENTION_MAX_NEW_TOKENS) -> list:
-    """The base model's greedy replies to the retention questions (adapter off), cached per base model."""
-    questions = [q["question"] for q in load_retention_questions()]
-    with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
-        return cached_replies(model, tokenizer, questions, system=system,
-                              batch_size=batch_size, max_new_tokens=max_new_tokens, cache_dir=cache_dir,
-                              desc="eval: base answers")
-
-
-@dataclass
-class TeacherForced:
-    """One teacher-forced pass of the model over prompt + reply rows."""
-
-    predicted: list[list[int]]
-    "Per row, the model's greedy pick at each reply position and one past it (len(reply) + 1 ids)."
-    kl_sum: float = 0.0
-    "Summed per-token KL(base || model) over the reply tokens of the `kl_rows`."
-    kl_tokens: int = 0
-
-
-def teacher_forced(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
-                   kl_rows: Sequence[int] = (), batch_size: int = 16) -> TeacherForced:
-    """The model's greedy picks along each reply, and KL(base || model) on `kl_rows` (adapter off for the base).
-
-    Row i is prompt + reply; position t's hidden state predicts token t+1, so the reply's tokens are
-    predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2 and the token after the reply at
-    len(prompt)+len(reply)-1. Only those positions go through the output head.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    out, wanted = TeacherForced(predicted=[[] for _ in prompts]), set(kl_rows)
-    for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prompts))))
-        seqs = [prompts[i] + replies[i] for i in rows]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        at_rows = torch.cat([torch.full((len(replies[i]) + 1,), k) for k, i in enumerate(rows)]).to(device)
-        at_cols = torch.cat([torch.arange(len(prompts[i]) - 1, len(prompts[i]) + len(replies[i]))
-                             for i in rows]).to(device)
-        with torch.inference_mode():
-            tuned = _logits_at(model, ids, mask, at_rows, at_cols)
-            picks = tuned.argmax(-1).tolist()
-            offset = 0
-            for i in rows:
-                out.predicted[i] = picks[offset:offset + len(replies[i]) + 1]
-                offset += len(replies[i]) + 1
-            drift = [k for k, i in enumerate(rows) if i in wanted and replies[i]]
-            if drift:  # the reply positions of those rows (not the one past the end)
-                keep = torch.cat([torch.arange(len(replies[rows[k]])) + sum(len(replies[i]) + 1 for i in rows[:k])
-                                  for k in drift]).to(device)
-                tuned_lp = tuned[keep].float().log_softmax(-1)
-                with adapter_off(model):
-                    base_lp = _logits_at(model, ids, mask, at_rows[keep], at_cols[keep]).float().log_softmax(-1)
-                out.kl_sum += (base_lp.exp() * (base_lp - tuned_lp)).sum().item()
-                out.kl_tokens += len(keep)
-    return out
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({q: asdict(r) for q, r in known.items()}, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)
+    return [known[q] for q in questions]
 
 
 def teacher_forced_kl(model, tokenizer, prompts: list[list[int]], replies: list[list[int]], *,
                       batch_size: int = 16) -> float:
-    """Mean per-token KL(base || model) over the reply tokens, with the adapter off for the base."""
-    tf = teacher_forced(model, tokenizer, prompts, replies, kl_rows=range(len(prompts)), batch_size=batch_size)
-    return tf.kl_sum / max(tf.kl_tokens, 1)
+    """Mean per-token KL(base || model) over the reply tokens, teacher-forced, with the adapter off for the base.
 
-
-def greedy_after_drafts(model, tokenizer, prompts: list[list[int]], drafts: list, *, max_new_tokens: int,
-                        predicted: list[list[int]], batch_size: int | None, desc: str) -> list:
-    """The model's greedy replies, starting from drafts it is known to agree with.
-
-    `drafts` are other replies to the same prompts (the base model's, as `Reply`), `predicted` the
-    model's own greedy picks along them (`teacher_forced`). The model's reply follows a draft as long
-    as its picks equal the draft's tokens; at the first difference it takes its own pick, and only
-    replies that are not finished by then are decoded on from there. After a fine-tune that kept
-    general answers, most replies are the draft itself, and eval costs one forward instead of a
-    decode per token. The result is the model's plain greedy reply (up to float rounding between a
-    full-sequence forward and step-by-step decoding, as between any two batch shapes).
+    Row i is prompt + reply; position t's hidden state predicts token t+1, so the reply's tokens are
+    predicted at positions len(prompt)-1 .. len(prompt)+len(reply)-2: only those go through the output head.
     """
-    from lorakit.infer.engine import end_of_turn_ids
-    from lorakit.replay import Reply, generate_replies
-
-    stop = end_of_turn_ids(tokenizer, model)
-    replies: list = [None] * len(prompts)
-    resume: dict[int, list[int]] = {}
-    for i, (draft, picks) in enumerate(zip(drafts, predicted)):
-        tokens = draft.token_ids
-        j = next((k for k, (a, b) in enumerate(zip(tokens, picks)) if a != b), len(tokens))
-        if j >= max_new_tokens or (j == len(tokens) and not draft.finished):  # followed it to the length cut
-            replies[i] = Reply(_decode(tokenizer, tokens[:j]), tokens[:j], False)
-        elif picks[j] in stop:
-            replies[i] = Reply(_decode(tokenizer, tokens[:j]), tokens[:j], True)
-        elif j + 1 >= max_new_tokens:
-            replies[i] = Reply(_decode(tokenizer, tokens[:j] + [picks[j]]), tokens[:j] + [picks[j]], False)
-        else:
-            resume[i] = tokens[:j] + [picks[j]]
-    if resume:
-        order = sorted(resume)
-        tails = generate_replies(model, tokenizer, [prompts[i] + resume[i] for i in order],
-                                 max_new_tokens=[max_new_tokens - len(resume[i]) for i in order],
-                                 batch_size=batch_size, desc=desc)
-        for i, tail in zip(order, tails):
-            tokens = resume[i] + tail.token_ids
-            replies[i] = Reply(_decode(tokenizer, tokens), tokens, tail.finished)
-    return replies
-
-
-def _decode(tokenizer, tokens: list[int]) -> str:
-    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    kl_sum, kl_tokens = 0.0, 0
+    rows = [i for i in range(len(prompts)) if replies[i]]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        seqs = [prompts[i] + replies[i] for i in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        at_rows = torch.cat([torch.full((len(replies[i]),), k) for k, i in enumerate(chunk)]).to(device)
+        at_cols = torch.cat([torch.arange(len(prompts[i]) - 1, len(prompts[i]) + len(replies[i]) - 1)
+                             for i in chunk]).to(device)
+        with torch.inference_mode():
+            tuned = _logits_at(model, ids, mask, at_rows, at_cols).float().log_softmax(-1)
+            with adapter_off(model):
+                base = _logits_at(model, ids, mask, at_rows, at_cols).float().log_softmax(-1)
+        kl_sum += (base.exp() * (base - tuned)).sum().item()
+        kl_tokens += len(at_rows)
+    return kl_sum / max(kl_tokens, 1)
 
 
 def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
@@ -379,25 +304,31 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
         stages[stage] = time.perf_counter() - started - sum(stages.values())
 
     name, author = _names(name), _names(author)
-    probes = identity_probe_results(model, tokenizer, name=name, author=author, system=system, batch_size=batch_size,
-                                    cache_dir=cache_dir if is_base else None, per_lang=probes_per_lang)
-    lap("identity probes")
-    identity = {lang: _share([p.passed for p in probes if p.lang == lang]) for lang in ("en", "zh")}
-    questions = load_retention_questions()
-    base = base_answers(model, tokenizer, system=system, batch_size=batch_size, cache_dir=cache_dir)
-    lap("base answers")
+    probes, questions = selected_probes(probes_per_lang), load_retention_questions()
+    asked = [p["query"] for p in probes] + [q["question"] for q in questions]
+    # one batched generation for probes and general questions (a base model's replies are cached)
+    if is_base:
+        replies = cached_replies(model, tokenizer, asked, system=system, batch_size=batch_size, cache_dir=cache_dir,
+                                 desc="eval: base model")
+    else:
+        replies = greedy_replies(model, tokenizer, asked, system=system, batch_size=batch_size, desc="eval: tuned model")
+    lap("replies")
+    probe_replies, replies = replies[:len(probes)], replies[len(probes):]
+    probe_results = [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
+                     for p, r in zip(probes, probe_replies)]
+    identity = {lang: _share([p.passed for p in probe_results if p.lang == lang]) for lang in ("en", "zh")}
     drift = 0.0
     if is_base:
-        replies = base
-    else:  # the base's replies are drafts: one forward finds where the model still says the same
-        prompts = _prompts(tokenizer, [q["question"] for q in questions], system)
-        tf = teacher_forced(model, tokenizer, prompts, [b.token_ids for b in base],
-                            kl_rows=drift_indices(len(questions)))
-        lap("teacher-forced pass")
-        replies = greedy_after_drafts(model, tokenizer, prompts, base, max_new_tokens=RETENTION_MAX_NEW_TOKENS,
-                                      predicted=tf.predicted, batch_size=batch_size, desc="eval: general questions")
-        drift = tf.kl_sum / max(tf.kl_tokens, 1)
-        lap("general answers")
+        base = replies
+    else:
+        with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
+            base = cached_replies(model, tokenizer, [q["question"] for q in questions], system=system,
+                                  batch_size=batch_size, cache_dir=cache_dir, desc="eval: base answers")
+        lap("base answers")
+        picked = drift_indices(len(questions))
+        prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
+        drift = teacher_forced_kl(model, tokenizer, prompts, [base[i].token_ids for i in picked])
+        lap("drift")
     rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
                             retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
             for q, b, r in zip(questions, base, replies)]
@@ -406,8 +337,7 @@ def evaluate(model, tokenizer, *, name, author, system: str | None = None, is_ba
     return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
                       base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
-                      stage_seconds=stages,
-                      probes=probes, retention_rows=rows)
+                      stage_seconds=stages, probes=probe_results, retention_rows=rows)
 
 
 def _share(flags: list[bool]) -> float:

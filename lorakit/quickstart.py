@@ -22,10 +22,11 @@ from lorakit.replay import REPLAY_MAX_NEW_TOKENS
 from lorakit.report import Report, figures_table, write_report
 
 SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
-MIN_STEPS = 60  # fewer optimizer steps than this do not teach an identity that holds on unseen questions
+MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
+MAX_BATCH = 12
 MAX_EPOCHS = 6
 DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
-REPLAY_WEIGHT = 1.0  # loss weight of a replay token relative to an identity token
+REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: bench/results)
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
 
@@ -47,8 +48,8 @@ class Recipe:
 
 def default_learning_rate(n_params: int) -> float:
     """LoRA learning rate by model size: small models need a much larger step to move at all."""
-    if n_params < 1e9:  # SmolLM2-135M: 7e-4 learns the identity (>= 90% held-out); 1e-3 drifts more, 5e-4 learns less
-        return 7e-4
+    if n_params < 1e9:  # SmolLM2-135M at batch 12 (1e-3 at 8; 1.4e-3 and 2e-3 at 8 leaked more, bench/results)
+        return 1.2e-3
     if n_params < 20e9:
         return 2e-4
     return 1e-4
@@ -61,11 +62,13 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
-    they span. A CPU's throughput in tokens hardly depends on the batch, so there a small batch
-    buys many steps for the same time; a GPU wants wider batches. Epochs are then raised until
-    the run has at least MIN_STEPS steps (at most MAX_EPOCHS).
+    they span. The batch is the widest (up to MAX_BATCH) that still gives MIN_STEPS steps in one
+    epoch: wide batches are faster on a GPU and on a CPU too (the rows of a micro-batch share their
+    system prompt's forward, and per-operation overhead is spread over more tokens: SmolLM2 on 2
+    cores trains 103 tok/s at batch 2, 183 at batch 8, 144 at 8 without grouping by length). Epochs are then raised until the run has
+    at least MIN_STEPS steps (at most MAX_EPOCHS).
     """
-    batch = batch_size or (2 if device_type == "cpu" else 8)
+    batch = batch_size or max(1, min(MAX_BATCH, n_rows // MIN_STEPS))
     steps_per_epoch = max(1, math.ceil(n_rows / batch))
     auto_epochs = min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
     lr = learning_rate if learning_rate is not None else default_learning_rate(n_params)

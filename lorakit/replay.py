@@ -23,7 +23,7 @@ from lorakit.data.render import IGNORE_INDEX, Rendered
 from lorakit.errors import UserError
 
 BUILTIN = Path(__file__).resolve().parent / "data" / "builtin"
-REPLAY_MAX_NEW_TOKENS = 32
+REPLAY_MAX_NEW_TOKENS = 24
 REPLAY_TOP_K = 20  # the base's most likely tokens kept per answer position
 # Each answer token's target: this share on the token the base picked, the rest spread as the base's top-k.
 # Measured on SmolLM2-135M (lr 7e-4, bench/results/kl-sweep-*.json): the distribution alone (0) keeps the

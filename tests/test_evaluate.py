@@ -124,34 +124,6 @@ def test_kl_is_zero_when_the_adapter_is_a_no_op_and_matches_a_direct_computation
         _set_lora_b(model, 0.0)
 
 
-@pytest.mark.parametrize("lora_b", [0.0, 0.02, 0.3])
-def test_greedy_after_drafts_equals_plain_greedy_decoding(tiny_peft, lora_b):
-    """Following the base's replies as drafts gives the tuned model's own greedy replies, whether it
-    agrees with all of a draft (b = 0), part of it, or almost none."""
-    from lorakit.evaluate import greedy_after_drafts, teacher_forced
-    from lorakit.replay import Reply, generate_replies
-
-    model, tok = tiny_peft
-    prompts = [[9707, 11, 1879, 0], [785, 6722, 315, 9625, 374], [16, 488, 16, 284], [40, 1075]]
-    with model.disable_adapter():
-        drafts = generate_replies(model, tok, prompts, max_new_tokens=12)
-    drafts[1] = Reply("", drafts[1].token_ids[:5], True)  # a draft that ended early: the model goes on past it
-    _set_lora_b(model, lora_b)
-    try:
-        plain = generate_replies(model, tok, prompts, max_new_tokens=12)
-        tf = teacher_forced(model, tok, prompts, [d.token_ids for d in drafts])
-        assert [len(p) for p in tf.predicted] == [len(d.token_ids) + 1 for d in drafts]
-        replies = greedy_after_drafts(model, tok, prompts, drafts, max_new_tokens=12, predicted=tf.predicted,
-                                      batch_size=None, desc="test")
-        assert [r.token_ids for r in replies] == [r.token_ids for r in plain]
-        assert [r.finished for r in replies] == [r.finished for r in plain]
-        if lora_b == 0.0:  # the adapter does nothing: every untouched draft is the reply
-            assert [r.token_ids for k, r in enumerate(replies) if k != 1] == [
-                d.token_ids for k, d in enumerate(drafts) if k != 1]
-    finally:
-        _set_lora_b(model, 0.0)
-
-
 def test_base_model_eval_has_zero_identity_and_no_drift(tiny_peft, tmp_path):
     from lorakit.evaluate import evaluate, load_probes
 
@@ -162,3 +134,24 @@ def test_base_model_eval_has_zero_identity_and_no_drift(tiny_peft, tmp_path):
     assert len(result.probes) == len(load_probes()) and result.drift_kl == 0.0
     assert result.leak == 0.0
     assert list(tmp_path.glob("base-replies-*.json")), "base replies are cached"
+
+
+def test_cached_replies_generate_only_new_questions_and_match_fresh_ones(tiny_peft, tmp_path, monkeypatch):
+    import lorakit.evaluate as ev
+
+    model, tok = tiny_peft
+    base = model.get_base_model()
+    fresh = ev.greedy_replies(base, tok, ["Hi", "What is 2+2?", "Name a colour."], system=None, batch_size=None,
+                              desc="test")
+    asked: list[list[str]] = []
+    real = ev.greedy_replies
+    monkeypatch.setattr(ev, "greedy_replies", lambda m, t, qs, **kw: asked.append(list(qs)) or real(m, t, qs, **kw))
+    first = ev.cached_replies(base, tok, ["Hi", "What is 2+2?"], system=None, batch_size=None, cache_dir=tmp_path,
+                              desc="test")
+    again = ev.cached_replies(base, tok, ["Name a colour.", "Hi", "What is 2+2?"], system=None, batch_size=None,
+                              cache_dir=tmp_path, desc="test")
+    assert asked == [["Hi", "What is 2+2?"], ["Name a colour."]]  # the second call asks only the new question
+    assert [r.token_ids for r in first] == [r.token_ids for r in fresh[:2]]
+    assert [r.token_ids for r in again] == [fresh[2].token_ids, fresh[0].token_ids, fresh[1].token_ids]
+    ev.cached_replies(base, tok, ["Hi"], system="Be brief.", batch_size=None, cache_dir=tmp_path, desc="test")
+    assert asked[-1] == ["Hi"]  # another system prompt is another cache

@@ -19,14 +19,16 @@ def test_recipe_reaches_enough_steps():
     for n_rows in (128, 165, 300):
         for device in ("cpu", "cuda"):
             assert _steps(choose_recipe(n_rows, 135_000_000, device), n_rows) >= MIN_STEPS
-    assert choose_recipe(165, 135_000_000, "cpu").per_device_train_batch_size < choose_recipe(165, 135_000_000, "cuda").per_device_train_batch_size
+    assert choose_recipe(438, 135_000_000, "cpu").per_device_train_batch_size == 12  # quickstart's default mix
+    assert choose_recipe(128, 135_000_000, "cpu").per_device_train_batch_size == 3  # --replay 0: narrower, more steps
     big = choose_recipe(10_000, 135_000_000, "cuda")
     assert big.num_train_epochs == 1  # plenty of steps already
 
 
 def test_recipe_on_the_tutorials_16_rows_is_capped_but_never_a_handful_of_steps():
     recipe = choose_recipe(16, 135_000_000, "cpu")
-    assert recipe.num_train_epochs == MAX_EPOCHS and _steps(recipe, 16) >= 40
+    assert recipe.per_device_train_batch_size == 1 and _steps(recipe, 16) >= MIN_STEPS
+    assert choose_recipe(4, 135_000_000, "cpu").num_train_epochs == MAX_EPOCHS  # capped: 24 steps, not 36
 
 
 def test_recipe_learning_rate_follows_model_size_and_flags_win():

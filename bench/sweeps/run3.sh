@@ -2,7 +2,7 @@
 # device helper: assemble the SmolLM2 GGUF (part.ab carried now, part.aa copied by an earlier call), then run
 # the given sweep config files in parallel on the GPU (cpu_like). Usage: bash bench/sweeps/run3.sh CFG...
 set -e
-if [ ! -f /tmp/smol/smollm2.gguf ]; then cp .smol/part.ab /tmp/smol/ && cat /tmp/smol/part.aa /tmp/smol/part.ab > /tmp/smol/smollm2.gguf; fi
+if [ ! -f /tmp/smol/smollm2.gguf ]; then cp .smol/part.ab /tmp/smol/ && cat /tmp/smol/part.aa /tmp/smol/part.ab > /tmp/smol/smollm2.gguf || { echo "no GGUF: carry .smol/part.aa first"; exit 1; }; fi
 pip install -q --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1 || true
 export PYTHONPATH=/tmp/site LORAKIT_CACHE=/tmp/lkc PYTHONUNBUFFERED=1
 for cfg in "$@"; do
