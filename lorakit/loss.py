@@ -138,6 +138,15 @@ def reference_linear_ce(
     return -(torch.log_softmax(logits, dim=-1).gather(1, ids) * weights).sum()
 
 
+def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax of each row, its log-sum-exp) of fp32 logits [n, V], with one [n, V] buffer: on a CPU each
+    extra buffer of a 49k-152k vocabulary is a fresh allocation and a pass over memory."""
+    top = x.amax(1, keepdim=True)
+    probs = (x - top).exp_()
+    total = probs.sum(1, keepdim=True)
+    return probs.div_(total), (top + total.log()).squeeze(1)
+
+
 def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of CE over rows, d sum / d logits in logits' dtype) for one chunk.
 
@@ -147,9 +156,9 @@ def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     x = logits.float()
     valid = targets != IGNORE_INDEX
     safe = targets.clamp_min(0).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=-1)
-    loss = ((lse - x.gather(1, safe).squeeze(1)) * valid).sum()
-    grad = torch.exp(x - lse.unsqueeze(1))
+    picked = x.gather(1, safe).squeeze(1)
+    grad, lse = _softmax_and_lse(x)
+    loss = ((lse - picked) * valid).sum()
     grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
     grad.mul_(valid.unsqueeze(1))
     return loss, grad.to(logits.dtype)
@@ -162,10 +171,12 @@ def soft_ce_chunk_grad(logits: torch.Tensor, ids: torch.Tensor, weights: torch.T
     loss = sum_k w_k (lse - x_k); d loss / d logits = softmax * sum_k w_k - scatter(w).
     """
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
+    weights = weights.to(x.dtype)
     total = weights.sum(1)
-    loss = (lse * total - (x.gather(1, ids) * weights).sum(1)).sum()
-    grad = torch.exp(x - lse.unsqueeze(1)) * total.unsqueeze(1)
+    picked = (x.gather(1, ids) * weights).sum(1)
+    grad, lse = _softmax_and_lse(x)
+    loss = (lse * total - picked).sum()
+    grad.mul_(total.unsqueeze(1))
     grad.scatter_add_(1, ids, -weights)
     return loss, grad.to(logits.dtype)
 
