@@ -23,7 +23,7 @@ from lorakit.report import Report, figures_table, write_report
 
 SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
-MAX_BATCH = 12
+MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
 MAX_EPOCHS = 6
 DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
 REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: bench/results)
@@ -68,7 +68,7 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
     cores trains 103 tok/s at batch 2, 183 at batch 8, 144 at 8 without grouping by length). Epochs are then raised until the run has
     at least MIN_STEPS steps (at most MAX_EPOCHS).
     """
-    batch = batch_size or max(1, min(MAX_BATCH, n_rows // MIN_STEPS))
+    batch = batch_size or max(1, min(MAX_BATCH.get(device_type, 8), n_rows // MIN_STEPS))
     steps_per_epoch = max(1, math.ceil(n_rows / batch))
     auto_epochs = min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS / steps_per_epoch)))
     lr = learning_rate if learning_rate is not None else default_learning_rate(n_params)

@@ -20,6 +20,7 @@ def test_recipe_reaches_enough_steps():
         for device in ("cpu", "cuda"):
             assert _steps(choose_recipe(n_rows, 135_000_000, device), n_rows) >= MIN_STEPS
     assert choose_recipe(438, 135_000_000, "cpu").per_device_train_batch_size == 12  # quickstart's default mix
+    assert choose_recipe(438, 7_600_000_000, "cuda").per_device_train_batch_size == 8
     assert choose_recipe(128, 135_000_000, "cpu").per_device_train_batch_size == 3  # --replay 0: narrower, more steps
     big = choose_recipe(10_000, 135_000_000, "cuda")
     assert big.num_train_epochs == 1  # plenty of steps already
