@@ -3,7 +3,8 @@
 Not a test: run on the lent GPU. Builds Qwen2.5-7B-Instruct's architecture with random bf16
 weights and the Qwen2.5 tokenizer fixture into a local folder (so the real loading path is
 timed), then runs the quickstart flow on it and prints the per-stage times. Random weights never
-end an answer, so replay keeps no rows and identity stays 0: this measures time, not quality.
+end an answer (every replay answer is cut at its length) and learn no identity: this measures
+time, not quality. `--replay 320` is quickstart's default (all 310 built-in prompts).
 Also runs the flow unchanged on a tiny random Qwen2 first (the same code path, seconds).
 
     python bench/quickstart_gpu.py --out /tmp/qs-gpu [--skip_7b]
