@@ -172,7 +172,7 @@ class EvalResult:
     author: list[str]
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    "Wall seconds per part of the eval (probes, base answers, teacher-forced pass, decoding on)."
+    "Wall seconds per part of the eval (replies, base answers, drift)."
     probes: list[ProbeResult] = field(default_factory=list)
     retention_rows: list[RetentionResult] = field(default_factory=list)
 

@@ -65,8 +65,8 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
     they span. The batch is the widest (up to MAX_BATCH) that still gives MIN_STEPS steps in one
     epoch: wide batches are faster on a GPU and on a CPU too (the rows of a micro-batch share their
     system prompt's forward, and per-operation overhead is spread over more tokens: SmolLM2 on 2
-    cores trains 103 tok/s at batch 2, 183 at batch 8, 144 at 8 without grouping by length). Epochs are then raised until the run has
-    at least MIN_STEPS steps (at most MAX_EPOCHS).
+    cores trains 103 tok/s at batch 2, 183 at batch 8, 144 at 8 without grouping by length).
+    Epochs are then raised until the run has at least MIN_STEPS steps (at most MAX_EPOCHS).
     """
     batch = batch_size or max(1, min(MAX_BATCH.get(device_type, 8), n_rows // MIN_STEPS))
     steps_per_epoch = max(1, math.ceil(n_rows / batch))

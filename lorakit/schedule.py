@@ -47,6 +47,12 @@ class StepPlan:
     lengths: tuple[int, ...] | None = None
     "Sample lengths, to group micro-batches by length (--group_by_length); None: plain shuffle."
 
+    def data_order(self) -> dict:
+        """What fixes the order (saved in checkpoints; a resume compares it): the fields, with the
+        sample lengths reduced to whether they group the batches."""
+        fields = {k: v for k, v in vars(self).items() if k != "lengths"}
+        return fields | {"group_by_length": self.lengths is not None}
+
     def epoch_of(self, step: int) -> float:
         """Epochs completed after `step` optimizer steps."""
         return step / self.steps_per_epoch

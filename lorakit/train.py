@@ -320,7 +320,7 @@ def save(s: Session) -> Path:
     state = TrainState(
         step=s.step, epoch=s.plan.epoch_of(s.step), total_steps=s.plan.total_steps,
         train_loss=next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None),
-        eval_loss=s.eval_loss, data_order=asdict(s.plan), log_history=s.log_history,
+        eval_loss=s.eval_loss, data_order=s.plan.data_order(), log_history=s.log_history,
         optimizer=None if s.args.train.save_only_model else s.optimizer.state_dict(),
         rng=None if s.args.train.save_only_model else capture_rng(),
     )
@@ -470,7 +470,7 @@ def resume(s: Session, checkpoint: str, only_model: bool) -> None:
         print(f"starting a new run from the weights of {ckpt}", file=sys.stderr)
         return
     state = load_train_state(ckpt)
-    if state.data_order and state.data_order != asdict(s.plan):
+    if state.data_order and state.data_order != s.plan.data_order():
         print(f"warning: {ckpt} was trained with a different data plan ({state.data_order}); resuming at step "
               f"{state.step} with the current one, so the data order will differ from the original run.",
               file=sys.stderr)

@@ -58,6 +58,9 @@ def test_group_by_length_batches_similar_lengths_and_still_sees_every_sample_onc
     firsts = [max(lengths[i] for i in mb) for mb in epoch(grouped, 0)[:16]]
     assert firsts != sorted(firsts, reverse=True)  # batches are not served longest-first
     assert epoch(grouped, 1) == epoch(plan_steps(203, **kwargs, lengths=lengths), 1)  # a pure function of the seed
+    saved = json.loads(json.dumps(grouped.data_order()))  # as a checkpoint stores it: a resume compares equal
+    assert saved == grouped.data_order() and saved["group_by_length"] and "lengths" not in saved
+    assert saved != plain.data_order()
 
 
 def _samples():
