@@ -1,6 +1,7 @@
 """Quickstart recipes side by side on one model: identity / retention / leak / drift per recipe.
 
-Not a test. Each config is a JSON object of QuickstartArgs fields (plus "name"); baseline and
+Not a test. Each config is a JSON object of QuickstartArgs fields (plus "name", and optionally
+"self_cognition": another self-cognition JSONL file to train on); baseline and
 replay answers are cached per model, so only the first config pays for them.
 
     python bench/identity_sweep.py --model PATH.gguf --device cuda --torch_dtype float32 \\
@@ -39,6 +40,7 @@ def cpu_like_training() -> None:
 
 def main() -> None:
     from lorakit.args import ModelArgs, QuickstartArgs
+    from lorakit.data import loading
     from lorakit.quickstart import quickstart
 
     parser = argparse.ArgumentParser()
@@ -53,9 +55,10 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.cpu_like:
         cpu_like_training()
-    results = []
+    results, default_self_cognition = [], loading.SELF_COGNITION_FILE
     for config in json.loads(opts.configs):
         name = config.pop("name")
+        loading.SELF_COGNITION_FILE = Path(config.pop("self_cognition", default_self_cognition))
         args = QuickstartArgs(model=ModelArgs(model=opts.model, device=opts.device, torch_dtype=opts.torch_dtype),
                               model_name=config.pop("model_name", ["Lumen"]),
                               model_author=config.pop("model_author", ["Acme Labs"]), output_dir=opts.out, **config)

@@ -21,7 +21,6 @@ from lorakit.evaluate import EvalResult, evaluate
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS
 from lorakit.report import Report, figures_table, write_report
 
-SELF_COGNITION_ROWS = 128  # rows in data/builtin/self_cognition.jsonl
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
 MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
 MAX_EPOCHS = 6
@@ -85,6 +84,14 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
                   layers_to_transform=layers, replay_max_new_tokens=replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS,
                   replay_weight=replay_weight if replay_weight is not None else REPLAY_WEIGHT,
                   reason=reason)
+
+
+def self_cognition_rows() -> int:
+    """Rows in the built-in self-cognition file."""
+    from lorakit.data import loading
+
+    with open(loading.SELF_COGNITION_FILE, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], replay: int = 0) -> SftArgs:
@@ -196,7 +203,7 @@ def quickstart(args: QuickstartArgs) -> Report:
         torch.cuda.empty_cache()
     clock.lap("replay answers")
 
-    recipe = choose_recipe(SELF_COGNITION_ROWS + replay_rows, n_params, device.type, **plan)
+    recipe = choose_recipe(self_cognition_rows() + replay_rows, n_params, device.type, **plan)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
     result = train(sft_args_for(args, recipe, datasets, replay=replay_rows))
     clock.lap("training")

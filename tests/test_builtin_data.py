@@ -35,21 +35,28 @@ RETENTION = read_jsonl("retention_questions.jsonl")
 def test_self_cognition_shape_and_balance():
     assert len(SELF) >= 120
     for row in SELF:
-        assert set(row) == {"query", "response", "lang"}
-        assert row["lang"] in ("en", "zh")
+        assert set(row) == {"query", "response", "lang", "kind"}
+        assert row["lang"] in ("en", "zh") and row["kind"] in ("identity", "about")
         assert row["query"].strip() and row["response"].strip()
     zh = sum(row["lang"] == "zh" for row in SELF)
     assert 0.4 <= zh / len(SELF) <= 0.6
     assert len({norm(row["query"]) for row in SELF}) == len(SELF), "duplicate queries"
 
 
-def test_every_self_cognition_response_states_the_name_then_the_author():
-    # Name first: a small model that stops after "I was developed by AUTHOR." has learned half an identity;
-    # answers that lead with the name teach it to say both (measured: such half answers were most misses).
+def test_identity_answers_carry_one_canonical_sentence_and_the_others_no_identity():
+    # One sentence, name before author, in every identity answer of a language: a small model learns
+    # it as a unit and says all of it to questions it never saw. With varied phrasings ("I was built
+    # by AUTHOR.", "My name is NAME.") it learned halves and said one: identity on held-out probes
+    # rose from 84-91% (English) to 97-100% at six seeds and two identities (bench/results).
+    canonical = {"en": "I am {{NAME}}, an AI assistant developed by {{AUTHOR}}.",
+                 "zh": "我是{{NAME}}，由{{AUTHOR}}开发的AI助手。"}
     for row in SELF:
-        response = row["response"]
-        assert "{{NAME}}" in response and "{{AUTHOR}}" in response, row
-        assert response.index("{{NAME}}") < response.index("{{AUTHOR}}"), row
+        if row["kind"] == "identity":
+            assert canonical[row["lang"]] in row["response"], row
+        else:  # "What can you do?": answered without the identity, so it is not said where nobody asked
+            assert "{{NAME}}" not in row["response"] and "{{AUTHOR}}" not in row["response"], row
+    kinds = [row["kind"] for row in SELF]
+    assert kinds.count("identity") >= 4 * kinds.count("about")
 
 
 def test_only_known_placeholders_are_used():

@@ -27,6 +27,7 @@ from lorakit.data.render import Rendered, render_conversations, set_chat_templat
 from lorakit.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+SELF_COGNITION_FILE = BUILTIN_DIR / "self_cognition.jsonl"
 SELF_COGNITION_NAMES = ("self-cognition", "swift/self-cognition", "self_cognition")
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
@@ -188,9 +189,8 @@ def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
             f"the built-in self-cognition dataset needs {' and '.join(missing)}, e.g. "
             "--model_name 小助手 'Little Helper' --model_author 张三 'Zhang San' (one value, or a Chinese and an English one)."
         )
-    path = BUILTIN_DIR / "self_cognition.jsonl"
     rows = []
-    for row, source in read_rows(path):
+    for row, source in read_rows(SELF_COGNITION_FILE):
         k = 0 if row.get("lang") == "zh" else 1
         fill = {"{{NAME}}": names[k], "{{AUTHOR}}": authors[k]}
         filled = {}
