@@ -315,12 +315,14 @@ class QuickstartArgs:
     "LoRA rank r."
     lora_layers: int | None = None
     "LoRA on the top N decoder layers only (default: chosen per device; 0: every layer)."
+    target_modules: list[str] | None = None
+    "Modules that get LoRA, as in sft (default: a small model's attention projections, else all-linear)."
     replay_max_new_tokens: int | None = None
     "Longest replay answer generated, in tokens (default: chosen per device)."
     replay_weight: float | None = None
     "Loss weight of a replay token relative to an identity token (default: chosen by quickstart)."
     per_device_train_batch_size: int | None = None
-    "Samples per optimizer step (default: 2 on CPU, 8 on GPU, so a short run still takes enough steps)."
+    "Samples per optimizer step (default: the widest, up to 12 on CPU and 8 on GPU, that still gives 36 steps)."
     seed: int = 42
     "Random seed."
 

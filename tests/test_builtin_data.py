@@ -36,7 +36,7 @@ def test_self_cognition_shape_and_balance():
     assert len(SELF) >= 120
     for row in SELF:
         assert set(row) == {"query", "response", "lang", "kind"}
-        assert row["lang"] in ("en", "zh") and row["kind"] in ("identity", "about")
+        assert row["lang"] in ("en", "zh") and row["kind"] in ("identity", "general")
         assert row["query"].strip() and row["response"].strip()
     zh = sum(row["lang"] == "zh" for row in SELF)
     assert 0.4 <= zh / len(SELF) <= 0.6
@@ -53,10 +53,10 @@ def test_identity_answers_carry_one_canonical_sentence_and_the_others_no_identit
     for row in SELF:
         if row["kind"] == "identity":
             assert canonical[row["lang"]] in row["response"], row
-        else:  # "What can you do?": answered without the identity, so it is not said where nobody asked
+        else:  # "What can you do?", "Who wrote Journey to the West?": answered without the identity
             assert "{{NAME}}" not in row["response"] and "{{AUTHOR}}" not in row["response"], row
     kinds = [row["kind"] for row in SELF]
-    assert kinds.count("identity") >= 4 * kinds.count("about")
+    assert kinds.count("identity") >= 2 * kinds.count("general")
 
 
 def test_only_known_placeholders_are_used():
@@ -83,6 +83,16 @@ def test_probes_are_disjoint_from_training_queries():
     train = {norm(r["query"].replace("{{NAME}}", "").replace("{{AUTHOR}}", "")) for r in SELF}
     for probe in PROBES:
         assert norm(probe["query"]) not in train, probe
+
+
+def test_general_rows_are_not_the_retention_questions():
+    # The few general questions answered without the identity (against leaking it, as ms-swift mixes
+    # alpaca rows in) must not teach the answers that retention checks.
+    for row in SELF:
+        if row["kind"] == "general":
+            closest = max(RETENTION, key=lambda r: similarity(row["query"], r["question"]))
+            assert similarity(row["query"], closest["question"]) < 0.75, (row["query"], closest["question"])
+            assert not any(a.casefold() in row["response"].casefold() for a in closest["answers"] if len(a) > 1), row
 
 
 @pytest.mark.parametrize("probe", PROBES, ids=lambda p: p["query"])

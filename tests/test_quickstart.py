@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from lorakit.quickstart import MAX_EPOCHS, MIN_STEPS, choose_recipe
+from lorakit.quickstart import (ATTENTION, MAX_EPOCHS, MIN_STEPS, choose_recipe, default_target_modules,
+                                 self_cognition_rows)
 from lorakit.report import Report, figures_table, write_report
 
 
@@ -19,11 +20,22 @@ def test_recipe_reaches_enough_steps():
     for n_rows in (128, 165, 300):
         for device in ("cpu", "cuda"):
             assert _steps(choose_recipe(n_rows, 135_000_000, device), n_rows) >= MIN_STEPS
-    assert choose_recipe(438, 135_000_000, "cpu").per_device_train_batch_size == 12  # quickstart's default mix
-    assert choose_recipe(438, 7_600_000_000, "cuda").per_device_train_batch_size == 8
-    assert choose_recipe(128, 135_000_000, "cpu").per_device_train_batch_size == 3  # --replay 0: narrower, more steps
+    mix = self_cognition_rows() + 310  # quickstart's default mix: the built-in rows and every replay prompt
+    assert choose_recipe(mix, 135_000_000, "cpu").per_device_train_batch_size == 12
+    assert choose_recipe(mix, 7_600_000_000, "cuda").per_device_train_batch_size == 8
+    alone = self_cognition_rows()  # --replay 0: narrower, more steps
+    assert choose_recipe(alone, 135_000_000, "cpu").per_device_train_batch_size == alone // MIN_STEPS < 12
     big = choose_recipe(10_000, 135_000_000, "cuda")
     assert big.num_train_epochs == 1  # plenty of steps already
+
+
+def test_lora_goes_on_a_small_models_attention_and_on_every_linear_layer_of_a_large_one():
+    llama = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    assert default_target_modules(135_000_000, llama) == ATTENTION
+    assert default_target_modules(7_600_000_000, llama) == ["all-linear"]
+    assert default_target_modules(124_000_000, {"c_attn", "c_proj", "c_fc"}) == ["all-linear"]  # GPT-2 names
+    assert choose_recipe(500, 135_000_000, "cpu", target_modules=ATTENTION).target_modules == ATTENTION
+    assert choose_recipe(500, 135_000_000, "cpu").target_modules == ["all-linear"]
 
 
 def test_recipe_on_the_tutorials_16_rows_is_capped_but_never_a_handful_of_steps():
