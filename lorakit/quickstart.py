@@ -24,7 +24,6 @@ from lorakit.report import Report, figures_table, write_report
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
 MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
 MAX_EPOCHS = 6
-DEFAULT_REPLAY = 320  # more than the built-in set holds (310): all of it
 REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: bench/results)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
@@ -184,9 +183,9 @@ def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) ->
     """(--dataset specs: self-cognition and the user's data, replay samples). The base's replay answers
     are generated here, with the model already loaded, and cached: training reads them from the cache."""
     from lorakit.model import CACHE_DIR
-    from lorakit.replay import replay_answers
+    from lorakit.replay import load_general_prompts, replay_answers
 
-    n_replay = args.replay if args.replay is not None else DEFAULT_REPLAY
+    n_replay = args.replay if args.replay is not None else len(load_general_prompts())  # all of them
     print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
     replay_rows = 0

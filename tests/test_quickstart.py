@@ -9,6 +9,7 @@ import pytest
 
 from lorakit.quickstart import (ATTENTION, MAX_EPOCHS, MIN_STEPS, choose_recipe, default_target_modules,
                                  self_cognition_rows)
+from lorakit.replay import load_general_prompts
 from lorakit.report import Report, figures_table, write_report
 
 
@@ -20,7 +21,7 @@ def test_recipe_reaches_enough_steps():
     for n_rows in (128, 165, 300):
         for device in ("cpu", "cuda"):
             assert _steps(choose_recipe(n_rows, 135_000_000, device), n_rows) >= MIN_STEPS
-    mix = self_cognition_rows() + 310  # quickstart's default mix: the built-in rows and every replay prompt
+    mix = self_cognition_rows() + len(load_general_prompts())  # quickstart's default: every replay prompt
     assert choose_recipe(mix, 135_000_000, "cpu").per_device_train_batch_size == 12
     assert choose_recipe(mix, 7_600_000_000, "cuda").per_device_train_batch_size == 8
     alone = self_cognition_rows()  # --replay 0: narrower, more steps
