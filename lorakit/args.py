@@ -181,6 +181,8 @@ class TrainArgs:
     "Longest replay answer, in tokens (each answer token carries the base's top-20 distribution)."
     replay_weight: float = 1.0
     "Loss weight of a replay token relative to a token of your data (below 1: your data counts for more)."
+    replay_weight_zh: float | None = None
+    "Loss weight of the replay tokens that answer Chinese prompts (default: --replay_weight)."
     dry_run: bool = False
     "Load and check the data, print the summary, and stop before loading weights."
     add_version: bool = True
@@ -192,6 +194,8 @@ class TrainArgs:
                      "replay_max_new_tokens", "replay_weight"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.replay_weight_zh is not None and self.replay_weight_zh <= 0:
+            raise UserError(f"--replay_weight_zh must be positive, got {self.replay_weight_zh}.")
 
 
 @dataclass
@@ -321,13 +325,15 @@ class QuickstartArgs:
     "Longest replay answer generated, in tokens (default: chosen per device)."
     replay_weight: float | None = None
     "Loss weight of a replay token relative to an identity token (default: chosen by quickstart)."
+    replay_weight_zh: float | None = None
+    "Loss weight of the replay tokens that answer Chinese prompts (default: twice --replay_weight)."
     per_device_train_batch_size: int | None = None
     "Samples per optimizer step (default: the widest, up to 12 on CPU and 8 on GPU, that still gives 36 steps)."
     seed: int = 42
     "Random seed."
 
     def __post_init__(self):  # before any model loads: a bad recipe flag costs nothing
-        for name in ("replay_max_new_tokens", "replay_weight", "per_device_train_batch_size"):
+        for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh", "per_device_train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
         if self.lora_layers is not None and self.lora_layers < 0:

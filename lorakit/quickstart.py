@@ -26,6 +26,10 @@ MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 g
 MAX_EPOCHS = 6
 REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: bench/results)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Chinese replay answers weigh twice as much: SmolLM2 hardly speaks Chinese, so its own Chinese answers hold
+# little in place and Chinese general questions drew the new self-introduction (leak 4-5% -> 2-3%, and
+# retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; bench/results/sweep12-cpu9*).
+REPLAY_ZH_FACTOR = 2.0
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
 
@@ -43,6 +47,7 @@ class Recipe:
     target_modules: list[str]
     replay_max_new_tokens: int
     replay_weight: float
+    replay_weight_zh: float
     reason: str
 
 
@@ -72,7 +77,7 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
                   epochs: float | None = None, learning_rate: float | None = None, batch_size: int | None = None,
                   lora_layers: int | None = None, target_modules: list[str] | None = None,
                   replay_max_new_tokens: int | None = None,
-                  replay_weight: float | None = None) -> Recipe:
+                  replay_weight: float | None = None, replay_weight_zh: float | None = None) -> Recipe:
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
@@ -95,12 +100,13 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
     if layers:
         reason += f"; LoRA on the top {top} of {n_layers} layers"
     modules = list(target_modules or ["all-linear"])
+    weight = replay_weight if replay_weight is not None else REPLAY_WEIGHT
     reason += f"; LoRA on {' '.join(modules)}"
     return Recipe(num_train_epochs=chosen, learning_rate=lr, per_device_train_batch_size=batch,
                   gradient_accumulation_steps=1, lora_rank=lora_rank, lora_alpha=4 * lora_rank,
                   layers_to_transform=layers, target_modules=modules,
                   replay_max_new_tokens=replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS,
-                  replay_weight=replay_weight if replay_weight is not None else REPLAY_WEIGHT,
+                  replay_weight=weight, replay_weight_zh=replay_weight_zh or REPLAY_ZH_FACTOR * weight,
                   reason=reason)
 
 
@@ -126,7 +132,7 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
                         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
                         warmup_ratio=0.05, group_by_length=True, logging_steps=1, save_steps=10**9, report_to=["none"],
                         replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens,
-                        replay_weight=recipe.replay_weight),
+                        replay_weight=recipe.replay_weight, replay_weight_zh=recipe.replay_weight_zh),
     )
 
 
@@ -221,7 +227,7 @@ def quickstart(args: QuickstartArgs) -> Report:
                 learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
                 lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens,
                 target_modules=args.target_modules or default_target_modules(n_params, _linear_names(model)),
-                replay_weight=args.replay_weight)
+                replay_weight=args.replay_weight, replay_weight_zh=args.replay_weight_zh)
     datasets, replay_rows = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()

@@ -214,6 +214,10 @@ def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: P
     return answers
 
 
-def replay_samples(model, tokenizer, n: int, *, weight: float = 1.0, **kwargs) -> list[Rendered]:
-    """Training samples (with distillation targets, loss `weight` each) from `replay_answers`."""
-    return [answer.sample(weight=weight) for answer in replay_answers(model, tokenizer, n, **kwargs)]
+def replay_samples(model, tokenizer, n: int, *, weight: float = 1.0, weight_zh: float | None = None,
+                   **kwargs) -> list[Rendered]:
+    """Training samples (with distillation targets) from `replay_answers`: loss `weight` each, `weight_zh`
+    for the answers to Chinese prompts (default: `weight`)."""
+    zh = {row["prompt"] for row in load_general_prompts() if row["lang"] == "zh"}
+    return [answer.sample(weight=weight_zh if weight_zh is not None and answer.prompt in zh else weight)
+            for answer in replay_answers(model, tokenizer, n, **kwargs)]

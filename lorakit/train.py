@@ -187,7 +187,8 @@ def add_replay(args: SftArgs, model, tokenizer, data):
     from lorakit.replay import replay_samples
 
     samples = replay_samples(model, tokenizer, args.train.replay, system=data.system, cache_dir=CACHE_DIR / "replay",
-                             max_new_tokens=args.train.replay_max_new_tokens, weight=args.train.replay_weight)
+                             max_new_tokens=args.train.replay_max_new_tokens, weight=args.train.replay_weight,
+                             weight_zh=args.train.replay_weight_zh)
     samples = [s for s in samples if len(s.input_ids) <= args.data.max_length]
     tokens = sum(len(s.input_ids) for s in samples)
     print(f"replay: {len(samples)} samples ({tokens} tokens) of the base model's answers, learned as its "

@@ -117,3 +117,19 @@ def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatc
     assert replay_answers(model, tok, 3, system=None, cache_dir=tmp_path, max_new_tokens=4, top_k=5) == answers
     with pytest.raises(UserError, match="--replay"):
         replay_answers(model, tok, 0, system=None, cache_dir=tmp_path)
+
+
+def test_chinese_replay_answers_get_their_own_weight(tiny, tmp_path):
+    from lorakit.replay import replay_samples
+
+    model, tok = tiny
+    n = 12  # the fixed shuffled order mixes both languages in its first 12
+    langs = {row["prompt"]: row["lang"] for row in load_general_prompts()}
+    kinds = [langs[p] for p in pick_prompts(n)]
+    assert "zh" in kinds and "en" in kinds
+    kwargs = dict(system=None, cache_dir=tmp_path, max_new_tokens=3, top_k=4)
+    for weight_zh, expected in ((3.0, {"zh": 3.0, "en": 1.5}), (None, {"zh": 1.5, "en": 1.5})):
+        samples = replay_samples(model, tok, n, weight=1.5, weight_zh=weight_zh, **kwargs)
+        for kind, sample in zip(kinds, samples):
+            for _, probs in sample.teacher.values():  # each position's targets sum to the sample's weight
+                assert sum(probs) == pytest.approx(expected[kind])
