@@ -191,11 +191,9 @@ class TrainArgs:
     def __post_init__(self):
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, ("cosine", "linear", "constant"))
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                     "replay_max_new_tokens", "replay_weight"):
-            if getattr(self, name) <= 0:
+                     "replay_max_new_tokens", "replay_weight", "replay_weight_zh"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
-        if self.replay_weight_zh is not None and self.replay_weight_zh <= 0:
-            raise UserError(f"--replay_weight_zh must be positive, got {self.replay_weight_zh}.")
 
 
 @dataclass

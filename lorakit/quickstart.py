@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
 from lorakit.errors import UserError
-from lorakit.evaluate import EvalResult, evaluate
+from lorakit.evaluate import EvalResult, evaluate, read_jsonl
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS
 from lorakit.report import Report, figures_table, write_report
 
@@ -65,12 +65,23 @@ def default_target_modules(n_params: int, module_names: set[str]) -> list[str]:
 
     Measured on SmolLM2-135M (bench/results/sweep11-*): with LoRA on the attention projections it kept
     more of its general answers at the same identity (retention 88.6-97.7% over six seeds against 90.9%
-    at three on every linear layer; on the CPU at seed 42, 88.6-93.2% against 84.1-86.4%); the MLPs, where such a model keeps its facts, stay as they were. A 7B model
-    keeps ms-swift's default (all-linear): nothing was measured there.
+    at three on every linear layer; on the CPU at seed 42, 88.6-93.2% against 84.1-86.4%): the MLPs,
+    where such a model keeps its facts, stay as they were. A 7B model keeps ms-swift's default
+    (all-linear): nothing was measured there.
     """
     if n_params < 1e9 and set(ATTENTION) <= module_names:
         return list(ATTENTION)
     return ["all-linear"]
+
+
+def lora_targets(args: QuickstartArgs, model, n_params: int) -> list[str]:
+    """--target_modules, checked against the loaded model before any generation or training; else the default."""
+    from lorakit.tuners import linear_module_names, resolve_target_modules
+
+    if args.target_modules:
+        resolve_target_modules(model, args.target_modules)  # a wrong name fails now, not after the replay answers
+        return list(args.target_modules)
+    return default_target_modules(n_params, set(linear_module_names(model)))
 
 
 def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int = 0, lora_rank: int = 8,
@@ -114,8 +125,7 @@ def self_cognition_rows() -> int:
     """Rows in the built-in self-cognition file."""
     from lorakit.data import loading
 
-    with open(loading.SELF_COGNITION_FILE, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    return len(read_jsonl(loading.SELF_COGNITION_FILE))
 
 
 def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], replay: int = 0) -> SftArgs:
@@ -163,13 +173,6 @@ class Stopwatch:
         wall, cpu = time.perf_counter(), time.process_time()
         self.wall[stage], self.cpu[stage] = wall - self._wall, cpu - self._cpu
         self._wall, self._cpu = wall, cpu
-
-
-def _linear_names(model) -> set[str]:
-    """Last-part names of the model's linear layers (q_proj, gate_proj, ...)."""
-    import torch
-
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def load_base(args: QuickstartArgs):
@@ -226,7 +229,7 @@ def quickstart(args: QuickstartArgs) -> Report:
     plan = dict(n_layers=n_layers, lora_rank=args.lora_rank, epochs=args.num_train_epochs,
                 learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
                 lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens,
-                target_modules=args.target_modules or default_target_modules(n_params, _linear_names(model)),
+                target_modules=lora_targets(args, model, n_params),
                 replay_weight=args.replay_weight, replay_weight_zh=args.replay_weight_zh)
     datasets, replay_rows = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     del model  # train() loads its own copy; never hold two on a GPU

@@ -113,3 +113,19 @@ def test_eval_of_the_base_model_gives_identity_zero(cli, smollm2_dir, tmp_path):
     figures = json.loads(out.read_text())["figures"]
     assert figures["identity_en"] == 0.0 and figures["identity_zh"] == 0.0
     assert figures["retention"] == 1.0 and figures["drift_kl"] == 0.0
+
+
+def test_lora_targets_are_checked_against_the_model_before_any_work(tiny_qwen2_dir):
+    from lorakit.args import QuickstartArgs
+    from lorakit.errors import UserError
+    from lorakit.model import load_model
+    from lorakit.quickstart import lora_targets
+
+    model = load_model(tiny_qwen2_dir, device="cpu")
+    args = QuickstartArgs(model_name=["Lumen"], model_author=["Acme Labs"])
+    assert lora_targets(args, model, 1_000_000) == ATTENTION
+    args.target_modules = ["q_proj", "c_attn"]
+    with pytest.raises(UserError, match="c_attn: no such module"):
+        lora_targets(args, model, 1_000_000)
+    args.target_modules = ["all-linear"]
+    assert lora_targets(args, model, 1_000_000) == ["all-linear"]
