@@ -12,7 +12,7 @@ for cfg in "$@"; do
   n=$(basename $cfg .json)
   python bench/identity_sweep.py --model /tmp/smol/smollm2.gguf --device cuda --torch_dtype float32 --cpu_like \
     --configs "$(cat $cfg)" --results $OUT/$n.json --out /tmp/sw-$n > $OUT/$n.log 2>&1 &
-  sleep 45
+  sleep ${SWEEP_STAGGER:-45}
 done
 wait
 grep -h "SWEEP\|Error\|error" $OUT/*.log | tail -60
