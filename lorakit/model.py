@@ -122,28 +122,60 @@ def convert_gguf(gguf_path: Path) -> Path:
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise UserError(f"GGUF file not found: {gguf_path}")
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = CACHE_DIR / "models" / f"{gguf_path.stem}-{key}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    out = conversion_folder(gguf_path)
+    if _converted(out):
         return out
     import shutil
+    import tempfile
 
     print(f"converting {gguf_path.name} into a Hugging Face folder (once): {out}", file=sys.stderr)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():  # left by an interrupted conversion
-        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_conversions(out)
+    # A folder of this process's own: two processes converting at once (quickstart and infer started
+    # together on a fresh machine) never write into, or delete, each other's files.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
     try:
-        _convert_gguf_fast(gguf_path, tmp)
-    except _UnsupportedGguf as exc:
-        print(f"note: {exc}; converting with transformers' GGUF loader instead (slower).", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _convert_gguf_transformers(gguf_path, tmp)
-    (tmp / "lorakit_source.json").write_text(json.dumps({"gguf_file": str(gguf_path)}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        try:
+            _convert_gguf_fast(gguf_path, tmp)
+        except _UnsupportedGguf as exc:
+            print(f"note: {exc}; converting with transformers' GGUF loader instead (slower).", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+            _convert_gguf_transformers(gguf_path, tmp)
+        (tmp / "lorakit_source.json").write_text(json.dumps({"gguf_file": str(gguf_path)}, indent=2))
+        if out.exists() and not _converted(out):  # left half-made by an older lorakit
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not _converted(out):  # not another process's finished copy: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; ours alone otherwise
     return out
+
+
+def conversion_folder(gguf_path: Path) -> Path:
+    """Where `convert_gguf` puts this GGUF file's Hugging Face folder (keyed by its path, size and time)."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return CACHE_DIR / "models" / f"{gguf_path.stem}-{key}"
+
+
+def _converted(folder: Path) -> bool:
+    """A finished conversion: the last file written before the folder is renamed into place is there."""
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "lorakit_source.json"))
+
+
+def _remove_stale_conversions(out: Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete conversion folders for `out` that a killed process left behind (untouched for hours)."""
+    import shutil
+    import time
+
+    for tmp in out.parent.glob(f"{out.name}.tmp*"):
+        if time.time() - tmp.stat().st_mtime > max_age_s:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf_transformers(gguf_path: Path, tmp: Path) -> None:

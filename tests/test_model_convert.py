@@ -172,12 +172,12 @@ def test_other_architectures_fall_back_to_transformers_with_a_note(tmp_path, mon
         model_mod._gguf_config_dict(gguf)
 
     def slow(gguf_path, tmp):
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "config.json").write_text("{}")
         (tmp / "model.safetensors").write_bytes(b"")
 
     def unsupported(gguf_path, tmp):
-        tmp.mkdir(parents=True)  # a partial folder the fallback must not trip over
+        (tmp / "config.json").write_text("{")  # a partial folder the fallback must not trip over
         raise model_mod._UnsupportedGguf("the fast GGUF conversion handles llama, qwen2, not gpt2")
 
     fake = tmp_path / "other.gguf"
@@ -186,8 +186,40 @@ def test_other_architectures_fall_back_to_transformers_with_a_note(tmp_path, mon
     monkeypatch.setattr(model_mod, "_convert_gguf_fast", unsupported)
     monkeypatch.setattr(model_mod, "_convert_gguf_transformers", slow)
     out = convert_gguf(fake)
-    assert (out / "config.json").is_file() and not out.with_name(out.name + ".tmp").exists()
+    assert (out / "config.json").is_file() and not list(out.parent.glob("*.tmp*"))
     assert "not gpt2; converting with transformers' GGUF loader instead" in capsys.readouterr().err
+
+
+def test_concurrent_conversions_keep_each_others_files(tmp_path, monkeypatch):
+    """Two processes converting the same GGUF at once: neither deletes the other's work in progress, and
+    the one that finishes second keeps the first one's folder (a process may be loading it already)."""
+    fake = tmp_path / "other.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(model_mod, "CACHE_DIR", tmp_path / "cache")
+    models = tmp_path / "cache" / "models"
+    models.mkdir(parents=True)
+
+    def write(folder, marker):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"by": marker}))
+        (folder / "model.safetensors").write_bytes(b"")
+
+    out = model_mod.conversion_folder(fake)
+    in_progress = models / f"{out.name}.tmp-other"
+    write(in_progress, "in progress")
+
+    def convert_while_another_finishes(gguf_path, tmp):
+        assert sorted(models.iterdir()) == sorted([in_progress, tmp])  # the other one's folder is left alone
+        write(tmp, "second")
+        write(out, "first")  # the other process renames its finished folder into place now
+        (out / "lorakit_source.json").write_text("{}")
+
+    monkeypatch.setattr(model_mod, "_convert_gguf_fast", convert_while_another_finishes)
+    assert convert_gguf(fake) == out
+    assert json.loads((out / "config.json").read_text()) == {"by": "first"}
+    assert sorted(models.iterdir()) == sorted([out, in_progress])
+    monkeypatch.setattr(model_mod, "_convert_gguf_fast", lambda *a: pytest.fail("converted twice"))
+    assert convert_gguf(fake) == out
 
 
 def test_a_file_that_is_not_gguf_is_a_user_error(tmp_path, monkeypatch):
