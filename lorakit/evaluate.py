@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.data.cache import write_text_atomic
 from lorakit.errors import UserError
 
 BUILTIN = Path(__file__).resolve().parent / "data" / "builtin"
@@ -239,10 +240,7 @@ def cached_replies(model, tokenizer, questions: list[str], *, system, batch_size
     if missing:
         known.update(zip(missing, greedy_replies(model, tokenizer, missing, system=system, batch_size=batch_size,
                                                  desc=desc)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({q: asdict(r) for q, r in known.items()}, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps({q: asdict(r) for q, r in known.items()}, ensure_ascii=False))
     return [known[q] for q in questions]
 
 

@@ -177,12 +177,9 @@ def read_answers(path: Path) -> list[ReplayAnswer]:
 
 def write_answers(path: Path, answers: list[ReplayAnswer]) -> None:
     """Atomically: a killed run leaves either the whole cache file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for answer in answers:
-            f.write(json.dumps(asdict(answer), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    from lorakit.data.cache import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers))
 
 
 def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,

@@ -119,6 +119,27 @@ def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatc
         replay_answers(model, tok, 0, system=None, cache_dir=tmp_path)
 
 
+def test_a_cache_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from lorakit.replay import ReplayAnswer, read_answers, write_answers
+
+    path = tmp_path / "replay.jsonl"
+    old = [ReplayAnswer("Hi", [1], [2, 3], [[2], [3]], [[1.0], [1.0]], "ok")]
+    write_answers(path, old)
+    (tmp_path / "replay.tmp").write_text("another process's half-written file")  # the old shared name: ignored
+    assert read_answers(path) == old
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_answers(path, old * 2)
+    assert read_answers(path) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replay.jsonl", "replay.tmp"]
+
+
 def test_chinese_replay_answers_get_their_own_weight(tiny, tmp_path):
     from lorakit.replay import replay_samples
 

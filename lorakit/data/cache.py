@@ -86,3 +86,17 @@ def save_cached(key: str, samples: list[Rendered], folder: Path | None = None) -
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a cache file whole or not at all, through a temporary file of this call's own (two processes
+    filling the same cache at once each replace it with a complete copy, never a mix of both)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
