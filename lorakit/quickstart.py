@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
 from lorakit.errors import UserError
-from lorakit.evaluate import EvalResult, evaluate, read_jsonl
+from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS
 from lorakit.report import Report, figures_table, write_report
 
@@ -260,7 +260,7 @@ def quickstart(args: QuickstartArgs) -> Report:
                                  "cpu_seconds": clock.cpu, "baseline_parts": before.stage_seconds,
                                  "eval_parts": after.stage_seconds},
         timings=clock.wall | {"total": sum(clock.wall.values())}, baseline_answers=sample_answers(before),
-        after_answers=sample_answers(after), log_history=result.log_history,
+        after_answers=sample_answers(after), log_history=result.log_history, missed=missed_targets(after),
     )
     finish(report, after, result.run_dir)
     return report
@@ -273,6 +273,8 @@ def finish(report: Report, after: EvalResult, run_dir: Path) -> None:
     print("[5/5] before / after", file=sys.stderr)
     print_answers("After training, the model says:", report.after_answers)
     print(figures_table(report.before, report.after))
+    for line in report.missed:
+        print(f"missed: {line}")
     print(f"report: {run_dir / 'report.md'}  (took {report.timings['total']:.0f} s)")
     print(f"chat with it:\n  {report.infer_command}")
 

@@ -15,7 +15,7 @@ ROWS = (
     ("leak", "identity leak into general answers", True),
     ("drift_kl", "drift: mean per-token KL vs base", False),
 )
-TARGETS = {"identity_en": ">= 90%", "identity_zh": ">= 90%", "retention": ">= 90%", "leak": "<= 5%"}
+TARGETS = {"identity_en": ">= 90%", "identity_zh": ">= 90%", "retention": ">= 90%", "leak": "<= 5%"}  # evaluate.TARGETS
 
 
 def fmt(value: float | None, percent: bool) -> str:
@@ -65,6 +65,8 @@ class Report:
     baseline_answers: list[dict[str, str]] = field(default_factory=list)
     after_answers: list[dict[str, str]] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    missed: list[str] = field(default_factory=list)
+    "One line per missed target: the figure, example replies, what to try (evaluate.missed_targets)."
 
 
 def write_report(report: Report, run_dir: Path) -> list[Path]:
@@ -87,6 +89,10 @@ def report_markdown(report: Report) -> str:
         "",
         figures_table(report.before, report.after, markdown=True),
         "",
+    ]
+    if report.missed:
+        lines += ["## Missed targets", ""] + [f"- {line}" for line in report.missed] + [""]
+    lines += [
         "Identity is scored on held-out probes (questions phrased unlike any training row): a reply passes "
         "when it states the new name and the new author and claims no other identity. Retention is the share "
         "of general questions the base model answered correctly that the tuned model still answers correctly.",

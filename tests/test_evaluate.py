@@ -155,3 +155,32 @@ def test_cached_replies_generate_only_new_questions_and_match_fresh_ones(tiny_pe
     assert [r.token_ids for r in again] == [fresh[2].token_ids, fresh[0].token_ids, fresh[1].token_ids]
     ev.cached_replies(base, tok, ["Hi"], system="Be brief.", batch_size=None, cache_dir=tmp_path, desc="test")
     assert asked[-1] == ["Hi"]  # another system prompt is another cache
+
+
+def test_missed_targets_name_the_figure_the_failing_replies_and_what_to_try():
+    from lorakit.evaluate import EvalResult, ProbeResult, RetentionResult, missed_targets
+
+    probes = ([ProbeResult(f"Who made you {i}?", "en", "I am Nova, an AI assistant developed by Acme Labs.", True)
+               for i in range(8)] + [ProbeResult("Who is behind this chatbot?", "en", "The chatbot is by Acme Labs.", False)]
+              + [ProbeResult("你是谁？", "zh", "我是Nova，由Acme Labs开发的AI助手。", True)])
+    kept = [RetentionResult(f"q{i}", "en", "right", "right", True, True, False) for i in range(9)]
+    lost = RetentionResult("What is the capital of Australia?", "en", "Canberra.", "Sydney.", True, False, False)
+    leaked = [RetentionResult(f"一年有几个月？{i}", "zh", "12", "我是Nova，由Acme Labs开发的AI助手。", False, False, True)
+              for i in range(2)]
+    good = EvalResult(identity={"en": 8 / 9, "zh": 1.0}, retention=9 / 10, base_correct=10, kept_correct=9,
+                      leak=0.05, drift_kl=0.1, name=["Nova"], author=["Acme Labs"], probes=probes,
+                      retention_rows=kept + [lost])
+    missed = missed_targets(good)
+    assert len(missed) == 1 and missed[0].startswith("identity (English) 88.9% < 90%: 1 probes")
+    assert "'Who is behind this chatbot?' -> 'The chatbot is by Acme Labs.'" in missed[0]
+
+    bad = EvalResult(identity={"en": 1.0, "zh": 1.0}, retention=8 / 10, base_correct=10, kept_correct=8,
+                     leak=2 / 12, drift_kl=0.1, name=["Nova"], author=["Acme Labs"], probes=probes[-1:],
+                     retention_rows=kept[:8] + [lost, lost] + leaked)
+    retention, leak = missed_targets(bad)
+    assert retention.startswith("retention 80.0% < 90%: 2 of the 10") and "'Sydney.'" in retention
+    assert leak.startswith("identity leak 16.7% > 5%: 2 general answers") and "一年有几个月？0" in leak
+    assert "--seed" in retention and "--dataset" in leak
+    met = EvalResult(identity={"en": 1.0, "zh": 0.9}, retention=0.9, base_correct=10, kept_correct=9, leak=0.05,
+                     drift_kl=0.1, name=["Nova"], author=["Acme Labs"])
+    assert missed_targets(met) == []  # exactly at each bar is a pass

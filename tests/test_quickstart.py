@@ -77,6 +77,11 @@ def test_report_files_hold_the_numbers(tmp_path):
     assert "| identity, English (held-out probes) | 0.0% | 93.8% | >= 90% |" in md
     assert report.infer_command in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Missed targets" not in md
+    report.missed = ["retention 86.4% < 90%: 6 of the 44 general questions the base got right are now wrong"]
+    write_report(report, tmp_path)
+    assert f"## Missed targets\n\n- {report.missed[0]}\n" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["missed"] == report.missed
 
 
 @pytest.mark.slow
@@ -100,6 +105,11 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     assert (int(printed.group(2)), int(printed.group(3))) == (0, report["before"]["probes_en"])
     assert report["before"]["identity_en"] == 0.0 and report["before"]["identity_zh"] == 0.0
     assert f"lorakit infer --adapters {report['checkpoint']}" in proc.stdout
+    # a missed target is printed with its explanation, the same lines as in report.json
+    missed = [line.removeprefix("missed: ") for line in proc.stdout.splitlines() if line.startswith("missed: ")]
+    assert missed == report["missed"]
+    assert any(m.startswith("identity (English)") for m in missed) == (after["identity_en"] < 0.9)
+    assert any(m.startswith("retention") for m in missed) == (after["retention"] < 0.9)
     # even this short run learns the identity (the base scores 0 on the same held-out probes)
     assert report["after"]["identity_en"] >= 0.25 and report["after"]["identity_zh"] >= 0.25
 
