@@ -344,51 +344,47 @@ def _share(flags: list[bool]) -> float:
 
 # ---------------------------------------------------------------- `lorakit eval`
 
-TARGETS = {"identity_en": 0.9, "identity_zh": 0.9, "retention": 0.9, "leak": 0.05}  # leak: at most; others: at least
-
-
 def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
     """One line per target the result misses: the figure, the replies behind it, and what to try.
 
     A small model lands near its bars and a different seed moves each figure by a probe or two
     (bench/README: about 6 runs in 10 of SmolLM2-135M pass all four), so the advice starts there.
     """
-    figures, lines = result.figures(), []
+    from lorakit.report import misses, target_text
+
+    lines = []
 
     def shown(rows, question, reply):
         return "; ".join(f"{question(r)!r} -> {reply(r)[:80]!r}" for r in rows[:examples])
 
     for lang, language in (("en", "English"), ("zh", "Chinese")):
-        share = figures[f"identity_{lang}"]
-        if share is not None and share < TARGETS[f"identity_{lang}"]:
+        key, share = f"identity_{lang}", result.identity.get(lang)
+        if misses(key, share):
             failed = [p for p in result.probes if p.lang == lang and not p.passed]
-            lines.append(f"identity ({language}) {100 * share:.1f}% < 90%: {len(failed)} probes did not state both name "
-                         f"and author, e.g. {shown(failed, lambda p: p.query, lambda p: p.reply)}. Try another --seed, "
+            lines.append(f"identity ({language}) {100 * share:.1f}% {target_text(key, missed=True)}: {len(failed)} "
+                         f"probes did not state both name and author, e.g. "
+                         f"{shown(failed, lambda p: p.query, lambda p: p.reply)}. Try another --seed, "
                          f"or train longer (--num_train_epochs 2) or harder (a higher --learning_rate).")
-    if result.retention is not None and result.retention < TARGETS["retention"]:
+    if misses("retention", result.retention):
         lost = [r for r in result.retention_rows if r.base_correct and not r.correct]
-        lines.append(f"retention {100 * result.retention:.1f}% < 90%: {len(lost)} of the {result.base_correct} general "
-                     f"questions the base got right are now wrong, e.g. "
+        lines.append(f"retention {100 * result.retention:.1f}% {target_text('retention', missed=True)}: {len(lost)} "
+                     f"of the {result.base_correct} general questions the base got right are now wrong, e.g. "
                      f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. Try another --seed (at this model size "
                      f"the figure moves by a question or two between seeds) or a lower --learning_rate, which "
                      f"trades identity for it.")
-    if result.leak > TARGETS["leak"]:
+    if misses("leak", result.leak):
         leaked = [r for r in result.retention_rows if r.leaked]
-        lines.append(f"identity leak {100 * result.leak:.1f}% > 5%: {len(leaked)} general answers state the new "
-                     f"identity, e.g. {shown(leaked, lambda r: r.question, lambda r: r.reply)}. Try another --seed, "
+        lines.append(f"identity leak {100 * result.leak:.1f}% {target_text('leak', missed=True)}: {len(leaked)} "
+                     f"general answers state the new identity, e.g. "
+                     f"{shown(leaked, lambda r: r.question, lambda r: r.reply)}. Try another --seed, "
                      f"a higher --replay_weight_zh if the answers are Chinese, or add general rows of your own "
                      f"with --dataset.")
     return lines
 
 
-def print_missed(result: EvalResult) -> None:
-    for line in missed_targets(result):
-        print(f"missed: {line}")
-
-
 def print_result(result: EvalResult) -> None:
     """The figures table and a few replies."""
-    from lorakit.report import figures_table
+    from lorakit.report import figures_table, print_missed
 
     for lang in ("en", "zh"):
         for p in [p for p in result.probes if p.lang == lang][:2]:
@@ -397,7 +393,7 @@ def print_result(result: EvalResult) -> None:
     print(f"identity: {sum(p.passed for p in result.probes)}/{len(result.probes)} probes; retention: "
           f"{result.kept_correct}/{result.base_correct} of the questions the base answered correctly; "
           f"{result.seconds:.0f} s")
-    print_missed(result)
+    print_missed(missed_targets(result))
 
 
 def _checkpoint_identity(loaded_args: dict) -> tuple[list[str], list[str]]:

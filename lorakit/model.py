@@ -143,7 +143,7 @@ def convert_gguf(gguf_path: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             _convert_gguf_transformers(gguf_path, tmp)
         (tmp / "lorakit_source.json").write_text(json.dumps({"gguf_file": str(gguf_path)}, indent=2))
-        if out.exists() and not _converted(out):  # left half-made by an older lorakit
+        if out.exists() and not _converted(out):  # an unfinished folder (files deleted by hand, say)
             shutil.rmtree(out, ignore_errors=True)
         try:
             tmp.rename(out)

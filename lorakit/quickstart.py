@@ -19,7 +19,7 @@ from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS
-from lorakit.report import Report, figures_table, write_report
+from lorakit.report import Report, figures_table, print_missed, write_report
 
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
 MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
@@ -273,8 +273,7 @@ def finish(report: Report, after: EvalResult, run_dir: Path) -> None:
     print("[5/5] before / after", file=sys.stderr)
     print_answers("After training, the model says:", report.after_answers)
     print(figures_table(report.before, report.after))
-    for line in report.missed:
-        print(f"missed: {line}")
+    print_missed(report.missed)
     print(f"report: {run_dir / 'report.md'}  (took {report.timings['total']:.0f} s)")
     print(f"chat with it:\n  {report.infer_command}")
 

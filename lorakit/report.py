@@ -15,7 +15,32 @@ ROWS = (
     ("leak", "identity leak into general answers", True),
     ("drift_kl", "drift: mean per-token KL vs base", False),
 )
-TARGETS = {"identity_en": ">= 90%", "identity_zh": ">= 90%", "retention": ">= 90%", "leak": "<= 5%"}  # evaluate.TARGETS
+# The acceptance bars: (at least or at most, value); a figure exactly at its bar meets it.
+TARGETS = {"identity_en": (">=", 0.9), "identity_zh": (">=", 0.9), "retention": (">=", 0.9),
+           "leak": ("<=", 0.05)}
+
+
+def target_text(key: str, missed: bool = False) -> str:
+    """'>= 90%' (or, for a miss, what the figure was instead: '< 90%'); '' for a figure without a bar."""
+    if key not in TARGETS:
+        return ""
+    sign, bar = TARGETS[key]
+    if missed:
+        sign = "<" if sign == ">=" else ">"
+    return f"{sign} {100 * bar:g}%"
+
+
+def misses(key: str, value: float | None) -> bool:
+    """Whether `value` misses the bar of `key` (no value: nothing to judge)."""
+    if value is None:
+        return False
+    sign, bar = TARGETS[key]
+    return value < bar if sign == ">=" else value > bar
+
+
+def print_missed(lines: list[str]) -> None:
+    for line in lines:
+        print(f"missed: {line}")
 
 
 def fmt(value: float | None, percent: bool) -> str:
@@ -40,7 +65,7 @@ def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markd
     body = []
     for key, label, percent in ROWS:
         cells = [label] + ([cell(before, key, percent)] if before is not None else [])
-        body.append(cells + [cell(after, key, percent), TARGETS.get(key, "")])
+        body.append(cells + [cell(after, key, percent), target_text(key)])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
