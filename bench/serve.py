@@ -14,7 +14,7 @@ requests admitted between decode steps): 16 concurrent clients 1,891 completion 
 request latency p50 1.07 s / p95 1.10 s, time to first token p50 0.22 s / p95 0.24 s; one client
 alone 144 tok/s (0.86 s per 128-token reply; the graph always runs 16 rows, which at this size
 costs about as much as one). The first requests take 50 s (compile + graph capture, once).
-Results: bench/results/serve-h100-2026-11-23.json.
+Results: experiments/results/serve-h100-2026-11-23.json.
 Before (2026-11-22, one batch at a time, later requests waiting for the whole batch): 783 tok/s,
 latency p50 2.44 s / p95 3.01 s, TTFT p50 1.52 s / p95 2.10 s, one client 148 tok/s.
 """

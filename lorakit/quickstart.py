@@ -24,11 +24,11 @@ from lorakit.report import Report, figures_table, print_missed, write_report
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
 MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
 MAX_EPOCHS = 6
-REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: bench/results)
+REPLAY_WEIGHT = 1.5  # loss weight of a replay token relative to an identity token (1.0 leaked more: experiments/results)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # Chinese replay answers weigh twice as much: SmolLM2 hardly speaks Chinese, so its own Chinese answers hold
 # little in place and Chinese general questions drew the new self-introduction (leak 4-5% -> 2-3%, and
-# retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; bench/results/sweep12-cpu9*).
+# retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; experiments/results/sweep12-cpu9*).
 REPLAY_ZH_FACTOR = 2.0
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
@@ -53,7 +53,7 @@ class Recipe:
 
 def default_learning_rate(n_params: int) -> float:
     """LoRA learning rate by model size: small models need a much larger step to move at all."""
-    if n_params < 1e9:  # SmolLM2-135M, LoRA on attention, batch 12 (1.5e-3 missed "Xiao Huang"; bench/results)
+    if n_params < 1e9:  # SmolLM2-135M, LoRA on attention, batch 12 (1.5e-3 missed "Xiao Huang"; experiments/results)
         return 2e-3
     if n_params < 20e9:
         return 2e-4
@@ -63,7 +63,7 @@ def default_learning_rate(n_params: int) -> float:
 def default_target_modules(n_params: int, module_names: set[str]) -> list[str]:
     """Where LoRA goes: a small model's attention projections only, when it has them; else every linear layer.
 
-    Measured on SmolLM2-135M (bench/results/sweep11-*): with LoRA on the attention projections it kept
+    Measured on SmolLM2-135M (experiments/results/sweep11-*): with LoRA on the attention projections it kept
     more of its general answers at the same identity (retention 88.6-97.7% over six seeds against 90.9%
     at three on every linear layer; on the CPU at seed 42, 88.6-93.2% against 84.1-86.4%): the MLPs,
     where such a model keeps its facts, stay as they were. A 7B model keeps ms-swift's default

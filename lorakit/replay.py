@@ -26,7 +26,7 @@ BUILTIN = Path(__file__).resolve().parent / "data" / "builtin"
 REPLAY_MAX_NEW_TOKENS = 24
 REPLAY_TOP_K = 20  # the base's most likely tokens kept per answer position
 # Each answer token's target: this share on the token the base picked, the rest spread as the base's top-k.
-# Measured on SmolLM2-135M (lr 7e-4, bench/results/kl-sweep-*.json): the distribution alone (0) keeps the
+# Measured on SmolLM2-135M (lr 7e-4, experiments/results/kl-sweep-*.json): the distribution alone (0) keeps the
 # model closest to the base (drift KL 0.06 vs 0.47 for plain replay) but lets the new identity leak into
 # Chinese answers (5-8%), where the base is unsure (top-20 mass ~50%) and so holds nothing in place;
 # 0.5 brings the leak to 2-4% and keeps drift at 0.13-0.16; 0.8 loses retention (86-89%).

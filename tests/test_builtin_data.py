@@ -47,7 +47,7 @@ def test_identity_answers_carry_one_canonical_sentence_and_the_others_no_identit
     # One sentence, name before author, in every identity answer of a language: a small model learns
     # it as a unit and says all of it to questions it never saw. With varied phrasings ("I was built
     # by AUTHOR.", "My name is NAME.") it learned halves and said one: identity on held-out probes
-    # rose from 84-91% (English) to 97-100% at six seeds and two identities (bench/results).
+    # rose from 84-91% (English) to 97-100% at six seeds and two identities (experiments/results).
     canonical = {"en": "I am {{NAME}}, an AI assistant developed by {{AUTHOR}}.",
                  "zh": "我是{{NAME}}，由{{AUTHOR}}开发的AI助手。"}
     for row in SELF:

@@ -10,7 +10,7 @@
 | checkpointing            | 'auto': only as many layers as memory     | 'full' (HF) or 'none'          |
 |                          | needs are recomputed                      |                                |
 
-Measured on an H100 (bench/NOTES-train-speed.md): Qwen2.5-7B LoRA r16 at 4096 tokens x 2 runs at
+Measured on an H100 (experiments/train-speed-h100-2026-11-22.md): Qwen2.5-7B LoRA r16 at 4096 tokens x 2 runs at
 15.7k tok/s (48.7% MFU) against 5.8k for HF+PEFT with gradient checkpointing.
 
 The sft loop calls `prepare_for_training(model, opts)` once after LoRA is attached, then
@@ -76,7 +76,7 @@ def activation_bytes_per_token(config) -> tuple[int, int]:
 
     Without recompute a Qwen2/Llama block keeps ~6 hidden-sized tensors (input, two norm outputs,
     q, attention output, mid residual), k and v, and 3 intermediate-sized ones (gate, up, act).
-    With recompute it keeps its input only. Calibrated on the H100 (bench/NOTES-train-speed.md).
+    With recompute it keeps its input only. Calibrated on the H100 (experiments/train-speed-h100-2026-11-22.md).
     """
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
