@@ -27,7 +27,7 @@ import torch
 import torch.utils.checkpoint
 
 from lorakit.fast import attention
-from lorakit.fast.lora import fuse_lora_layers, unfuse_lora_layers
+from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
 
 GIB = 1024**3
 CHECKPOINTING_MODES = ("auto", "full", "none")
@@ -174,6 +174,31 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
             if layer._compiled_call_impl is None:
                 layer.compile()
     return model
+
+
+def describe_fast_paths(model: torch.nn.Module, opts: FastOptions | None, device: torch.device) -> str:
+    """One line for the start of training: which fast paths are on, and why any is off."""
+    loss = "chunked loss on" if opts is None or opts.fused_loss else "chunked loss off (--fused_loss false)"
+    if torch.device(device).type != "cuda" or opts is None:
+        return (f"fast paths: {loss}; fused LoRA, packed attention and torch.compile are GPU paths, off on "
+                f"{torch.device(device).type} (this run computes the plain reference)")
+    lora = [m for m in model.modules() if is_lora_linear(m)]
+    if not opts.fused_lora:
+        fused = "fused LoRA off (--fused_lora false)"
+    elif lora:
+        refused: dict[str, int] = {}
+        for m in lora:
+            if not can_fuse(m):
+                why = fuse_refusal(m) or f"layer type {type(m).__name__}"
+                refused[why] = refused.get(why, 0) + 1
+        fused = f"fused LoRA on {len(lora) - sum(refused.values())}/{len(lora)} layers"
+        if refused:
+            fused += " (not fused: " + ", ".join(f"{n} with {why}" for why, n in refused.items()) + ")"
+    else:
+        fused = "fused LoRA: no LoRA layers (full fine-tuning)"
+    attn = "packed attention on" if opts.packed_attention else "packed attention off (--packed_attention false)"
+    comp = "torch.compile on" if opts.compile else "torch.compile off (--torch_compile false)"
+    return f"fast paths: {loss}, {fused}, {attn}, {comp}, recompute {opts.checkpointing}"
 
 
 def _remove_hook(body: torch.nn.Module) -> None:

@@ -7,6 +7,11 @@ Here the adapter weights are cast to the input dtype instead (they are tiny), th
 product is added in the base GEMM's epilogue (addmm_), and the backward computes
 d x = dy W + (dy sB) A with the second GEMM accumulating into the first's output.
 The fp32 adapter parameters stay the trained (master) copy; their gradients come back in fp32.
+
+LoRA dropout (PEFT: `lora_B(lora_A(dropout(x)))`, the base path sees x undropped) is applied to the
+low-rank branch's input only: the keep-mask is drawn as `torch.empty_like(x).bernoulli_(1 - p)` (the
+draw ATen's CPU dropout makes, so a CPU test can compare with PEFT mask for mask) and kept as bool
+bytes for the backward, which rebuilds the dropped input from x instead of storing a second copy.
 """
 
 from __future__ import annotations
@@ -17,16 +22,23 @@ import torch
 import torch.nn.functional as F
 
 
+def _dropped(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """x2 with dropout's mask applied and the kept values scaled by 1/(1-p) (x2 itself when no mask)."""
+    return x2 if keep is None else x2 * keep / (1.0 - p)
+
+
 class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0):
         x2 = x.reshape(-1, x.shape[-1])
         a = lora_a.to(x.dtype)
         b = (lora_b * scale).to(x.dtype)
-        xa = x2 @ a.t()
+        keep = torch.empty_like(x2).bernoulli_(1.0 - dropout_p).bool() if dropout_p > 0 else None
+        xa = _dropped(x2, keep, dropout_p) @ a.t()
         y = F.linear(x2, weight, bias)
         y.addmm_(xa, b.t())
-        ctx.save_for_backward(x2, xa, weight, a, b)
+        ctx.save_for_backward(x2, xa, weight, a, b, keep)
+        ctx.dropout_p = dropout_p
         ctx.scale = scale
         ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.x_shape = x.shape
@@ -34,51 +46,70 @@ class _LoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, a, b = ctx.saved_tensors
+        x2, xa, weight, a, b, keep = ctx.saved_tensors
+        p = ctx.dropout_p
         dy2 = dy.reshape(-1, dy.shape[-1])
         dxa = dy2 @ b
         grad_b = (dy2.t() @ xa).to(ctx.param_dtypes[1]) * ctx.scale
-        grad_a = (dxa.t() @ x2).to(ctx.param_dtypes[0])
-        dx = dxa @ a
-        dx.addmm_(dy2, weight)
-        return dx.view(ctx.x_shape), None, None, grad_a, grad_b, None
+        grad_a = (dxa.t() @ _dropped(x2, keep, p)).to(ctx.param_dtypes[0])
+        if keep is None:
+            dx = dxa @ a
+            dx.addmm_(dy2, weight)
+        else:  # the low-rank branch saw the dropped input: its gradient passes the same mask
+            dx = torch.addmm(_dropped(dxa @ a, keep, p), dy2, weight)
+        return dx.view(ctx.x_shape), None, None, grad_a, grad_b, None, None
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
-    """x [..., in]; weight [out, in] (frozen); bias [out] or None (frozen); lora_a [r, in]; lora_b [out, r]."""
-    return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, scale)
+def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """x [..., in]; weight [out, in] (frozen); bias [out] or None (frozen); lora_a [r, in]; lora_b [out, r];
+    dropout_p: LoRA dropout on the low-rank branch's input (0 when not training)."""
+    return _LoRALinearFn.apply(x, weight, bias, lora_a, lora_b, scale, dropout_p)
 
 
-def lora_linear_ops(x, weight, bias, lora_a, lora_b, scale: float) -> torch.Tensor:
+def lora_linear_ops(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """lora_linear as plain ops: under torch.compile the partitioner then sees the whole layer and
     may recompute cheap tensors (norm outputs, SwiGLU product) instead of keeping them."""
-    low = F.linear(F.linear(x, lora_a.to(x.dtype)), (lora_b * scale).to(x.dtype))
+    low_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    low = F.linear(F.linear(low_in, lora_a.to(x.dtype)), (lora_b * scale).to(x.dtype))
     return F.linear(x, weight, bias) + low
 
 
 LORA_IMPLS = {"function": lora_linear, "ops": lora_linear_ops}
 
 
+def fuse_refusal(module) -> str | None:
+    """Why `module` cannot take the fused path (None: it can). Only PEFT LoRA Linear layers are asked."""
+    if len(module.active_adapters) != 1:
+        return "several active adapters"
+    name = module.active_adapters[0]
+    base = module.base_layer
+    if name not in module.lora_A:
+        return "no LoRA weights for the active adapter"
+    if module.lora_variant.get(name):
+        return f"LoRA variant {type(module.lora_variant[name]).__name__} (DoRA, ...)"
+    if not isinstance(module.lora_dropout[name], (torch.nn.Identity, torch.nn.Dropout)):
+        return f"dropout of type {type(module.lora_dropout[name]).__name__}"
+    if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
+        return "LoRA bias"
+    if type(base) is not torch.nn.Linear:
+        return f"base layer {type(base).__name__}"
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return "trainable base weights"
+    return None
+
+
+def is_lora_linear(module) -> bool:
+    """A PEFT LoRA layer of any kind (plain, quantized base, ...)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "active_adapters")
+
+
 def can_fuse(module) -> bool:
-    """True for a plain PEFT LoRA Linear: one adapter, no dropout, no DoRA/variant, frozen base."""
+    """True for a plain PEFT LoRA Linear: one adapter (dropout or not), no DoRA/variant, frozen base."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover
         return False
-    if type(module) is not LoraLinear or len(module.active_adapters) != 1:
-        return False
-    name = module.active_adapters[0]
-    base = module.base_layer
-    return (
-        name in module.lora_A
-        and not module.lora_variant.get(name)
-        and isinstance(module.lora_dropout[name], torch.nn.Identity)
-        and module.lora_A[name].bias is None
-        and module.lora_B[name].bias is None
-        and type(base) is torch.nn.Linear
-        and not base.weight.requires_grad
-        and (base.bias is None or not base.bias.requires_grad)
-    )
+    return type(module) is LoraLinear and fuse_refusal(module) is None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, **kwargs) -> torch.Tensor:
@@ -86,7 +117,10 @@ def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, **kwargs
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    return lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+    dropout = self.lora_dropout[name]
+    p = dropout.p if self.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    return lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                     self.scaling[name], p)
 
 
 def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
