@@ -12,7 +12,7 @@ kernels and never re-allocating. This decoder:
   two per-layer halves are compiled with torch.compile so elementwise work fuses.
 
 `tests/test_engine.py` and `tests/test_continuous.py` check on the CPU (no graph, no compile) that
-it picks the same greedy tokens as `engine.ReferenceDecoder`, rows joining and leaving included;
+it picks the same greedy tokens as `reference_decoder.ReferenceDecoder`, rows joining and leaving included;
 `bench/decode.py` checks the same on the GPU.
 """
 
