@@ -348,7 +348,7 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
     """One line per target the result misses: the figure, the replies behind it, and what to try.
 
     A small model lands near its bars and a different seed moves each figure by a probe or two
-    (bench/README: about 6 runs in 10 of SmolLM2-135M pass all four), so the advice starts there.
+    (experiments/quickstart-recipe.md: about 6 runs in 10 of SmolLM2-135M pass all four), so the advice starts there.
     """
     from lorakit.report import misses, target_text
 
