@@ -39,23 +39,36 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/sft-gpu")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--lora_dropout", type=float, nargs="+", default=[0.05],
+                        help="one run per value, same model and data (0.05: ms-swift's default, what tutorials leave)")
     opts = parser.parse_args()
     out = Path(opts.out)
     model = out / "qwen2.5-7b-random"
     build(model, QWEN7B)
     data = out / "rows.jsonl"
     write_rows(data, 600, 1200)
+    medians = {}
+    for dropout in opts.lora_dropout:
+        medians[dropout] = run_sft(out, model, data, opts.steps, dropout)
+    print(json.dumps({"median_tokens_per_second_by_lora_dropout": medians}))
+
+
+def run_sft(out: Path, model: Path, data: Path, steps: int, dropout: float) -> float | None:
+    """One `lorakit sft` run; returns the median logged tok/s after the first (compiling) window."""
+    runs = out / f"runs-dropout{dropout:g}"
     command = [sys.executable, "-m", "lorakit", "sft", "--model", str(model), "--dataset", str(data), "--train_type", "lora",
                "--lora_rank", "16", "--lora_alpha", "32", "--max_length", "4096", "--packing", "true",
-               "--per_device_train_batch_size", "1", "--max_steps", str(opts.steps), "--logging_steps", "4",
-               "--save_steps", "100000", "--output_dir", str(out / "runs"), "--learning_rate", "1e-4"]
+               "--per_device_train_batch_size", "1", "--max_steps", str(steps), "--lora_dropout", str(dropout), "--logging_steps", "4",
+               "--save_steps", "100000", "--output_dir", str(runs), "--learning_rate", "1e-4"]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
-    log = sorted((out / "runs").glob("v*/logging.jsonl"))[-1]
+    log = sorted(runs.glob("v*/logging.jsonl"))[-1]
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steady = [r["tokens_per_second"] for r in records if "tokens_per_second" in r][1:]  # the first window compiles
-    print(json.dumps({"records": records, "steady_tokens_per_second": steady,
-                      "median": sorted(steady)[len(steady) // 2] if steady else None}, indent=1))
+    median = sorted(steady)[len(steady) // 2] if steady else None
+    print(json.dumps({"lora_dropout": dropout, "records": records, "steady_tokens_per_second": steady,
+                      "median": median}, indent=1), flush=True)
+    return median
 
 
 if __name__ == "__main__":
