@@ -8,6 +8,7 @@ ms-swift (`--lora_rank`, `--train_type`), and `aliases` maps the other names peo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lorakit.errors import UserError
@@ -25,12 +26,39 @@ ALIASES = {
     "eval_batch_size": "per_device_eval_batch_size",
     "lr": "learning_rate",
     "epochs": "num_train_epochs",
+    "adapter_dir": "adapters",
 }
+
+# List flags whose values never contain a comma: `--target_modules q_proj,v_proj` means two values
+# (ms-swift and PEFT accept both spellings). Paths, dataset IDs and names keep their commas.
+COMMA_LISTS = {"target_modules", "modules_to_save", "layers_to_transform", "report_to"}
 
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise UserError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}.")
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    """A finite number > 0 (NaN fails every comparison, so it is named explicitly)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UserError(f"--{name} must be a positive number, got {value}.")
+
+
+def _dtype_from_precision_flags(torch_dtype: str, bf16: bool | None, fp16: bool | None) -> str:
+    """--bf16/--fp16 (HF Trainer and ms-swift spellings) -> --torch_dtype; contradictions are refused."""
+    if bf16 and fp16:
+        raise UserError("--bf16 true and --fp16 true contradict each other: pick one (or --torch_dtype).")
+    wanted = "bfloat16" if bf16 else "float16" if fp16 else None
+    for flag, on, dtype in (("bf16", bf16, "bfloat16"), ("fp16", fp16, "float16")):
+        if on is False and torch_dtype == dtype:
+            raise UserError(f"--{flag} false contradicts --torch_dtype {torch_dtype}: drop one of them.")
+    if wanted is None:
+        return torch_dtype
+    if torch_dtype not in ("auto", wanted):
+        flag = "bf16" if bf16 else "fp16"
+        raise UserError(f"--{flag} true contradicts --torch_dtype {torch_dtype}: drop one of them.")
+    return wanted
 
 
 @dataclass
@@ -51,10 +79,22 @@ class ModelArgs:
     "Chat template: empty uses the tokenizer's own; 'chatml' is the built-in fallback for tokenizers without one."
     model_type: str | None = None
     "Accepted for ms-swift compatibility and ignored: the architecture comes from config.json."
+    bf16: bool | None = None
+    "HF/ms-swift spelling of --torch_dtype bfloat16 (true); false only refuses a bfloat16 --torch_dtype."
+    fp16: bool | None = None
+    "HF/ms-swift spelling of --torch_dtype float16 (true); false only refuses a float16 --torch_dtype."
 
     def __post_init__(self):
         _check_choice("torch_dtype", self.torch_dtype, ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"))
         self.torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(self.torch_dtype, self.torch_dtype)
+        self.torch_dtype = _dtype_from_precision_flags(self.torch_dtype, self.bf16, self.fp16)
+
+    def notices(self) -> list[str]:
+        """One line per accepted flag that changes nothing."""
+        if self.model_type:
+            return [f"note: --model_type {self.model_type} is ignored: lorakit reads the architecture from the "
+                    f"model's config.json."]
+        return []
 
 
 @dataclass
@@ -87,6 +127,12 @@ class DataArgs:
     "Cache tokenised data on disk, keyed by file contents, tokenizer, template and flags."
     streaming: bool = False
     "Accepted for ms-swift compatibility; datasets are read whole."
+
+    def notices(self) -> list[str]:
+        """One line per accepted flag that changes nothing."""
+        if self.streaming:
+            return ["note: --streaming true is ignored: lorakit reads each dataset whole (tokenised once, cached)."]
+        return []
 
     def __post_init__(self):
         _check_choice("truncation_strategy", self.truncation_strategy, ("delete", "left", "right"))
@@ -121,6 +167,8 @@ class LoraArgs:
         _check_choice("train_type", self.train_type, ("lora", "full"))
         if self.lora_rank <= 0:
             raise UserError(f"--lora_rank must be positive, got {self.lora_rank}.")
+        if not 0 <= self.lora_dropout < 1:  # also refuses NaN
+            raise UserError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
 
 
 @dataclass
@@ -194,6 +242,13 @@ class TrainArgs:
                      "replay_max_new_tokens", "replay_weight", "replay_weight_zh"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        _check_positive("learning_rate", self.learning_rate)
+        if self.max_steps <= 0:
+            _check_positive("num_train_epochs", self.num_train_epochs)
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
 
 
 @dataclass
@@ -245,9 +300,18 @@ class InferArgs:
     "Rows generated together in batch mode."
     infer_backend: str = "pt"
     "pt (lorakit's own engine) or vllm (if installed)."
+    vllm_max_model_len: int | None = None
+    "With --infer_backend vllm: the longest prompt + reply vLLM plans memory for (its max_model_len). Empty: the model's."
 
     def __post_init__(self):
         _check_choice("infer_backend", self.infer_backend, ("pt", "vllm"))
+        if self.vllm_max_model_len is not None:
+            if self.infer_backend != "vllm":
+                raise UserError("--vllm_max_model_len applies to --infer_backend vllm; lorakit's own engine "
+                                "(--infer_backend pt) sizes its cache per request: drop the flag or add "
+                                "--infer_backend vllm.")
+            if self.vllm_max_model_len <= 0:
+                raise UserError(f"--vllm_max_model_len must be positive, got {self.vllm_max_model_len}.")
 
 
 @dataclass
@@ -334,6 +398,8 @@ class QuickstartArgs:
         for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh", "per_device_train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("num_train_epochs", self.num_train_epochs)
         if self.lora_layers is not None and self.lora_layers < 0:
             raise UserError(f"--lora_layers must be >= 0 (0: every layer), got {self.lora_layers}.")
 

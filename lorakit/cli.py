@@ -136,6 +136,8 @@ def _values(flag: Flag, vals: list[str]):
     if not vals:
         raise UserError(f"--{flag.name} needs a value.")
     if flag.is_list:
+        if flag.name in A.COMMA_LISTS:  # --target_modules q_proj,v_proj (the tutorials' spelling)
+            vals = [part.strip() for v in vals for part in v.split(",") if part.strip()]
         return [_convert(flag, v) for v in vals]
     if len(vals) > 1:
         raise UserError(f"--{flag.name} takes one value, got {len(vals)}: {' '.join(vals)}")
@@ -184,6 +186,15 @@ def build_args(cls, values: dict[str, object], prefix: tuple[str, ...] = ()):
     return cls(**kwargs)
 
 
+def print_notices(args) -> None:
+    """Print each flag group's notices: flags accepted for compatibility that change nothing."""
+    for f in dataclasses.fields(args):
+        group = getattr(args, f.name)
+        if dataclasses.is_dataclass(group) and hasattr(group, "notices"):
+            for line in group.notices():
+                print(line, file=sys.stderr)
+
+
 def format_help(command: str) -> str:
     module, cls, summary = COMMANDS[command]
     lines = [f"usage: lorakit {command} [--flag value ...] [--config FILE.yaml]", "", summary, "",
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module, cls, _ = COMMANDS[command]
         args = build_args(cls, parse_argv(command, rest))
+        print_notices(args)
         return int(importlib.import_module(module).main(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -71,3 +71,75 @@ def test_cli_unknown_flag_exit_code(cli):
 def test_bad_quickstart_recipe_flags_fail_before_any_model_loads(cli, flag, value, message):
     proc = cli("quickstart", "--model_name", "A", "--model_author", "B", flag, value, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr
+
+
+def infer(argv: str) -> A.InferArgs:
+    return build_args(A.InferArgs, parse_argv("infer", argv.split()))
+
+
+def test_comma_separated_list_flags_split_and_paths_do_not():
+    args = sft("--target_modules q_proj,v_proj,o_proj, up_proj --layers_to_transform 0,1 --report_to none "
+               "--dataset a,b.json")
+    assert args.lora.target_modules == ["q_proj", "v_proj", "o_proj", "up_proj"]
+    assert args.lora.layers_to_transform == [0, 1]
+    assert args.data.dataset == ["a,b.json"]  # a file name may hold a comma
+
+
+def test_comma_lists_in_config_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("target_modules: q_proj,v_proj\n")
+    assert sft(f"--config {cfg}").lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("flags, dtype", [
+    ("--bf16 true --fp16 false", "bfloat16"), ("--fp16 true", "float16"), ("--bf16 false", "auto"),
+    ("--bf16 true --torch_dtype bf16", "bfloat16"), ("--bf16 false --fp16 false --torch_dtype float32", "float32"),
+])
+def test_hf_precision_flags_set_torch_dtype(flags, dtype):
+    assert sft(flags).model.torch_dtype == dtype
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--bf16 true --fp16 true", "--bf16 true and --fp16 true contradict"),
+    ("--bf16 true --torch_dtype float16", "--bf16 true contradicts --torch_dtype float16"),
+    ("--fp16 false --torch_dtype fp16", "--fp16 false contradicts --torch_dtype float16"),
+])
+def test_contradicting_precision_flags_refused(flags, message):
+    with pytest.raises(UserError, match=message):
+        sft(flags)
+
+
+def test_tutorial_spellings_adapter_dir_and_vllm_max_model_len():
+    assert infer("--adapter_dir out").adapter.adapters == ["out"]
+    assert infer("--infer_backend vllm --vllm_max_model_len 4096").vllm_max_model_len == 4096
+    with pytest.raises(UserError, match="--vllm_max_model_len applies to --infer_backend vllm"):
+        infer("--vllm_max_model_len 4096")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--learning_rate -1e-4", "--learning_rate must be a positive number, got -0.0001"),
+    ("--learning_rate nan", "--learning_rate must be a positive number, got nan"),
+    ("--lora_dropout 1", r"--lora_dropout must be in \[0, 1\), got 1.0"),
+    ("--lora_dropout -0.1", r"--lora_dropout must be in \[0, 1\)"),
+    ("--num_train_epochs -1", "--num_train_epochs must be a positive number, got -1.0"),
+    ("--warmup_ratio 1.5", r"--warmup_ratio must be in \[0, 1\)"),
+])
+def test_bad_training_values_refused_at_parse_time(flags, message):
+    with pytest.raises(UserError, match=message):
+        sft(flags)
+
+
+def test_epochs_ignored_when_max_steps_set():
+    assert sft("--max_steps 10 --num_train_epochs -1").train.max_steps == 10
+
+
+def test_bad_value_fails_before_anything_is_written(cli, tmp_path):
+    proc = cli("sft", "--dataset", "x.json", "--learning_rate", "nan", "--output_dir", str(tmp_path / "out"),
+               timeout=120)
+    assert proc.returncode == 2 and "--learning_rate must be a positive number" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_ignored_compatibility_flags_say_so(cli):
+    proc = cli("check-data", "--model_type", "qwen2_5", "--streaming", "true", "--dataset", "nope.json", timeout=120)
+    assert "note: --model_type qwen2_5 is ignored" in proc.stderr and "note: --streaming true is ignored" in proc.stderr

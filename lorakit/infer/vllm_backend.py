@@ -38,7 +38,8 @@ def run_vllm(args: InferArgs) -> int:
     base = resolve_model_path(args.model.model or saved.get("model_path"), use_hf=args.model.use_hf)
     tokenizer = load_tokenizer(ckpt if ckpt and (ckpt / "tokenizer_config.json").is_file() else base)
     system = args.adapter.system or saved.get("system")
-    llm = vllm.LLM(model=str(base), enable_lora=ckpt is not None, seed=args.generation.seed)
+    llm = vllm.LLM(model=str(base), enable_lora=ckpt is not None, seed=args.generation.seed,
+                   max_model_len=args.vllm_max_model_len)
     lora = LoRARequest("adapter", 1, str(ckpt)) if ckpt else None
     g = args.generation
     params = vllm.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
