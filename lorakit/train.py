@@ -44,7 +44,7 @@ from lorakit.errors import UserError
 from lorakit.loss import IGNORE_INDEX, LossOutput, causal_lm_loss, shift_targets
 from lorakit.plots import plot_loss
 from lorakit.schedule import StepPlan, lr_factor, plan_steps, warmup_steps_for
-from lorakit.tuners import attach_tuner, trainable_parameters
+from lorakit.tuners import attach_tuner, check_lora_flags, trainable_parameters
 
 # Test hook: make the loss of this optimizer step (1-based) NaN, to exercise the non-finite guard.
 _INJECT_NAN_ENV = "LORAKIT_INJECT_NAN_AT_STEP"
@@ -526,7 +526,11 @@ def train(args: SftArgs) -> TrainResult:
     model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
     tokenizer = load_tokenizer(model_path)
     set_chat_template(tokenizer, args.model.template)
+    check_lora_flags(model_path, args.lora)
     data = load_data(args, tokenizer)  # before any weights load: a data mistake costs seconds, not minutes
+    if args.train.eval_steps and not data.val:
+        print(f"note: --eval_steps {args.train.eval_steps} changes nothing: there are no validation rows "
+              f"(add --val_dataset, or --split_dataset_ratio 0.05).", file=sys.stderr)
     if args.train.dry_run:
         print("--dry_run: data checked, stopping before loading weights.", file=sys.stderr)
         return TrainResult(None, None, None, None, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -83,6 +84,21 @@ def _check_layers(model: nn.Module, layers: list[int]) -> list[int] | None:
     if bad:
         raise UserError(f"--layers_to_transform {' '.join(map(str, bad))}: the model has layers 0..{n - 1}.")
     return sorted(set(layers)) or None
+
+
+def check_lora_flags(model_path: Path, lora: LoraArgs) -> None:
+    """Check --target_modules, --modules_to_save and --layers_to_transform on the model built on the meta
+    device (config.json only: no weights read, no memory used), so a typo costs a second, not a load."""
+    if lora.train_type != "lora":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    resolve_target_modules(skeleton, lora.target_modules)
+    _check_modules_to_save(skeleton, lora.modules_to_save)
+    _check_layers(skeleton, lora.layers_to_transform)
 
 
 def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, TrainableSummary]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lorakit.data import cache
 from lorakit.data.formats import Conversation, detect_format, normalise_row
-from lorakit.data.render import Rendered, render_conversations, set_chat_template
+from lorakit.data.render import Rendered, render_conversations, set_chat_template, strip_system_markers
 from lorakit.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -138,6 +138,11 @@ def load_conversations(
         if strict:
             raise_row_errors(errors, location)
         if spec.n is not None and conversations:
+            if spec.n > len(conversations):
+                low, high = spec.n // len(conversations), -(-spec.n // len(conversations))
+                times = f"{low}" if low == high else f"{low} or {high}"
+                log(f"note: {text} asks for {spec.n} rows of {len(conversations)}: oversampled, each row used "
+                    f"{times} times")
             conversations = sample_rows(conversations, spec.n, seed)
         parts.append(DatasetPart(text, location, conversations, len(rows), dict(formats), errors))
     return parts
@@ -380,7 +385,8 @@ def build_datasets(
     if not data_args.dataset:
         raise UserError("no training data: pass --dataset FILE_OR_ID [FILE_OR_ID ...]")
     set_chat_template(tokenizer, template)
-    system = resolve_system(data_args.system)
+    system = strip_system_markers(tokenizer, resolve_system(data_args.system), log=log)
+    note_unused_identity(data_args, log)
     fp = cache.tokenizer_fingerprint(tokenizer) if data_args.data_cache else None
     train, val, reports = [], [], []
     for role, specs in (("train", data_args.dataset), ("val", data_args.val_dataset)):
@@ -403,6 +409,15 @@ def build_datasets(
     if strict and not train:
         raise UserError("zero training rows left after loading and length filtering; see the report above")
     return TrainData(train=train, val=val, reports=reports, system=system)
+
+
+def note_unused_identity(data_args, log) -> None:
+    """--model_name/--model_author fill only the built-in self-cognition rows: say so when no dataset is those."""
+    given = [f for f, v in (("--model_name", data_args.model_name), ("--model_author", data_args.model_author)) if v]
+    specs = list(data_args.dataset) + list(data_args.val_dataset)
+    if given and not any(parse_spec(s).name in SELF_COGNITION_NAMES for s in specs):
+        log(f"note: {' and '.join(given)} only fill the {{{{NAME}}}}/{{{{AUTHOR}}}} placeholders of the built-in "
+            f"self-cognition dataset, which no --dataset names, so they change nothing (add --dataset self-cognition).")
 
 
 def _process_part(

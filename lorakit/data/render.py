@@ -10,6 +10,7 @@ the template puts after it. The prompt part of a training render is token-identi
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,52 @@ def template_default_system(tokenizer) -> str | None:
     if head.startswith(before) and head.endswith(after) and len(head) > len(before) + len(after):
         return head[len(before): len(head) - len(after)]
     return None
+
+
+def system_markers(tokenizer) -> tuple[str, str] | None:
+    """The text the chat template writes before and after a system prompt: ('<|im_start|>system', '<|im_end|>')."""
+    marker_sys, marker_user = "\x01SYSTEM\x01", "\x02"
+    text = _apply(tokenizer, [{"role": "system", "content": marker_sys}, {"role": "user", "content": marker_user}],
+                  add_generation_prompt=False)
+    if marker_sys not in text:
+        return None
+    before, after = text.split(marker_user)[0].split(marker_sys)
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t] + \
+        [str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    # Llama 3 starts every text with <|begin_of_text|>; a pasted system turn starts at the next control token.
+    bos = getattr(tokenizer, "bos_token", None) or ""
+    rest = before.removeprefix(bos).strip() if before.startswith(bos) else ""
+    if bos and any(rest.startswith(t) for t in specials):
+        before = rest
+    ends = [after.find(t) + len(t) for t in specials if t in after]
+    after = after[: min(ends)].strip() if ends else ""  # up to the first control token: the end of the turn
+    return before.strip(), after
+
+
+def strip_system_markers(tokenizer, system: str | None, *, flag: str = "--system", log=None) -> str | None:
+    """A system prompt pasted with the template's own markers, '<|im_start|>system\\nX<|im_end|>', as 'X'.
+
+    The template writes the markers around the system prompt itself; kept, they would render twice.
+    Says so on stderr (or through `log`) when it strips anything.
+    """
+    markers = system_markers(tokenizer) if system else None
+    if markers is None:
+        return system
+    head, tail = markers
+    text, removed = system.strip(), []
+    if head and text.startswith(head):
+        text, removed = text[len(head):].strip(), removed + [head]
+    if tail and text.endswith(tail):
+        text, removed = text[: -len(tail)].strip(), removed + [tail]
+    if not removed:
+        return system
+    (log or _warn)(f"warning: {flag} held the chat template's own markers ({' and '.join(map(repr, removed))}); "
+                   f"they were removed, since the template writes them around the system prompt itself.")
+    return text
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
