@@ -21,6 +21,7 @@ import torch
 
 from lorakit.args import ExportArgs
 from lorakit.errors import UserError
+from lorakit.model import DTYPES
 
 # Questions the merge check renders with the chat template (short answers keep it fast).
 VERIFY_QUESTIONS = ("Who are you?", "What is the capital of France?", "Write one sentence about the sea.")
@@ -28,7 +29,6 @@ VERIFY_NEW_TOKENS = 24
 # Largest logit difference allowed, relative to the largest reference logit (at least 1.0).
 # float32: reassociation only; half types: one rounding of every weight, summed over the layers.
 RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.08}
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HUB_SKIP = ["optimizer.pt", "rng_state.pt", "trainer_state.json", "*.tmp*"]
 
 
@@ -157,7 +157,7 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
 def final_dtype(torch_dtype: str, model) -> torch.dtype:
     """--torch_dtype if given, else the dtype the base model was saved in (its config.json), else float32."""
     if torch_dtype and torch_dtype != "auto":
-        return TORCH_DTYPES[torch_dtype]
+        return DTYPES[torch_dtype]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return saved_dtype(Path(base.name_or_path))
 
@@ -166,7 +166,7 @@ def saved_dtype(folder: Path) -> torch.dtype:
     """The dtype in a model folder's config.json (a loaded model's config says what it was loaded as)."""
     config = folder / "config.json"
     saved = json.loads(config.read_text()) if config.is_file() else {}
-    return TORCH_DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
+    return DTYPES.get(str(saved.get("dtype") or saved.get("torch_dtype") or "float32"), torch.float32)
 
 
 def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -194,7 +194,7 @@ def _load_full(ckpt: Path, torch_dtype: str, device: str | None):
     from lorakit.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
-    dtype = TORCH_DTYPES[torch_dtype] if torch_dtype != "auto" else saved_dtype(ckpt)
+    dtype = DTYPES[torch_dtype] if torch_dtype != "auto" else saved_dtype(ckpt)
     print(f"{ckpt} holds full weights: nothing to merge, exporting them as {str(dtype).removeprefix('torch.')}")
     return loaded.model.to(dtype), loaded.tokenizer, None
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lorakit.model as model_mod
+from lorakit import gguf_reader
 from lorakit.model import convert_gguf, default_gguf_file, load_model, load_tokenizer
 
 HARD_STRINGS = [
@@ -29,7 +30,7 @@ def converted(tmp_path_factory):
     """The fast conversion of the real SmolLM2 GGUF into a fresh cache folder."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model_mod, "CACHE_DIR", tmp_path_factory.mktemp("lorakit-cache"))
-        patch.setattr(model_mod, "_convert_gguf_transformers", lambda *a: pytest.fail("fell back to the slow path"))
+        patch.setattr(model_mod, "convert_gguf_transformers", lambda *a: pytest.fail("fell back to the slow path"))
         return convert_gguf(default_gguf_file())
 
 
@@ -105,7 +106,7 @@ def test_logits_of_the_saved_folder_equal_the_gguf_model(converted, reference):
 
 def test_a_second_call_returns_the_cached_folder_at_once(converted, monkeypatch):
     monkeypatch.setattr(model_mod, "CACHE_DIR", converted.parents[1])
-    monkeypatch.setattr(model_mod, "_convert_gguf_fast", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(model_mod, "convert_gguf_fast", lambda *a: pytest.fail("converted twice"))
     assert convert_gguf(default_gguf_file()) == converted
 
 
@@ -116,16 +117,16 @@ def test_torch_dequantisation_equals_gguf_py(type_name):
     ggml_type = GGMLQuantizationType[type_name]
     values = torch.randn(8, 96, generator=torch.Generator().manual_seed(0)).numpy() * 3
     raw = np.frombuffer(quants.quantize(values, ggml_type).tobytes(), np.uint8)
-    tensor = model_mod._GgufTensor("t", (96, 8), int(ggml_type), 0)
-    fast = model_mod._dequantize(raw.tobytes(), tensor)
-    reference = model_mod._dequantize_reference(raw, ggml_type, (8, 96))
+    tensor = gguf_reader.GgufTensor("t", (96, 8), int(ggml_type), 0)
+    fast = gguf_reader.dequantize(raw.tobytes(), tensor)
+    reference = gguf_reader.dequantize_reference(raw, ggml_type, (8, 96))
     assert fast.dtype == torch.float32 and fast.shape == (8, 96)
     assert torch.equal(fast, torch.from_numpy(reference))
     assert (fast - torch.from_numpy(values)).abs().max() < (1.0 if type_name.startswith("Q") else 0.05)
 
 
 def test_real_tensors_dequantise_like_gguf_py(converted):
-    gguf = model_mod._read_gguf(default_gguf_file())
+    gguf = gguf_reader.read_gguf(default_gguf_file())
     types = {}
     for tensor in gguf.tensors:
         types.setdefault(tensor.ggml_type, tensor)
@@ -133,8 +134,8 @@ def test_real_tensors_dequantise_like_gguf_py(converted):
     for tensor in types.values():
         shape = tuple(reversed(tensor.dims))
         raw = np.frombuffer(gguf.buffer, np.uint8, _byte_count(tensor), tensor.offset)
-        assert torch.equal(model_mod._dequantize(gguf.buffer, tensor),
-                           torch.from_numpy(model_mod._dequantize_reference(raw, tensor.ggml_type, shape)))
+        assert torch.equal(gguf_reader.dequantize(gguf.buffer, tensor),
+                           torch.from_numpy(gguf_reader.dequantize_reference(raw, tensor.ggml_type, shape)))
 
 
 def _byte_count(tensor) -> int:
@@ -152,7 +153,7 @@ def test_qwen2_gguf_round_trips_through_the_fast_path(tiny_qwen2_dir, tmp_path, 
 
     gguf_path = write_gguf(tiny_qwen2_dir, tmp_path / "tiny.gguf", outtype="f16").path
     monkeypatch.setattr(model_mod, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(model_mod, "_convert_gguf_transformers", lambda *a: pytest.fail("fell back"))
+    monkeypatch.setattr(model_mod, "convert_gguf_transformers", lambda *a: pytest.fail("fell back"))
     out = convert_gguf(gguf_path)
     config = json.loads((out / "config.json").read_text())
     original = json.loads((tiny_qwen2_dir / "config.json").read_text())
@@ -167,9 +168,9 @@ def test_qwen2_gguf_round_trips_through_the_fast_path(tiny_qwen2_dir, tmp_path, 
 
 
 def test_other_architectures_fall_back_to_transformers_with_a_note(tmp_path, monkeypatch, capsys):
-    gguf = model_mod._GgufContents({"general.architecture": "gpt2"}, [], b"")
-    with pytest.raises(model_mod._UnsupportedGguf, match="not gpt2"):
-        model_mod._gguf_config_dict(gguf)
+    gguf = gguf_reader.GgufContents({"general.architecture": "gpt2"}, [], b"")
+    with pytest.raises(gguf_reader.UnsupportedGguf, match="not gpt2"):
+        gguf_reader.gguf_config_dict(gguf)
 
     def slow(gguf_path, tmp):
         tmp.mkdir(parents=True, exist_ok=True)
@@ -178,13 +179,13 @@ def test_other_architectures_fall_back_to_transformers_with_a_note(tmp_path, mon
 
     def unsupported(gguf_path, tmp):
         (tmp / "config.json").write_text("{")  # a partial folder the fallback must not trip over
-        raise model_mod._UnsupportedGguf("the fast GGUF conversion handles llama, qwen2, not gpt2")
+        raise gguf_reader.UnsupportedGguf("the fast GGUF conversion handles llama, qwen2, not gpt2")
 
     fake = tmp_path / "other.gguf"
     fake.write_bytes(b"GGUF")
     monkeypatch.setattr(model_mod, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(model_mod, "_convert_gguf_fast", unsupported)
-    monkeypatch.setattr(model_mod, "_convert_gguf_transformers", slow)
+    monkeypatch.setattr(model_mod, "convert_gguf_fast", unsupported)
+    monkeypatch.setattr(model_mod, "convert_gguf_transformers", slow)
     out = convert_gguf(fake)
     assert (out / "config.json").is_file() and not list(out.parent.glob("*.tmp*"))
     assert "not gpt2; converting with transformers' GGUF loader instead" in capsys.readouterr().err
@@ -214,11 +215,11 @@ def test_concurrent_conversions_keep_each_others_files(tmp_path, monkeypatch):
         write(out, "first")  # the other process renames its finished folder into place now
         (out / "lorakit_source.json").write_text("{}")
 
-    monkeypatch.setattr(model_mod, "_convert_gguf_fast", convert_while_another_finishes)
+    monkeypatch.setattr(model_mod, "convert_gguf_fast", convert_while_another_finishes)
     assert convert_gguf(fake) == out
     assert json.loads((out / "config.json").read_text()) == {"by": "first"}
     assert sorted(models.iterdir()) == sorted([out, in_progress])
-    monkeypatch.setattr(model_mod, "_convert_gguf_fast", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(model_mod, "convert_gguf_fast", lambda *a: pytest.fail("converted twice"))
     assert convert_gguf(fake) == out
 
 
@@ -230,7 +231,7 @@ def test_a_file_that_is_not_gguf_is_a_user_error(tmp_path, monkeypatch):
     fake = tmp_path / "broken.gguf"
     fake.write_bytes(b"NOPE" + bytes(60))
     with pytest.raises(UserError, match="not a GGUF v2/v3 file"):
-        model_mod._read_gguf(fake)
+        gguf_reader.read_gguf(fake)
     fake.write_bytes(b"")
     with pytest.raises(UserError, match="0 bytes"):
         convert_gguf(fake)

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from lorakit.data.render import IGNORE_INDEX, Rendered
+from lorakit.paths import cache_root
 
 CACHE_VERSION = "render-v2"  # bump when render.py changes what it produces
 
 
 def cache_dir() -> Path:
     """Folder for cached tokenised data (LORAKIT_CACHE/data, default ~/.cache/lorakit/data)."""
-    root = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
-    return root / "data"
+    return cache_root() / "data"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -8,16 +8,19 @@ Exit status 1 when a dataset yields zero rows or any row is malformed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
 
-from lorakit.data.cache import cache_dir
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
 from lorakit.data.loading import MAX_LISTED_ERRORS, DatasetReport, TrainData, build_datasets
 from lorakit.data.packing import pack_sequences
 from lorakit.data.render import IGNORE_INDEX, Rendered, set_chat_template, template_default_system
 from lorakit.errors import UserError
+from lorakit.gguf_reader import gguf_cache_name
+from lorakit.model import find_gguf, is_hub_id, load_tokenizer, resolve_model_path
+from lorakit.paths import cache_root
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 
@@ -31,47 +34,32 @@ def main(args) -> int:
     return 1 if any(r.errors for r in data.reports) or not data.train else 0
 
 
-def load_tokenizer_only(model_args):
+def load_tokenizer_only(model_args) -> PreTrainedTokenizerBase:
     """The tokenizer --model names, without converting or loading any weights."""
-    from transformers import AutoTokenizer
-
-    from lorakit import model as lk_model
-
-    name, gguf = model_args.model, model_args.gguf_file
-    if not name:
-        tokenizer = _gguf_tokenizer(lk_model.default_gguf_file())
+    name = model_args.model
+    gguf = find_gguf(name, model_args.gguf_file)
+    local = Path(name or "").expanduser()
+    if gguf is not None:
+        tokenizer = _gguf_tokenizer(gguf)
+    elif local.is_dir() and (local / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(local)  # a tokenizer folder is enough; weights not needed
+    elif not local.exists() and is_hub_id(name) and model_args.use_hf:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            raise UserError(f"--model {name}: could not fetch its tokenizer from the Hugging Face hub: {e}") from None
     else:
-        local = Path(name).expanduser()
-        ggufs = sorted(local.glob("*.gguf")) if local.is_dir() and not (local / "config.json").is_file() else []
-        if local.is_file() and local.suffix == ".gguf":
-            tokenizer = _gguf_tokenizer(local)
-        elif local.is_dir() and gguf:
-            tokenizer = _gguf_tokenizer(local / gguf)
-        elif len(ggufs) == 1:
-            tokenizer = _gguf_tokenizer(ggufs[0])
-        elif local.is_dir() and (local / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(local)  # a tokenizer folder is enough; weights not needed
-        elif not local.exists() and lk_model.is_hub_id(name) and model_args.use_hf:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except OSError as e:
-                raise UserError(f"--model {name}: could not fetch its tokenizer from the Hugging Face hub: {e}") from None
-        else:
-            tokenizer = lk_model.load_tokenizer(lk_model.resolve_model_path(name, use_hf=model_args.use_hf, gguf_file=gguf))
+        tokenizer = load_tokenizer(resolve_model_path(name, use_hf=model_args.use_hf, gguf_file=model_args.gguf_file))
     set_chat_template(tokenizer, model_args.template)
     return tokenizer
 
 
-def _gguf_tokenizer(path: Path):
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """Tokenizer of a .gguf file, saved once as a plain folder so later runs load it in a second."""
-    from transformers import AutoTokenizer
-
     path = path.expanduser().resolve()
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir().parent / "tokenizers" / f"{path.stem}-{key}"
+    folder = cache_root() / "tokenizers" / gguf_cache_name(path)
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
