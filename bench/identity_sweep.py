@@ -40,7 +40,7 @@ def cpu_like_training() -> None:
 
 def main() -> None:
     from lorakit.args import ModelArgs, QuickstartArgs
-    from lorakit.data import loading
+    from lorakit.data import sources
     from lorakit.quickstart import quickstart
 
     parser = argparse.ArgumentParser()
@@ -55,10 +55,10 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.cpu_like:
         cpu_like_training()
-    results, default_self_cognition = [], loading.SELF_COGNITION_FILE
+    results, default_self_cognition = [], sources.SELF_COGNITION_FILE
     for config in json.loads(opts.configs):
         name = config.pop("name")
-        loading.SELF_COGNITION_FILE = Path(config.pop("self_cognition", default_self_cognition))
+        sources.SELF_COGNITION_FILE = Path(config.pop("self_cognition", default_self_cognition))
         args = QuickstartArgs(model=ModelArgs(model=opts.model, device=opts.device, torch_dtype=opts.torch_dtype),
                               model_name=config.pop("model_name", ["Lumen"]),
                               model_author=config.pop("model_author", ["Acme Labs"]), output_dir=opts.out, **config)

@@ -123,9 +123,9 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
 
 def self_cognition_rows() -> int:
     """Rows in the built-in self-cognition file."""
-    from lorakit.data import loading
+    from lorakit.data import sources
 
-    return len(read_jsonl(loading.SELF_COGNITION_FILE))
+    return len(read_jsonl(sources.SELF_COGNITION_FILE))
 
 
 def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], replay: int = 0) -> SftArgs:
