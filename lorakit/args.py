@@ -67,8 +67,8 @@ class ModelArgs:
     "Base model: a local Hugging Face folder, a hub ID, or a .gguf file. Empty: the embedded SmolLM2-135M-Instruct."
     gguf_file: str | None = None
     "Name of the .gguf file inside --model's folder (transformers de-quantises it)."
-    use_hf: bool = True
-    "Download from the Hugging Face hub (true) or ModelScope (false, needs the modelscope package)."
+    use_hf: bool | None = None
+    "Hub to download from: true the Hugging Face hub, false ModelScope. Empty: ModelScope for dataset IDs (as ms-swift), the Hugging Face hub for models."
     torch_dtype: str = "auto"
     "auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), bfloat16, float16 or float32."
     device: str | None = None

@@ -90,7 +90,7 @@ def resolve_model_path(model: str | None, *, use_hf: bool = True, gguf_file: str
 def download_model(model_id: str, *, use_hf: bool = True) -> Path:
     """Download a model snapshot from the Hugging Face hub or ModelScope; offline is a clear error."""
     try:
-        if use_hf:
+        if use_hf is not False:  # empty --use_hf: models come from the Hugging Face hub
             return Path(snapshot_download(model_id, allow_patterns=[
                 "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
         if importlib.util.find_spec("modelscope") is None:
@@ -101,7 +101,7 @@ def download_model(model_id: str, *, use_hf: bool = True) -> Path:
     except UserError:
         raise
     except Exception as exc:  # network errors come in many types; all mean the same to the user here
-        hub = "the Hugging Face hub" if use_hf else "ModelScope"
+        hub = "ModelScope" if use_hf is False else "the Hugging Face hub"
         raise UserError(f"--model {model_id}: could not download it from {hub} ({type(exc).__name__}: {exc}). "
                         f"The hub may be unreachable: download the model on a machine with network access "
                         f"and pass its local folder to --model.") from exc

@@ -203,13 +203,15 @@ def test_directory_given_as_a_file(tmp_path):
 def test_hub_id_offline_names_the_id(tmp_path):
     code = ("from lorakit.data.loading import load_conversations\n"
             "from lorakit.errors import UserError\n"
-            "try:\n    load_conversations(['nobody-here/no-such-dataset'])\n"
-            "except UserError as e:\n    print('USERERROR', e)\n")
+            "for use_hf in (None, True):\n"
+            "    try:\n        load_conversations(['nobody-here/no-such-dataset'], use_hf=use_hf)\n"
+            "    except UserError as e:\n        print('USERERROR', e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               PYTHONPATH=str(ROOT))
+               MODELSCOPE_DOMAIN="modelscope.invalid", PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "USERERROR --dataset nobody-here/no-such-dataset: could not load it" in out.stdout
-    assert "unreachable" in out.stdout
+    assert "USERERROR --dataset nobody-here/no-such-dataset: ModelScope cannot be reached (modelscope.invalid" in out.stdout
+    assert ("USERERROR --dataset nobody-here/no-such-dataset: the Hugging Face hub cannot be reached "
+            "(huggingface.co: offline mode is set)") in out.stdout
 
 
 # ---- specs and sampling ----

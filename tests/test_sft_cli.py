@@ -172,7 +172,7 @@ def test_data_errors_come_before_weights(tiny_qwen2_dir, tmp_path):
     assert proc.returncode == 2 and "empty.jsonl" in proc.stderr
     assert "trainable parameters" not in proc.stderr and not (tmp_path / "o").exists()
     proc = run_cli("sft", "--model", str(tiny_qwen2_dir), "--dataset", "AI-ModelScope/alpaca-gpt4-data-zh#500",
-                   "--output_dir", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"})
+                   "--output_dir", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1", "MODELSCOPE_DOMAIN": "modelscope.invalid"})
     assert proc.returncode == 2 and "alpaca-gpt4-data-zh" in proc.stderr
     assert "trainable parameters" not in proc.stderr and not (tmp_path / "o").exists()
     proc = run_cli("sft", "--model", str(tiny_qwen2_dir), "--dataset", "x.json", "--lora_rnak", "8")

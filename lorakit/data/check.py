@@ -43,7 +43,7 @@ def load_tokenizer_only(model_args) -> PreTrainedTokenizerBase:
         tokenizer = _gguf_tokenizer(gguf)
     elif local.is_dir() and (local / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(local)  # a tokenizer folder is enough; weights not needed
-    elif not local.exists() and is_hub_id(name) and model_args.use_hf:
+    elif not local.exists() and is_hub_id(name) and model_args.use_hf is not False:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as e:

@@ -200,7 +200,7 @@ def split_val(samples: list, ratio: float, seed: int) -> tuple[list, list]:
 
 
 def build_datasets(
-    data_args, tokenizer: PreTrainedTokenizerBase, *, use_hf: bool = True, template: str | None = None, strict: bool = True, log=None
+    data_args, tokenizer: PreTrainedTokenizerBase, *, use_hf: bool | None = None, template: str | None = None, strict: bool = True, log=None
 ) -> TrainData:
     """Load, validate, render, truncate and split every --dataset/--val_dataset; a report per dataset.
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorakit.data.files import DATA_SUFFIXES, Malformed, read_rows
 from lorakit.data.formats import Conversation, detect_format, normalise_row
+from lorakit.data.hub import hub_rows
 from lorakit.errors import UserError
 from lorakit.paths import BUILTIN_DIR, HUB_ID_PATTERN
 
@@ -54,7 +55,7 @@ def load_conversations(
     specs: list[str],
     *,
     seed: int = 42,
-    use_hf: bool = True,
+    use_hf: bool | None = None,
     model_name: list[str] | tuple[str, ...] = (),
     model_author: list[str] | tuple[str, ...] = (),
     strict: bool = True,
@@ -111,7 +112,7 @@ def sample_rows(items: list, n: int, seed: int) -> list:
     return out + rng.sample(items, n - len(out))
 
 
-def _read_spec(name: str, *, use_hf: bool, model_name, model_author) -> tuple[list[tuple[dict, str]], str]:
+def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author) -> tuple[list[tuple[dict, str]], str]:
     if name in SELF_COGNITION_NAMES:
         return _self_cognition_rows(model_name, model_author), "built-in self-cognition"
     path = Path(name).expanduser()
@@ -121,7 +122,7 @@ def _read_spec(name: str, *, use_hf: bool, model_name, model_author) -> tuple[li
     if path.exists():
         return read_rows(path), str(path)
     if HUB_DATASET.match(name) and not name.endswith(DATA_SUFFIXES):
-        return _hub_rows(name, use_hf=use_hf), name
+        return hub_rows(name, use_hf=use_hf, read_file=read_rows), name
     raise UserError(
         f"--dataset {name}: no such file: {path}. Relative paths resolve against the current directory "
         f"({Path.cwd()}); hub datasets are written org/name; the built-in one is 'self-cognition'."
@@ -160,38 +161,6 @@ def _pair(values, flag: str) -> tuple[str, str] | None:
     if len(values) > 2:
         raise UserError(f"{flag} takes one value, or a Chinese and an English value; got {len(values)}")
     return (values[0], values[-1])
-
-
-def _hub_rows(name: str, *, use_hf: bool) -> list[tuple[dict, str]]:
-    """Rows of the train split of a hub dataset (Hugging Face with use_hf, else ModelScope)."""
-    repo, _, subset = name.partition(":")
-    subset = subset or None
-    if use_hf:
-        try:
-            import datasets  # optional: only hub datasets need it
-        except ImportError:
-            raise UserError(f"--dataset {name}: reading hub datasets needs the `datasets` package: pip install datasets") from None
-        try:
-            ds = datasets.load_dataset(repo, subset, split="train")
-        except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise UserError(
-                f"--dataset {name}: could not load it from the Hugging Face hub: {type(e).__name__}: {e}. "
-                "The hub may be unreachable (offline?) or the ID may be wrong; use a local file path instead, "
-                "or --use_hf false for ModelScope."
-            ) from None
-    else:
-        try:
-            from modelscope.msdatasets import MsDataset
-        except ImportError:
-            raise UserError(f"--dataset {name}: --use_hf false needs the modelscope package: pip install modelscope") from None
-        try:
-            ds = MsDataset.load(repo, subset_name=subset, split="train")
-        except (ConnectionError, OSError, ValueError) as e:
-            raise UserError(
-                f"--dataset {name}: could not load it from ModelScope: {type(e).__name__}: {e}. "
-                "ModelScope may be unreachable (offline?) or the ID may be wrong; use a local file path instead."
-            ) from None
-    return [(dict(row), f"{name}[{i}]") for i, row in enumerate(ds)]
 
 
 def _normalise(row: object, source: str, require_answer: bool) -> Conversation:
