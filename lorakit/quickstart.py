@@ -9,17 +9,26 @@ eval of the trained adapter; before/after table and report files in the run fold
 from __future__ import annotations
 
 import gc
+import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
+import lorakit.model as model_lib
 from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
+from lorakit.data import sources
+from lorakit.data.render import set_chat_template
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
-from lorakit.replay import REPLAY_MAX_NEW_TOKENS
+from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
+from lorakit.replay import REPLAY_MAX_NEW_TOKENS, ReplayAnswer, answers_to_samples, load_general_prompts, replay_answers
 from lorakit.report import Report, figures_table, print_missed, write_report
+from lorakit.train import train
+from lorakit.tuners import linear_module_names, resolve_target_modules
 
 MIN_STEPS = 36  # measured on SmolLM2: 37 steps of 12 rows learn the identity; the tutorial's 10 steps teach nothing
 MAX_BATCH = {"cpu": 12}  # per device type; 8 elsewhere (a 7B model at lr 2e-4 gets 55 steps, not 37)
@@ -76,8 +85,6 @@ def default_target_modules(n_params: int, module_names: set[str]) -> list[str]:
 
 def lora_targets(args: QuickstartArgs, model, n_params: int) -> list[str]:
     """--target_modules, checked against the loaded model before any generation or training; else the default."""
-    from lorakit.tuners import linear_module_names, resolve_target_modules
-
     if args.target_modules:
         resolve_target_modules(model, args.target_modules)  # a wrong name fails now, not after the replay answers
         return list(args.target_modules)
@@ -123,8 +130,6 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
 
 def self_cognition_rows() -> int:
     """Rows in the built-in self-cognition file."""
-    from lorakit.data import sources
-
     return len(read_jsonl(sources.SELF_COGNITION_FILE))
 
 
@@ -177,9 +182,6 @@ class Stopwatch:
 
 def load_base(args: QuickstartArgs):
     """(model path, tokenizer, model, device) of the base model."""
-    from lorakit.data.render import set_chat_template
-    from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
-
     device = pick_device(args.model.device)
     model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
     tokenizer = load_tokenizer(model_path)
@@ -188,33 +190,25 @@ def load_base(args: QuickstartArgs):
     return model_path, tokenizer, model, device
 
 
-def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], int]:
-    """(--dataset specs: self-cognition and the user's data, replay samples). The base's replay answers
-    are generated here, with the model already loaded, and cached: training reads them from the cache."""
-    from lorakit.model import CACHE_DIR
-    from lorakit.replay import load_general_prompts, replay_answers
-
+def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], list[ReplayAnswer]]:
+    """(--dataset specs: self-cognition and the user's data, the base's replay answers). The answers are
+    generated here, with the base model already loaded (cached per model), and handed to training."""
     n_replay = args.replay if args.replay is not None else len(load_general_prompts())  # all of them
     print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
           file=sys.stderr)
-    replay_rows = 0
+    answers = []
     if n_replay > 0:
-        replay_rows = len(replay_answers(model, tokenizer, n_replay, system=None, cache_dir=CACHE_DIR / "replay",
-                                         max_new_tokens=max_new_tokens))
-    return ["self-cognition", *args.dataset], replay_rows
+        answers = replay_answers(model, tokenizer, n_replay, system=None, cache_dir=model_lib.CACHE_DIR / "replay",
+                                 max_new_tokens=max_new_tokens)
+    return ["self-cognition", *args.dataset], answers
 
 
 def quickstart(args: QuickstartArgs) -> Report:
     """Run the whole flow; returns the report written into the run folder."""
-    import torch
-
-    from lorakit.model import CACHE_DIR
-    from lorakit.train import train
-
     if not args.model_name or not args.model_author:
         raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
                         "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
-    clock, cache = Stopwatch(), CACHE_DIR / "quickstart"
+    clock, cache = Stopwatch(), model_lib.CACHE_DIR / "quickstart"
     model_path, tokenizer, model, device = load_base(args)
     n_params = sum(p.numel() for p in model.parameters())
     clock.lap("load base model")
@@ -231,7 +225,8 @@ def quickstart(args: QuickstartArgs) -> Report:
                 lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens,
                 target_modules=lora_targets(args, model, n_params),
                 replay_weight=args.replay_weight, replay_weight_zh=args.replay_weight_zh)
-    datasets, replay_rows = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
+    datasets, answers = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
+    replay_rows = len(answers)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
     if device.type == "cuda":
@@ -240,7 +235,8 @@ def quickstart(args: QuickstartArgs) -> Report:
 
     recipe = choose_recipe(self_cognition_rows() + replay_rows, n_params, device.type, **plan)
     print(f"[3/5] LoRA training: {recipe.reason}", file=sys.stderr)
-    result = train(sft_args_for(args, recipe, datasets, replay=replay_rows))
+    replay = answers_to_samples(answers, weight=recipe.replay_weight, weight_zh=recipe.replay_weight_zh)
+    result = train(sft_args_for(args, recipe, datasets, replay=replay_rows), replay=replay)
     clock.lap("training")
     infer_command = f"lorakit infer --adapters {result.last_checkpoint}"
 
@@ -279,8 +275,6 @@ def finish(report: Report, after: EvalResult, run_dir: Path) -> None:
 
 
 def _json(data) -> str:
-    import json
-
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 

@@ -215,6 +215,12 @@ def replay_samples(model, tokenizer, n: int, *, weight: float = 1.0, weight_zh: 
                    **kwargs) -> list[Rendered]:
     """Training samples (with distillation targets) from `replay_answers`: loss `weight` each, `weight_zh`
     for the answers to Chinese prompts (default: `weight`)."""
+    return answers_to_samples(replay_answers(model, tokenizer, n, **kwargs), weight=weight, weight_zh=weight_zh)
+
+
+def answers_to_samples(answers: list[ReplayAnswer], *, weight: float = 1.0,
+                       weight_zh: float | None = None) -> list[Rendered]:
+    """Training samples from replay answers: loss `weight` each, `weight_zh` for the answers to Chinese prompts."""
     zh = {row["prompt"] for row in load_general_prompts() if row["lang"] == "zh"}
     return [answer.sample(weight=weight_zh if weight_zh is not None and answer.prompt in zh else weight)
-            for answer in replay_answers(model, tokenizer, n, **kwargs)]
+            for answer in answers]
