@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lorakit.args import ExportArgs
+from lorakit.data.render import template_with_default_system
 from lorakit.errors import UserError
 from lorakit.model import DTYPES
 
@@ -88,6 +89,7 @@ def main(args: ExportArgs) -> int:
         raise UserError(f"{ckpt} holds a LoRA adapter: pass --merge_lora true to merge it into a full model "
                         f"(and --to_gguf f16 / --to_ollama true / --push_to_hub REPO for more).")
     out = Path(args.output_dir or f"{ckpt}-merged").expanduser().resolve()
+    refuse_non_empty(out)  # before the merge: a taken folder should cost nothing
     system = args.adapter.system if args.adapter.system is not None else read_args(ckpt).get("system")
     if is_adapter:
         model, tokenizer, check = merge_and_check(ckpt, args.model.torch_dtype, args.model.device, system)
@@ -206,8 +208,9 @@ def save_merged(model, tokenizer, out: Path, *, max_shard_size: str, info: dict)
     """A plain Hugging Face folder: sharded safetensors, config, generation_config, tokenizer + chat template."""
     from lorakit.infer.engine import end_of_turn_ids
 
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output_dir {out} exists and is not empty: remove it or pass another --output_dir.")
+    refuse_non_empty(out)
+    if info.get("system") is not None:
+        tokenizer.chat_template = template_with_default_system(tokenizer.chat_template, info["system"])
     stops = sorted(end_of_turn_ids(tokenizer, model))
     # Plain transformers `generate` then stops at the end of the assistant's turn, as lorakit does.
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -219,10 +222,25 @@ def save_merged(model, tokenizer, out: Path, *, max_shard_size: str, info: dict)
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "lorakit_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    match_permissions(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+def refuse_non_empty(out: Path) -> None:
+    """--output_dir must be new or empty: an export never mixes its files with others."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output_dir {out} exists and is not empty: remove it or pass another --output_dir.")
+
+
+def match_permissions(folder: Path) -> None:
+    """Give every file the mode of config.json: safetensors writes its files private (0600), the rest 0644."""
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode)
 
 
 @dataclass

@@ -108,9 +108,12 @@ def test_merged_folder_loads_in_plain_transformers_and_answers_like_base_plus_ad
 
     from transformers import AutoTokenizer
 
+    from lorakit.data.render import render_prompt
+
     reference = reference_model(tiny_qwen2_dir, lora_ckpt)
-    ids = chat_ids(AutoTokenizer.from_pretrained(lora_ckpt))
-    assert torch.equal(plain["ids"], ids[0])  # the saved chat template renders the same prompt
+    # the saved chat template renders the prompt lorakit trained on: the run's system prompt by default
+    ids = torch.tensor([render_prompt(AutoTokenizer.from_pretrained(lora_ckpt), PROMPT, system="You are Tiny.")])
+    assert torch.equal(plain["ids"], ids[0])
     with torch.no_grad():
         expected = reference(ids).logits[0]
     assert (plain["logits"] - expected).abs().max() < 1e-4
@@ -283,6 +286,38 @@ def test_merge_check_refuses_a_wrong_merge(lora_ckpt, monkeypatch, capsys):
     assert "MISMATCH" in capsys.readouterr().out
 
 
+def test_merged_folder_without_a_system_prompt_answers_like_infer_adapters(lora_ckpt, merged_dir, tmp_path, cli):
+    """Plain transformers on the merged folder, no system prompt, greedy == `lorakit infer --adapters`."""
+    result = tmp_path / "plain.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(merged_dir), json.dumps(PROMPT), str(result)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = torch.load(result)
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(merged_dir).decode(plain["reply"], skip_special_tokens=True)
+    infer = cli("infer", "--adapters", str(lora_ckpt), "--query", PROMPT[0]["content"], "--max_new_tokens", "12",
+                "--temperature", "0", "--stream", "false")
+    assert infer.returncode == 0, infer.stderr[-2000:]
+    answer, _, cut = infer.stdout.strip().rpartition("\n")  # infer marks a reply cut at --max_new_tokens
+    assert cut.startswith("[cut: reached --max_new_tokens 12]") and answer.strip() == text.strip() and text.strip()
+
+
+def test_merged_files_share_one_mode(merged_dir):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in merged_dir.iterdir() if p.is_file()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
+
+
+def test_export_into_a_non_empty_folder_is_refused_before_the_merge(lora_ckpt, tmp_path, cli):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    proc = cli("export", "--adapters", str(lora_ckpt), "--merge_lora", "true", "--output_dir", str(taken))
+    assert proc.returncode == 2 and f"--output_dir {taken} exists and is not empty" in proc.stderr
+    assert "merge check" not in proc.stdout and [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
 def test_adapter_without_merge_flag_says_what_to_pass(lora_ckpt):
     from lorakit.args import AdapterArgs, ExportArgs
     from lorakit.export import main
@@ -397,5 +432,8 @@ def test_gguf_tokenizer_metadata_of_the_tiny_qwen2(merged_dir, qwen_tokenizer):
     assert meta["tokenizer.ggml.eos_token_id"] == meta["tokenizer.ggml.eot_token_id"] == 151645
     assert meta["tokenizer.ggml.padding_token_id"] == 151643
     assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
-    assert meta["tokenizer.chat_template"] == qwen_tokenizer.chat_template
+    from lorakit.data.render import template_with_default_system
+
+    # the GGUF's template defaults to the run's system prompt, as the HF folder's does
+    assert meta["tokenizer.chat_template"] == template_with_default_system(qwen_tokenizer.chat_template, "You are Tiny.")
     assert meta["qwen2.vocab_size"] == 151936 and meta["qwen2.attention.head_count_kv"] == 2

@@ -10,6 +10,7 @@ the template puts after it. The prompt part of a training render is token-identi
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,19 @@ def strip_system_markers(tokenizer, system: str | None, *, flag: str = "--system
     (log or _warn)(f"warning: {flag} held the chat template's own markers ({' and '.join(map(repr, removed))}); "
                    f"they were removed, since the template writes them around the system prompt itself.")
     return text
+
+
+def template_with_default_system(template: str, system: str) -> str:
+    """`template` with `system` as its default system prompt: a conversation without a system turn gets one.
+
+    The same precedence as `with_system`, written in the template itself, so that every runtime that
+    renders it (transformers, vLLM, llama.cpp from a GGUF) prompts the model the way lorakit does.
+    """
+    literal = json.dumps(system, ensure_ascii=False)  # a JSON string is a valid Jinja string literal
+    head = ("{%- if not (messages and messages[0]['role'] == 'system') -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
+            "{%- endif -%}\n")
+    return head + template
 
 
 def _warn(message: str) -> None:
