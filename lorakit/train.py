@@ -24,7 +24,7 @@ from lorakit.data.check import format_report
 from lorakit.data.loading import TrainData, build_datasets
 from lorakit.data.render import Rendered, set_chat_template
 from lorakit.errors import UserError
-from lorakit.fast import FastOptions, prepare_for_training
+from lorakit.fast import FastOptions, describe_fast_paths, prepare_for_training
 from lorakit.loop import (  # noqa: F401  (re-exported: the loop's public names, as before the split)
     LossFn,
     TrainResult,
@@ -98,17 +98,19 @@ def prepare_model(model, args: SftArgs, device: torch.device):
     """Attach the tuner, then GPU fast paths (or plain gradient checkpointing); prints the trainable share."""
     wanted = args.train.gradient_checkpointing
     model.config.use_cache = False
+    fast = args.fast
+    opts = FastOptions(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
+                       compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
+                       memory_limit_gib=fast.gpu_memory_limit)
     if device.type == "cuda":
-        mode = {None: "auto", True: "full", False: "none"}[wanted]
         model, summary = attach_tuner(model, args.lora)
-        fast = args.fast
-        model = prepare_for_training(model, FastOptions(
-            fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
-            compile=fast.torch_compile, checkpointing=mode, memory_limit_gib=fast.gpu_memory_limit))
+        print(describe_fast_paths(model, opts, device), file=sys.stderr)
+        model = prepare_for_training(model, opts)
     else:  # CPU/MPS: the plain reference computation
         if wanted:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model, summary = attach_tuner(model, args.lora)
+        print(describe_fast_paths(model, opts, device), file=sys.stderr)
     print(summary.line(), file=sys.stderr)
     return model
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lorakit.args import DataArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
+from lorakit.args import DataArgs, FastArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
 from lorakit.data.packing import collate
 from lorakit.data.render import Rendered
 from lorakit.schedule import lr_factor, plan_steps, warmup_steps_for
@@ -176,3 +176,18 @@ def test_replay_adds_cached_distillation_samples(tiny_qwen2_dir, tmp_path, monke
     model, tok = load_model(tiny_qwen2_dir, device="cpu"), load_tokenizer(tiny_qwen2_dir)
     samples = replay_samples(model, tok, 6, system=None, cache_dir=tmp_path / "cache" / "replay", max_new_tokens=6)
     assert all(s.teacher and len(s.teacher) == s.num_loss_tokens for s in samples)
+
+
+def test_training_starts_by_saying_which_fast_paths_run(tiny_qwen2_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train import prepare_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
+    args = SftArgs(lora=LoraArgs(lora_rank=4), fast=FastArgs(fused_loss=False))
+    capsys.readouterr()
+    prepare_model(model, args, torch.device("cpu"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[0] == ("fast paths: chunked loss off (--fused_loss false); fused LoRA, packed attention and "
+                        "torch.compile are GPU paths, off on cpu (this run computes the plain reference)")
+    assert lines[1].startswith("trainable parameters: ")
