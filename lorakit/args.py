@@ -440,3 +440,24 @@ class DeployArgs:
     "Requests that may wait; past it the server answers 503 with Retry-After."
     max_new_tokens: int = 512
     "Default max_tokens when a request gives none."
+
+
+@dataclass
+class WebUIArgs:
+    host: str = "127.0.0.1"
+    "Address to listen on. 0.0.0.0 opens the page to the network: anyone who reaches it can run jobs, so set --auth."
+    port: int = 7860
+    "Port to listen on."
+    lang: str = "en"
+    "Language of the labels: en or zh."
+    auth: str | None = None
+    "user:password asked for before the page opens."
+    output_dir: str = "output"
+    "Folder the page's training runs go to (the form can change it); its run folders are listed as earlier runs."
+
+    def __post_init__(self):
+        _check_choice("lang", self.lang, ("en", "zh"))
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be between 1 and 65535, got {self.port}.")
+        if self.auth is not None and (":" not in self.auth or not self.auth.split(":", 1)[0]):
+            raise UserError(f"--auth takes user:password (for example --auth admin:s3cret), got {self.auth!r}.")

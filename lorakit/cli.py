@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import os
 import sys
@@ -26,8 +27,9 @@ COMMANDS = {
     "quickstart": ("lorakit.quickstart", A.QuickstartArgs, "Give a model a new identity in one command, with proof."),
     "export": ("lorakit.export", A.ExportArgs, "Merge an adapter, write GGUF / Ollama files, push to the hub."),
     "deploy": ("lorakit.serve", A.DeployArgs, "Serve a model or checkpoint behind an OpenAI-compatible API."),
+    "web-ui": ("lorakit.webui.app", A.WebUIArgs, "Train, chat, evaluate and export from a browser (drives these commands)."),
 }
-NOT_YET = {"web-ui": "the web UI", "rlhf": "preference training (DPO and friends)"}
+NOT_YET = {"rlhf": "preference training (DPO and friends)"}
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
 
@@ -41,6 +43,7 @@ class Flag:
     default: object
 
 
+@functools.cache  # the source is read once per class: the web UI parses a form on every keystroke
 def _field_docs(cls) -> dict[str, str]:
     """Docstrings written under dataclass fields (the string literal after each field)."""
     import ast
