@@ -101,11 +101,12 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         refresh = gr.Button(t("refresh"), scale=1, elem_id="chat-refresh")
         compare = gr.Checkbox(False, label=t("compare"), scale=2, elem_id="chat-compare")
     system = gr.Textbox(label=t("chat_system"), elem_id="chat-system")
-    with gr.Accordion(t("sampling"), open=False):
+    with gr.Accordion(t("sampling"), open=True):
         with gr.Row():
             boxes = [gr.Textbox(commands.default_text(infer_flags[name]), label=t(name), info=f"--{name}",
                                 elem_id=f"chat-{name}", min_width=140) for name in SAMPLING]
-    command_box = gr.Code(label="lorakit infer", language="shell", interactive=False, elem_id="chat-command")
+    command_box = gr.Code(label="lorakit infer", language="shell", interactive=False, wrap_lines=True, lines=2,
+        elem_id="chat-command")
     with gr.Row():
         tuned_bot = gr.Chatbot(label=t("tuned_reply"), elem_id="chat-tuned", height=360)
         base_bot = gr.Chatbot(label=t("base_reply"), elem_id="chat-base", height=360, visible=False)

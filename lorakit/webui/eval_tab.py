@@ -124,7 +124,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
             author = gr.Textbox(label=t("eval_author"), info="--model_author", elem_id="eval-model_author")
             author_error = gr.Markdown(visible=False, elem_classes="lk-error")
     base_too = gr.Checkbox(True, label=t("eval_base_too"), elem_id="eval-base")
-    command_box = gr.Code(label=t("command"), language="shell", interactive=False, elem_id="eval-command")
+    command_box = gr.Code(label=t("command"), language="shell", interactive=False, wrap_lines=True, lines=2,
+        elem_id="eval-command")
     with gr.Row():
         start = gr.Button(t("start"), variant="primary", elem_id="eval-start")
         stop = gr.Button(t("stop"), variant="stop", elem_id="eval-stop")

@@ -15,7 +15,7 @@ from lorakit.webui.jobs import Job
 from lorakit.webui.panel import Context, error_markdown, state_of, status_markdown
 from lorakit.webui.progress import list_checkpoints, screen_lines, tail
 
-GGUF_TYPES = ["", "f16", "bf16", "q8_0"]
+GGUF_TYPES = [("-", ""), ("f16", "f16"), ("bf16", "bf16"), ("q8_0", "q8_0")]
 
 
 def checkpoint_choices(ctx: Context) -> list[tuple[str, str]]:
@@ -100,7 +100,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         ollama = gr.Checkbox(False, label=t("to_ollama"), info="--to_ollama", elem_id="export-ollama")
     output_dir = gr.Textbox(label=t("export_output"), info="--output_dir", elem_id="export-output_dir")
     output_error = gr.Markdown(visible=False, elem_classes="lk-error")
-    command_box = gr.Code(label=t("command"), language="shell", interactive=False, elem_id="export-command")
+    command_box = gr.Code(label=t("command"), language="shell", interactive=False, wrap_lines=True, lines=2,
+        elem_id="export-command")
     with gr.Row():
         start = gr.Button(t("start"), variant="primary", elem_id="export-start")
         stop = gr.Button(t("stop"), variant="stop", elem_id="export-stop")
@@ -109,7 +110,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
     check = gr.Code(label=t("merge_check"), language=None, interactive=False, elem_id="export-check")
     with gr.Row():
         files = gr.Markdown(label=t("files"), elem_id="export-files")
-        use = gr.Code(label=t("use_it"), language="shell", interactive=False, elem_id="export-use")
+        use = gr.Code(label=t("use_it"), language="shell", interactive=False, wrap_lines=True, lines=2,
+            elem_id="export-use")
     log = gr.Textbox(label=t("log"), lines=8, max_lines=8, interactive=False, elem_id="export-log")
 
     inputs = [checkpoint, merge, gguf, ollama, output_dir]

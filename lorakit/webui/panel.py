@@ -61,7 +61,7 @@ def status_markdown(job: Job | None, t: Labels, *, extra: str = "") -> str:
     took = f", {clock((job.ended or job.started) - job.started)}" if job.ended else ""
     lines = [f"**{t(state)}** ({started}{took})"]
     if state in ("failed", "stopped"):
-        lines.append(f"{failure(job)}")
+        lines.append(html.escape(failure(job)).replace("\n", "<br>"))
     if extra:
         lines.append(extra)
     css = {"running": "lk-busy", "finished": "lk-ok"}.get(state, "lk-failed")

@@ -148,9 +148,9 @@ def _finished_log(job: Job) -> bool:
 def error_line(log_text: str) -> str:
     """The CLI's 'error: ...' message, else the last line of a Python traceback, else ''."""
     lines = [line.strip() for line in screen_lines(log_text) if line.strip()]
-    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    if errors:
-        return errors[-1]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if starts:  # the CLI's message runs to the end of the output (some name the rows at fault on their own lines)
+        return "\n".join(lines[starts[-1]:starts[-1] + 12]).removeprefix("error: ")
     if any(line.startswith("Traceback (most recent call last)") for line in lines):
         for line in reversed(lines):
             if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):

@@ -52,12 +52,12 @@ def run_choices(ctx: Context) -> list[tuple[str, str]]:
 
 
 def loss_frame(p) -> pd.DataFrame:
-    rows = [(s, v, "loss") for s, v in p.loss] + [(s, v, "eval_loss") for s, v in p.eval_loss]
+    rows = [(s, round(v, 4), "loss") for s, v in p.loss] + [(s, round(v, 4), "eval_loss") for s, v in p.eval_loss]
     return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
 def reward_frame(p) -> pd.DataFrame:
-    return pd.DataFrame([(s, v, "reward") for s, v in p.reward], columns=["step", "value", "series"])
+    return pd.DataFrame([(s, round(v, 4), "reward") for s, v in p.reward], columns=["step", "value", "series"])
 
 
 def show(ctx: Context, viewing: str, last: tuple):
@@ -85,7 +85,9 @@ def show(ctx: Context, viewing: str, last: tuple):
                    gr.update(value=reward_frame(progress), visible=True) if progress and progress.reward
                    else gr.update(visible=False),
                    gr.update(choices=run_choices(ctx)) if last and signature[:3] != last[:3] else gr.skip()]
-    return status, progress_html(progress, t), *changed, tail(log, 40) if job else "", signature
+    # a job that started or ended makes the last Start/Stop message stale ("a train job is running")
+    message = "" if last and signature[:3] != last[:3] else gr.skip()
+    return status, progress_html(progress, t), *changed, tail(log, 40) if job else "", message, signature
 
 
 def build(ctx: Context, demo: gr.Blocks) -> None:
@@ -132,7 +134,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
             field("output_dir")
         extra = gr.Textbox(label=t("extra"), elem_id="train-extra")
         extra_error = gr.Markdown(visible=False, elem_classes="lk-error", elem_id="train-extra-error")
-    command_box = gr.Code(label=t("command"), language="shell", interactive=False, elem_id="train-command")
+    command_box = gr.Code(label=t("command"), language="shell", interactive=False, wrap_lines=True, lines=2,
+        elem_id="train-command")
     with gr.Row():
         start = gr.Button(t("start"), variant="primary", elem_id="train-start")
         stop = gr.Button(t("stop"), variant="stop", elem_id="train-stop")
@@ -168,10 +171,13 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         cmd, _, marks = check(method_value, values, required=False)
         return [cmd.text(), *marks]
 
-    def on_method(method_value):
+    def on_method(method_value, previous, *values):
+        """Show the fields the method takes; a field still at the old method's default gets the new one."""
+        old = commands.defaults(method_command(previous)[0])
         wanted = commands.defaults(method_command(method_value)[0])
-        updates = [gr.update(value=wanted.get(n, "")) for n in field_names]
-        return updates + [gr.update(visible=n in wanted) for n in field_names]
+        updates = [gr.update(value=wanted.get(n, "")) if str(v or "") == old.get(n, "") != wanted.get(n, "")
+                   else gr.skip() for n, v in zip(field_names, values)]
+        return [*updates, *(gr.update(visible=n in wanted) for n in field_names), method_value]
 
     def on_start(method_value, *values):
         cmd, problems, marks = check(method_value, values, required=True)
@@ -202,12 +208,14 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
     preview_outputs = [command_box, *errors.values(), extra_error]
     for component in inputs:
         component.change(preview, inputs, preview_outputs, show_progress="hidden")
-    method.change(on_method, [method], [*boxes.values(), *columns.values()], show_progress="hidden")
+    previous = gr.State(DEFAULT_METHOD)
+    method.change(on_method, [method, previous, *boxes.values()], [*boxes.values(), *columns.values(), previous],
+                  show_progress="hidden")
     start.click(on_start, inputs, [*preview_outputs, message, viewing], show_progress="hidden")
     stop.click(on_stop, None, [message], show_progress="hidden")
     upload.upload(on_upload, [upload, boxes["dataset"]], [boxes["dataset"]])
     refresh.click(lambda: gr.update(choices=run_choices(ctx)), None, [runs])
     open_run.click(lambda chosen: chosen or "", [runs], [viewing])
-    outputs = [status, progress, loss_plot, reward_plot, runs, log, signature]
+    outputs = [status, progress, loss_plot, reward_plot, runs, log, message, signature]
     timer.tick(lambda v, s: show(ctx, v, s), [viewing, signature], outputs, show_progress="hidden")
     demo.load(preview, inputs, preview_outputs, show_progress="hidden")
