@@ -10,12 +10,14 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from lorakit import args as lorakit_args
 from lorakit import cli
-from lorakit.args import WebUIArgs
+from lorakit.args import ModelArgs, WebUIArgs
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, ProbeResult
 from lorakit.webui import commands, progress
@@ -92,10 +94,31 @@ def test_quickstart_needs_a_name_before_it_starts(tmp_path):
     assert problems == [] and cmd.flags[:4] == ["--model_name", "Nova", "--model_author", "Acme Labs"]
 
 
-def test_method_list_follows_the_cli():
+@dataclass
+class FakeRlhfArgs:
+    """Stands in for `lorakit rlhf`'s args before that command lands."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    rlhf_type: str = "dpo"
+    "Which preference method."
+    beta: float = 0.1
+    "Strength."
+
+
+def test_method_list_follows_the_cli(monkeypatch):
     found = commands.methods()
     assert found["sft"] == ("sft", ()) and found["quickstart (identity)"] == ("quickstart", ())
     assert any(command == "rlhf" for command, _ in found.values()) == ("rlhf" in cli.COMMANDS)
+
+    monkeypatch.setitem(cli.COMMANDS, "rlhf", ("x", FakeRlhfArgs, "rlhf"))
+    monkeypatch.setattr(lorakit_args, "RLHF_TYPES", ("dpo", "grpo"), raising=False)
+    found = commands.methods()
+    assert found["rlhf dpo"] == ("rlhf", ("--rlhf_type", "dpo"))
+    assert found["rlhf grpo"] == ("rlhf", ("--rlhf_type", "grpo"))
+    assert commands.defaults("rlhf") == {"model": "", "beta": "0.1"}  # the form shows the fields rlhf takes
+    cmd, problems = commands.build_command("rlhf", {"beta": "0.5", "dataset": "x"}, cwd=Path.cwd(),
+                                           fixed=found["rlhf grpo"][1])
+    assert problems == [] and cmd.argv() == ["lorakit", "rlhf", "--rlhf_type", "grpo", "--beta", "0.5"]
 
 
 def test_web_ui_flags():
@@ -131,6 +154,7 @@ def test_progress_from_the_log_and_logging_jsonl(tmp_path):
     p = progress.read_progress(TQDM_LOG.format(run=run))
     assert (p.run_dir, p.step, p.total, p.elapsed_s, p.eta_s) == (run, 3, 6, 6.0, 6.0)
     assert p.loss == [(1, 11.98), (2, 11.93)] and p.eval_loss == [(2, 11.5)] and p.fraction == 0.5
+    assert p.reward == []
     assert progress.tail(TQDM_LOG.format(run=run), 1).startswith("sft:  50%")
     # a run opened from its folder (no log of ours): steps from logging.jsonl, the plan from its checkpoint
     (run / "checkpoint-2").mkdir()
@@ -212,3 +236,15 @@ def test_a_failing_job_reports_its_error_and_stops_the_sequence(tmp_path):
     assert (job.returncode, job.current, state_of(job)) == (2, 0, "failed")
     assert progress.failure(job) == "it broke at step 3"
     assert job.log().count("$ lorakit eval") == 1  # the second command never ran
+
+
+def test_grpo_rewards_and_its_progress_bar(tmp_path):
+    run = tmp_path / "v1-20261203-090000"
+    run.mkdir()
+    (run / "logging.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 0.01, "reward": 0.25, "elapsed_s": 3.0}, {"step": 2, "loss": 0.02, "reward": 0.5},
+        {"step": 2, "eval_reward": 0.4}]))
+    log = f"run folder: {run}\n\rgrpo:  50%|#####     | 2/4 [00:06<00:06,  3.0s/step, reward=0.500]"
+    p = progress.read_progress(log)
+    assert (p.step, p.total, p.eta_s) == (2, 4, 6.0)
+    assert p.reward == [(1, 0.25), (2, 0.5)] and p.eval_reward == [(2, 0.4)]

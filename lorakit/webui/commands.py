@@ -14,15 +14,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit import args as lorakit_args
 from lorakit import cli
 from lorakit.args import ALIASES
 from lorakit.errors import UserError
 
 # The fields of the Train form, in the order shown (each is a flag of sft; quickstart and rlhf take a subset).
 TRAIN_FIELDS = (
-    "model", "dataset", "model_name", "model_author", "train_type", "lora_rank", "lora_alpha", "target_modules",
+    "model", "adapters", "dataset", "model_name", "model_author", "train_type", "lora_rank", "lora_alpha", "target_modules",
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "max_length", "logging_steps", "save_steps", "system", "seed", "output_dir",
+    "max_length", "logging_steps", "save_steps", "beta", "system", "seed", "output_dir",
 )
 PATH_FIELDS = ("model", "dataset", "output_dir", "adapters", "system")
 _SEPARATORS = {  # how a list field's text splits into values (a name may hold spaces: "Xiao Huang")
@@ -31,7 +32,6 @@ _SEPARATORS = {  # how a list field's text splits into values (a name may hold s
 _DEFAULT_SEPARATOR = r"[\s,]+"
 # Training methods: the label in the form -> (command, the flags that select the method).
 BASE_METHODS = {"quickstart (identity)": ("quickstart", ()), "sft": ("sft", ())}
-RLHF_TYPES = ("dpo", "grpo")
 # Flags a command refuses to run without, checked when it starts (quickstart's own check comes after the model loads).
 REQUIRED = {"quickstart": ("model_name", "model_author")}
 
@@ -39,10 +39,9 @@ REQUIRED = {"quickstart": ("model_name", "model_author")}
 def methods() -> dict[str, tuple[str, tuple[str, ...]]]:
     """The training methods the installed CLI has: quickstart, sft, and `rlhf` types when that command exists."""
     found = dict(BASE_METHODS)
-    if "rlhf" in cli.COMMANDS:
-        flags = cli.collect_flags(cli.COMMANDS["rlhf"][1])
-        if "rlhf_type" in flags:
-            found.update({f"rlhf {kind}": ("rlhf", ("--rlhf_type", kind)) for kind in RLHF_TYPES})
+    if "rlhf" in cli.COMMANDS and "rlhf_type" in flags_of("rlhf"):
+        kinds = getattr(lorakit_args, "RLHF_TYPES", None) or (flags_of("rlhf")["rlhf_type"].default,)
+        found.update({f"rlhf {kind}": ("rlhf", ("--rlhf_type", kind)) for kind in kinds})
     return found
 
 

@@ -19,7 +19,6 @@ _BAR = re.compile(r"^(sft|rlhf|dpo|grpo|[a-z]+po): +\d+%\|.*?\| *(\d+)/(\d+) \[(
 _RUN_FOLDER = re.compile(r"^run folder: (.+)$", re.MULTILINE)
 _STEPS = re.compile(r"^(\d+) optimizer steps", re.MULTILINE)
 _STAGE = re.compile(r"^\[(\d+)/(\d+)\] (.+)$")
-REWARD_KEYS = ("reward", "rewards/mean", "reward_mean")
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Progress:
     loss: list[tuple[int, float]] = field(default_factory=list)
     eval_loss: list[tuple[int, float]] = field(default_factory=list)
     reward: list[tuple[int, float]] = field(default_factory=list)
+    eval_reward: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -110,8 +110,8 @@ def read_progress(log_text: str, run_dir: Path | None = None) -> Progress:
         records = read_log_records(p.run_dir)
         p.loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
         p.eval_loss = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        for key in REWARD_KEYS:
-            p.reward += [(r["step"], r[key]) for r in records if key in r]
+        p.reward = [(r["step"], r["reward"]) for r in records if "reward" in r]
+        p.eval_reward = [(r["step"], r["eval_reward"]) for r in records if "eval_reward" in r]
         timed = [r for r in records if "elapsed_s" in r]
         if timed and timed[-1].get("step", 0) > p.step:  # a run with no log of ours (opened from its folder)
             p.step, p.elapsed_s = timed[-1]["step"], timed[-1]["elapsed_s"]

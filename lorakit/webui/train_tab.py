@@ -16,7 +16,7 @@ from lorakit.webui.progress import list_runs, read_progress, tail
 
 DEFAULT_METHOD = "quickstart (identity)"
 CHOICE_FIELDS = {"train_type": ["lora", "full"]}
-WIDE_FIELDS = ("model", "dataset", "system", "output_dir")
+WIDE_FIELDS = ("model", "adapters", "dataset", "system", "output_dir")
 
 
 def form_of(names: list[str], values: list) -> dict[str, str]:
@@ -57,7 +57,9 @@ def loss_frame(p) -> pd.DataFrame:
 
 
 def reward_frame(p) -> pd.DataFrame:
-    return pd.DataFrame([(s, round(v, 4), "reward") for s, v in p.reward], columns=["step", "value", "series"])
+    rows = [(s, round(v, 4), "reward") for s, v in p.reward]
+    rows += [(s, round(v, 4), "eval_reward") for s, v in p.eval_reward]
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
 
 
 def show(ctx: Context, viewing: str, last: tuple):
@@ -94,7 +96,9 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
     """The tab's components and events (call inside a gr.Tab)."""
     t = ctx.t
     names = list(commands.TRAIN_FIELDS)
-    sft_flags = commands.flags_of("sft")
+    known = {}  # every flag of the training commands, for its --help text
+    for command, _ in reversed(list(commands.methods().values())):
+        known.update(commands.flags_of(command))
     first = commands.defaults(method_command(DEFAULT_METHOD)[0])
     boxes: dict[str, gr.components.Component] = {}
     columns: dict[str, gr.Column] = {}
@@ -102,7 +106,7 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
 
     def field(name: str) -> None:
         with gr.Column(min_width=220, visible=name in first) as column:
-            info = f"--{name}" + (f": {sft_flags[name].help}" if t.lang == "en" else "")
+            info = f"--{name}" + (f": {known[name].help}" if t.lang == "en" and name in known else "")
             if name in CHOICE_FIELDS:
                 boxes[name] = gr.Dropdown(CHOICE_FIELDS[name], value=first.get(name, CHOICE_FIELDS[name][0]),
                                           label=t(name), info=info, elem_id=f"train-{name}")
@@ -117,6 +121,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
                              elem_id="train-method")
         with gr.Column(scale=3):
             field("model")
+    with gr.Row():
+        field("adapters")  # rlhf: the SFT checkpoint to start from
     with gr.Row():
         with gr.Column(scale=3):
             field("dataset")
