@@ -113,6 +113,8 @@ def test_train_chat_eval_export_in_a_browser(web_ui, tmp_path, tiny_qwen2_dir, s
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.set_default_timeout(60_000)  # a busy 2-core CI machine: each event is a round trip to the server
+        expect.set_options(timeout=60_000)
         page.goto(web_ui)
         train_run(page, tmp_path, tiny_qwen2_dir, shots)
         checkpoint = next(tmp_path.glob(f"output/v*/checkpoint-{STEPS}"))

@@ -96,9 +96,10 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
     """The tab's components and events (call inside a gr.Tab)."""
     t = ctx.t
     names = list(commands.TRAIN_FIELDS)
-    known = {}  # every flag of the training commands, for its --help text
-    for command, _ in reversed(list(commands.methods().values())):
-        known.update(commands.flags_of(command))
+    known = {}  # every flag of the training commands, for its --help text (sft's words first)
+    for command in ("sft", *(c for c, _ in commands.methods().values())):
+        for name, flag in commands.flags_of(command).items():
+            known.setdefault(name, flag)
     first = commands.defaults(method_command(DEFAULT_METHOD)[0])
     boxes: dict[str, gr.components.Component] = {}
     columns: dict[str, gr.Column] = {}
