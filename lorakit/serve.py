@@ -23,7 +23,9 @@ import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,10 @@ from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_c
 # A waiting request for another adapter than the running batch's is overtaken by requests for the
 # running one for at most this many seconds; then the batch takes no new rows until it drains.
 ADAPTER_WAIT = 1.0
+# No tokenizer's token spans more characters than this, so a longer text cannot fit the context:
+# it is refused before tokenising (a 20 MB body once made the server tokenise for 26 s).
+CHARS_PER_TOKEN_BOUND = 64
+JSON_BYTES_PER_CHAR = 8  # a character may take a 6-byte \\uXXXX escape, plus the JSON around the text
 
 
 # ---------------------------------------------------------------- the served models
@@ -79,6 +85,11 @@ def _read_system(value: str | None) -> str | None:
     if value and value.endswith(".txt") and Path(value).expanduser().is_file():
         return Path(value).expanduser().read_text(encoding="utf-8").strip()
     return value
+
+
+def public_name(path: Path) -> str:
+    """'run/checkpoint-N' for a checkpoint, else the folder's own name: what /v1/models may show."""
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
 def load_served(args: DeployArgs) -> Served:
@@ -345,6 +356,13 @@ class OpenAIRoutes:
     def __init__(self, served: Served, scheduler: Scheduler, *, api_key: str | None, default_max_tokens: int):
         self.served, self.scheduler = served, scheduler
         self.api_key, self.default_max_tokens = api_key, default_max_tokens
+        # one worker: requests tokenise one at a time (a tokenizer is not made for parallel callers),
+        # and never on the event loop
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    async def off_loop(self, fn, *args, **kwargs):
+        """Run fn in the tokenizing thread and await it."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, partial(fn, *args, **kwargs))
 
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -354,19 +372,43 @@ class OpenAIRoutes:
             raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY' (the --api_key value).",
                            type="authentication_error", code="invalid_api_key")
 
+    @property
+    def max_chars(self) -> int:
+        """The most prompt characters that could still fit the context."""
+        return self.served.context * CHARS_PER_TOKEN_BOUND
+
     async def read_json(self, request: Request):
-        """The request's JSON body, after the key and content-type checks."""
+        """The request's JSON body, after the key, content-type and size checks (413 past the size limit)."""
         self.check_key(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}.")
-        raw = await request.body()
+        limit = self.max_chars * JSON_BYTES_PER_CHAR
+        too_big = ApiError(413, f"The request body is over {limit:,} bytes, more than a prompt that fits the "
+                                f"model's {self.served.context}-token context can take.", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length to check up front
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         if not raw.strip():
             raise ApiError(400, "The request body is empty; send a JSON object.")
         try:
-            return json.loads(raw)
+            return await asyncio.to_thread(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
+
+    def check_chars(self, chars: int, field_name: str) -> None:
+        """Refuse a text too long for the context before spending time tokenising it."""
+        if chars > self.max_chars:
+            raise ApiError(400, f"The prompt is {chars:,} characters long, more than the model's "
+                           f"{self.served.context}-token context can hold; shorten '{field_name}'.",
+                           param=field_name, code="context_length_exceeded")
 
     def find_model(self, name: str) -> ServedModel:
         if name not in self.served.models:
@@ -374,22 +416,29 @@ class OpenAIRoutes:
                            param="model", code="model_not_found")
         return self.served.models[name]
 
-    async def health(self):
+    async def health(self, request: Request):
+        if self.api_key is not None:  # open to probes; without the key it tells them nothing more
+            try:
+                self.check_key(request)
+            except ApiError:
+                return {"status": "ok"}
         return {"status": "ok", "models": list(self.served.models), "in_flight": self.scheduler.active,
                 "running": self.scheduler.running}
 
     async def list_models(self, request: Request):
         self.check_key(request)
+        # root names the folder, never where it lies on the server's disk
         return {"object": "list", "data": [{"id": m.name, "object": "model", "created": 0, "owned_by": "lorakit",
-                                            "root": m.path} for m in self.served.models.values()]}
+                                            "root": public_name(Path(m.path))} for m in self.served.models.values()]}
 
     async def chat(self, request: Request):
         from lorakit.data.render import render_prompt
 
         req = parse_chat_request(await self.read_json(request))
         model = self.find_model(req.model)
-        try:
-            prompt = render_prompt(self.served.tokenizer, req.messages, system=model.system)
+        self.check_chars(sum(len(m["content"]) for m in req.messages) + len(model.system or ""), "messages")
+        try:  # off the event loop: /health and the streams stay responsive while a long prompt renders
+            prompt = await self.off_loop(render_prompt, self.served.tokenizer, req.messages, system=model.system)
         except Exception as exc:  # the chat template may refuse an order of roles (jinja raise_exception)
             raise ApiError(400, f"Invalid 'messages': the chat template cannot render them ({exc}).",
                            param="messages") from None
@@ -402,7 +451,11 @@ class OpenAIRoutes:
         vocab = len(self.served.tokenizer)
         if isinstance(req.prompt, list) and (max(req.prompt) >= vocab or min(req.prompt) < 0):
             raise ApiError(400, f"Invalid 'prompt': token ids must be in [0, {vocab}).", param="prompt")
-        prompt = req.prompt if isinstance(req.prompt, list) else self.served.tokenizer(req.prompt)["input_ids"]
+        if isinstance(req.prompt, str):
+            self.check_chars(len(req.prompt), "prompt")
+            prompt = (await self.off_loop(self.served.tokenizer, req.prompt))["input_ids"]
+        else:
+            prompt = req.prompt
         job = self.submit(model, prompt, req.sampling, "prompt")
         return await self.respond(request, job, req.sampling, model.name, chat=False)
 

@@ -124,8 +124,52 @@ def chat(client, model: str, question: str, **kw):
 
 
 def test_models_listing_names_base_and_adapters(client, server):
-    names = [m.id for m in client.models.list().data]
-    assert names == ["alpha", "beta", server["base"]]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["alpha", "beta", server["base"]]
+    # no absolute paths: the folder names only
+    assert [m.root for m in models] == ["alpha/checkpoint-1", "beta/checkpoint-2", server["base"]]
+
+
+def test_health_without_the_key_says_only_ok(server):
+    assert raw(server["port"], "GET", "/health", key=None)[2] == {"status": "ok"}
+    assert raw(server["port"], "GET", "/health")[2]["models"] == ["alpha", "beta", server["base"]]
+
+
+def test_huge_requests_are_refused_while_health_answers_at_once(server):
+    """A 20 MB body is refused (413) unread; a body under the limit whose text cannot fit the context is
+    refused (400) before tokenising; meanwhile /health answers within a second."""
+    port = server["port"]
+    huge = json.dumps({"model": "alpha", "messages": [{"role": "user", "content": "hello " * 3_500_000}]}).encode()
+    long = json.dumps({"model": "alpha", "prompt": "hello " * 300_000}).encode()  # 1.8 MB, 300k tokens
+    statuses, errors = [], []
+
+    def send(body: bytes) -> None:
+        try:
+            statuses.append(raw(port, "POST", "/v1/chat/completions" if body is huge else "/v1/completions", body))
+        except OSError as exc:  # the server may close the connection before the client finished sending
+            errors.append(exc)
+
+    senders = [threading.Thread(target=send, args=(b,)) for b in (huge, long, huge, long)]
+    for t in senders:
+        t.start()
+    waits = []
+    while any(t.is_alive() for t in senders):
+        started = time.perf_counter()
+        assert raw(port, "GET", "/health", key=None)[0] == 200
+        waits.append(time.perf_counter() - started)
+        time.sleep(0.05)
+    for t in senders:
+        t.join()
+    assert waits and max(waits) < 1.0, waits
+    codes = sorted(s for s, _, _ in statuses)
+    assert codes == [400] * 2 + [413] * (len(statuses) - 2), (statuses, errors)
+    assert all(a["error"]["code"] == "context_length_exceeded" for s, _, a in statuses if s == 400)
+    # the size is refused from the declared length alone, before the body is read
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 20000000\r\n\r\n{")
+    assert sock.recv(100).startswith(b"HTTP/1.1 413 ")
+    sock.close()
 
 
 def test_chat_non_stream_picks_the_adapter_by_name(client, server, expected):
@@ -285,12 +329,12 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.read(6) == b"data: "  # streaming has begun (read() undoes the chunked encoding)
-    assert raw(port, "GET", "/health", key=None)[2]["in_flight"] == 1
+    assert raw(port, "GET", "/health")[2]["in_flight"] == 1
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     deadline = time.time() + 10
     while time.time() < deadline:
-        health = raw(port, "GET", "/health", key=None)[2]
+        health = raw(port, "GET", "/health")[2]
         if health["in_flight"] == 0 and health["running"] == 0:
             break
         time.sleep(0.2)
