@@ -461,3 +461,93 @@ class WebUIArgs:
             raise UserError(f"--port must be between 1 and 65535, got {self.port}.")
         if self.auth is not None and (":" not in self.auth or not self.auth.split(":", 1)[0]):
             raise UserError(f"--auth takes user:password (for example --auth admin:s3cret), got {self.auth!r}.")
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class GrpoArgs:
+    """`lorakit rlhf --rlhf_type grpo`: rollouts, rewards and the clipped policy loss (ms-swift's names)."""
+
+    num_generations: int = 8
+    "Completions sampled per prompt (a group); --per_device_train_batch_size counts completions, as in TRL."
+    max_completion_length: int = 512
+    "Most tokens per sampled completion."
+    temperature: float = 0.9
+    "Sampling temperature of the rollouts (the loss scales the logits by it too)."
+    top_p: float = 0.9
+    "Nucleus sampling of the rollouts."
+    top_k: int = 50
+    "Top-k sampling of the rollouts (0: no limit)."
+    repetition_penalty: float = 1.0
+    "Repetition penalty of the rollouts (1: none)."
+    epsilon: float = 0.2
+    "Clip the probability ratio below at 1 - epsilon (and above at 1 + epsilon unless --epsilon_high)."
+    epsilon_high: float | None = None
+    "Upper clip 1 + epsilon_high (DAPO: 0.28). Empty: --epsilon."
+    scale_rewards: str = "group"
+    "Divide advantages by the std of the group (group, or true), of the batch (batch), or not at all (none, or false)."
+    num_iterations: int = 1
+    "Policy updates per generated batch (PPO epochs, mu)."
+    steps_per_generation: int | None = None
+    "Micro-batches one generation round covers. Empty: --gradient_accumulation_steps (raised to fit whole groups)."
+    mask_truncated_completions: bool = False
+    "Leave completions cut at --max_completion_length out of the loss (DAPO)."
+    log_completions: bool = False
+    "Write every prompt, completion, reward and advantage to completions.jsonl in the run folder."
+    reward_funcs: list[str] = field(default_factory=list)
+    "Reward functions: built-in accuracy, format, repetition, soft_overlong, cosine, or names in --external_plugins. Empty: accuracy when the data has a solution/answer column."
+    reward_weights: list[float] = field(default_factory=list)
+    "Weight of each reward function (default: 1 each)."
+    external_plugins: list[str] = field(default_factory=list)
+    "Python files defining reward functions fn(completions, **kwargs) -> list[float | None]; the dataset's columns arrive as kwargs."
+    soft_max_length: int | None = None
+    "soft_overlong: the length that earns -1 (default --max_completion_length)."
+    soft_cache_length: int | None = None
+    "soft_overlong: the penalty ramps over the last N tokens before --soft_max_length."
+    repetition_n_grams: int = 3
+    "repetition: n-gram size."
+    repetition_max_penalty: float = -1.0
+    "repetition: reward of a completion made only of repeated n-grams."
+    cosine_max_len: int | None = None
+    "cosine: the length at which the reward reaches its max-length values (default --max_completion_length)."
+    cosine_min_len_value_wrong: float = -0.5
+    "cosine: reward of a wrong answer of length 0."
+    cosine_max_len_value_wrong: float = 0.0
+    "cosine: reward of a wrong answer of --cosine_max_len tokens."
+    cosine_min_len_value_correct: float = 1.0
+    "cosine: reward of a correct answer of length 0."
+    cosine_max_len_value_correct: float = 0.5
+    "cosine: reward of a correct answer of --cosine_max_len tokens."
+    use_vllm: bool = False
+    "Accepted for ms-swift compatibility: rollouts always run on lorakit's engine in the training process (live adapter, no weight sync)."
+    vllm_mode: str | None = None
+    "Accepted for ms-swift compatibility (see --use_vllm)."
+    vllm_gpu_memory_utilization: float | None = None
+    "Accepted for ms-swift compatibility (see --use_vllm)."
+    vllm_tensor_parallel_size: int | None = None
+    "Accepted for ms-swift compatibility (see --use_vllm)."
+
+    def __post_init__(self):
+        self.scale_rewards = {"true": "group", "false": "none", "True": "group", "False": "none"}.get(
+            str(self.scale_rewards), self.scale_rewards)
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        for name in ("num_generations", "max_completion_length", "num_iterations", "steps_per_generation",
+                     "soft_cache_length", "soft_max_length", "repetition_n_grams", "cosine_max_len"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.num_generations < 2:
+            raise UserError("--num_generations must be at least 2: advantages compare the completions of a prompt.")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0 for GRPO rollouts (a group of greedy answers is one answer "
+                            f"repeated), got {self.temperature}.")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise UserError(f"bad sampling flags: --top_p {self.top_p} (in (0, 1]), --top_k {self.top_k} (>= 0), "
+                            f"--repetition_penalty {self.repetition_penalty} (> 0).")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise UserError("--epsilon and --epsilon_high must be >= 0.")
+        if self.reward_weights and self.reward_funcs and len(self.reward_weights) != len(self.reward_funcs):
+            raise UserError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                            f"--reward_funcs: give one weight per function.")
+

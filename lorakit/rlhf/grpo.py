@@ -1,0 +1,450 @@
+"""`lorakit rlhf --rlhf_type grpo`: the GRPO loop, top to bottom.
+
+train_grpo() = model -> tokenizer -> prompts -> weights -> policy (LoRA, or the --adapters SFT adapter) ->
+reward functions -> rounds until the plan's total:
+  rollouts (the engine, live adapter) -> rewards -> group advantages -> old log-probs (only when a round
+  spans several updates) -> reference log-probs (skipped with --beta 0) -> policy updates -> log / save.
+Checkpoints, optimizer, run folder, TensorBoard and resume are sft's (lorakit.train); a checkpoint is a
+plain PEFT adapter that infer/eval/export/deploy load like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lorakit import train as sft
+from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint
+from lorakit.data.loading import AUTO_SPLIT_MIN_ROWS, split_val
+from lorakit.errors import UserError
+from lorakit.infer.engine import Engine, SamplingParams
+from lorakit.rlhf import grpo_log
+from lorakit.rlhf.grpo_data import PromptSet, build_prompt_set, load_prompt_rows
+from lorakit.rlhf.grpo_logps import RolloutBatch, completion_logps, pad_rollouts
+from lorakit.rlhf.grpo_loss import group_advantages, grpo_loss
+from lorakit.rlhf.grpo_plan import GrpoPlan, plan_grpo
+from lorakit.rlhf.grpo_rollout import Rollout, SamplingSettings, end_of_turn_id, generate_rollouts
+from lorakit.rlhf.rewards import RewardFunction, RewardInputs, RewardSettings, compute_rewards, resolve_reward_funcs
+from lorakit.plots import plot_loss
+from lorakit.schedule import lr_factor, warmup_steps_for
+from lorakit.tuners import summarize, trainable_parameters
+
+DEFAULT_LR = 5e-5  # LoRA; see README "GRPO" for the sweep behind it
+
+
+@dataclass
+class Session:
+    """Everything the loop reads and updates (field names shared with lorakit.train's save/resume/log)."""
+
+    args: Any  # RlhfArgs
+    saved_args: dict[str, Any]
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    plan: GrpoPlan
+    prompts: PromptSet
+    val: PromptSet | None
+    device: torch.device
+    learning_rate: float
+    warmup: int
+    engine: Engine
+    funcs: list[RewardFunction]
+    weights: torch.Tensor
+    reference: Any  # lorakit.rlhf.reference.ReferencePolicy or None (beta 0)
+    end_of_turn: int | None
+    step: int = 0
+    eval_loss: float | None = None
+    last_checkpoint: Path | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None
+    watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
+    window: list[dict[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+# ---------------------------------------------------------------- one round
+
+
+def sampling(args) -> SamplingSettings:
+    g = args.grpo
+    return SamplingSettings(g.max_completion_length, g.temperature, g.top_p, g.top_k, g.repetition_penalty)
+
+
+def reward_inputs(s: Session, prompts: PromptSet, indices: list[int], rollouts: list[Rollout]) -> RewardInputs:
+    rows = [prompts.rows[indices[r.prompt]] for r in rollouts]
+    return RewardInputs(completions=[r.text for r in rollouts], completion_ids=[r.completion_ids for r in rollouts],
+                        prompts=[row.messages for row in rows],
+                        columns={c: [row.columns.get(c) for row in rows] for c in prompts.columns},
+                        sources=[row.source for row in rows])
+
+
+def micro_batches(s: Session, rollouts: list[Rollout], round_index: int) -> list[tuple[list[int], RolloutBatch]]:
+    """The round's completions shuffled (seeded) and cut into S micro-batches of B: (indices, padded batch)."""
+    order = list(range(len(rollouts)))
+    random.Random(s.plan.seed * 7919 + round_index).shuffle(order)
+    masked = s.args.grpo.mask_truncated_completions
+    pad = s.engine.pad_id
+    out = []
+    for start in range(0, len(order), s.plan.batch_size):
+        idx = order[start:start + s.plan.batch_size]
+        batch = pad_rollouts([rollouts[i].prompt_ids for i in idx], [rollouts[i].completion_ids for i in idx], pad,
+                             keep=[not (masked and rollouts[i].truncated) for i in idx])
+        out.append((idx, batch.to(s.device)))
+    return out
+
+
+@torch.no_grad()
+def frozen_logps(s: Session, batches: list[tuple[list[int], RolloutBatch]], as_reference: bool) -> list[torch.Tensor]:
+    """Per-token log-probs of every micro-batch, no grad, eval mode: the sampling policy, or the reference."""
+    temperature, fused = s.args.grpo.temperature, s.args.fast.fused_loss
+    was_training = s.model.training
+    s.model.eval()
+    try:
+        if as_reference:
+            with s.reference.active():
+                return [completion_logps(s.model, b, temperature=temperature, fused=fused) for _, b in batches]
+        return [completion_logps(s.model, b, temperature=temperature, fused=fused) for _, b in batches]
+    finally:
+        s.model.train(was_training)
+
+
+def update(s: Session, batches, advantages: torch.Tensor, old, ref, n_items: int) -> dict[str, float]:
+    """One optimizer step over GA micro-batches; returns its loss, grad norm and loss parts."""
+    g, t = s.args.grpo, s.args.train
+    lr = s.learning_rate * lr_factor(s.step, total_steps=s.plan.total_steps, warmup=s.warmup,
+                                     kind=t.lr_scheduler_type)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    parts: dict[str, float] = {}
+    total = 0.0
+    for k, (idx, batch) in batches:
+        logps = completion_logps(s.model, batch, temperature=g.temperature, fused=s.args.fast.fused_loss)
+        out = grpo_loss(logps, advantages[idx].to(s.device), batch.completion_mask, old_logps=old[k] if old else None,
+                        ref_logps=ref[k] if ref else None, loss_type=s.args.rlhf.loss_type, beta=s.args.rlhf.beta,
+                        epsilon_low=g.epsilon, epsilon_high=g.epsilon_high,
+                        max_completion_length=g.max_completion_length, num_items_in_batch=n_items,
+                        gradient_accumulation_steps=s.plan.grad_accum, steps_per_generation=s.plan.steps_per_generation)
+        loss = out.loss * sft_nan_factor(s.step + 1)
+        loss.backward()
+        total += float(loss.detach())
+        for name, value in (("kl", out.kl), ("clip_ratio/low_mean", out.clip_low),
+                            ("clip_ratio/high_mean", out.clip_high), ("clip_ratio/region_mean", out.clip_region)):
+            if value is not None:
+                parts[name] = parts.get(name, 0.0) + float(value) / len(batches)
+    max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(s.model), max_norm))
+    if not math.isfinite(total) or not math.isfinite(grad_norm):
+        s.optimizer.zero_grad(set_to_none=True)
+        stop_on_non_finite(s, total, grad_norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    return dict(loss=total, grad_norm=grad_norm, learning_rate=lr, **parts)
+
+
+def sft_nan_factor(step: int) -> float:
+    """NaN at the optimizer step the test hook names (lorakit.train's LORAKIT_INJECT_NAN_AT_STEP), else 1."""
+    return float("nan") if int(os.environ.get(sft._INJECT_NAN_ENV, "0") or 0) == step else 1.0
+
+
+def stop_on_non_finite(s: Session, loss: float, grad_norm: float) -> None:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    kept = (f"The last good checkpoint is {s.last_checkpoint}." if s.last_checkpoint
+            else f"No checkpoint was saved yet (--save_steps {s.args.train.save_steps}).")
+    raise UserError(f"Training stopped at step {s.step + 1}/{s.plan.total_steps}: the {what} is {value}. This step "
+                    f"was not applied. {kept} To fix: lower --learning_rate (now {s.learning_rate:g}; try "
+                    f"{s.learning_rate / 10:g}), raise --beta, or check the reward functions for huge values.")
+
+
+def run_round(s: Session, round_index: int, bar) -> None:
+    """Sample, score, and apply this round's optimizer steps; log and save at its end."""
+    g = s.args.grpo
+    indices = s.plan.round_prompts(round_index)
+    started = time.perf_counter()
+    bar.set_description(f"grpo: rollout ({len(indices)}x{g.num_generations})")
+    rollouts = generate_rollouts(s.engine, [s.prompts.prompt_ids[i] for i in indices],
+                                 num_generations=g.num_generations, sampling=sampling(s.args), seed=s.plan.seed,
+                                 round_index=round_index, end_of_turn=s.end_of_turn)
+    rewards = compute_rewards(s.funcs, reward_inputs(s, s.prompts, indices, rollouts))
+    adv = group_advantages(rewards, s.weights, g.num_generations, g.scale_rewards)
+    rolled = time.perf_counter()
+    batches = micro_batches(s, rollouts, round_index)
+    n_items = sum(int(b.completion_mask.sum()) for _, b in batches)
+    bar.set_description("grpo: reference")
+    off_policy = s.plan.num_iterations > 1 or s.plan.steps_per_generation > s.plan.grad_accum
+    old = frozen_logps(s, batches, as_reference=False) if off_policy else None
+    ref = frozen_logps(s, batches, as_reference=True) if s.args.rlhf.beta != 0 else None
+    referenced = time.perf_counter()
+    bar.set_description("grpo: update")
+    steps = []
+    for _ in range(s.plan.num_iterations):
+        for u in range(s.plan.steps_per_generation // s.plan.grad_accum):
+            if s.step >= s.plan.total_steps:
+                break
+            chunk = list(enumerate(batches))[u * s.plan.grad_accum:(u + 1) * s.plan.grad_accum]
+            steps.append(update(s, chunk, adv.advantages, old, ref, n_items))
+            bar.update(1)
+    done = time.perf_counter()
+    metrics = grpo_log.round_metrics([f.name for f in s.funcs], s.weights, rewards, adv, rollouts)
+    metrics.update(grpo_log.merge_window(steps))
+    metrics.update({"time/rollout_s": rolled - started, "time/reference_s": referenced - rolled,
+                    "time/update_s": done - referenced})
+    s.window.append(metrics)
+    bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0):.4f}",
+                    len=f"{metrics['completions/mean_length']:.0f}", rollout=f"{rolled - started:.0f}s")
+    if g.log_completions:
+        texts = [s.tokenizer.decode(s.prompts.prompt_ids[i]) for i in indices]
+        grpo_log.write_completions(s.run_dir / "completions.jsonl", s.step, texts, rollouts,
+                                   [f.name for f in s.funcs], rewards, adv.advantages)
+    total = (rewards * s.weights.unsqueeze(0)).nansum(dim=1)
+    warning = s.watch.update(s.step, metrics["frac_reward_zero_std"], float(total.mean()), float(total.min()),
+                             float(total.max()))
+    if warning:
+        bar.write(warning)
+    after_round(s, bar)
+
+
+def after_round(s: Session, bar) -> None:
+    """Log when a --logging_steps boundary passed, evaluate on the held-out prompts, save at --save_steps."""
+    t = s.args.train
+    last = s.step >= s.plan.total_steps
+    crossed = lambda every: last or (s.step // every) > ((s.step - s.plan.steps_per_round) // every)  # noqa: E731
+    if crossed(t.logging_steps):
+        record = grpo_log.merge_window(s.window)
+        record.update(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4),
+                      memory_gb=round(sft.memory_gb(s.device), 3), elapsed_s=round(time.perf_counter() - s.started, 2))
+        sft.log_record(s, record)
+        s.window = []
+    if s.val is not None and crossed(t.eval_steps or t.save_steps):
+        held_out_reward(s, bar)
+    if crossed(t.save_steps):
+        sft.save(s)
+
+
+# ---------------------------------------------------------------- held-out reward
+
+
+def held_out_reward(s: Session, bar=None) -> float:
+    """Mean reward of one greedy completion per held-out prompt (logged as eval_reward, per function too)."""
+    val = s.val
+    params = SamplingParams(temperature=0.0, max_new_tokens=s.args.grpo.max_completion_length)
+    was_training = s.model.training
+    s.model.eval()
+    try:
+        with torch.no_grad():
+            gens = s.engine.generate(val.prompt_ids, params)
+    finally:
+        s.model.train(was_training)
+    rollouts = [Rollout(i, val.prompt_ids[i], list(gn.token_ids), gn.text, gn.finish_reason != "stop")
+                for i, gn in enumerate(gens)]
+    rewards = compute_rewards(s.funcs, reward_inputs(s, val, list(range(len(rollouts))), rollouts))
+    total = (rewards * s.weights.unsqueeze(0)).nansum(dim=1)
+    record: dict[str, Any] = {"step": s.step, "epoch": round(s.plan.epoch_of(s.step), 4),
+                              "eval_reward": float(total.mean())}
+    for j, f in enumerate(s.funcs):
+        if not torch.isnan(rewards[:, j]).all():
+            record[f"eval_rewards/{f.name}/mean"] = float(torch.nanmean(rewards[:, j]))
+    sft.log_record(s, record)
+    line = f"step {s.step}: held-out reward {record['eval_reward']:.3f} ({len(rollouts)} prompts, greedy)"
+    (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(line)
+    return record["eval_reward"]
+
+
+# ---------------------------------------------------------------- set-up
+
+
+class InitialPolicy:
+    """The reference: the trainable (LoRA) tensors as training started, swapped in on demand (no second model)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.initial = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def active(self):
+        current = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, init in zip(self.params, self.initial):
+                    p.copy_(init)
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, now in zip(self.params, current):
+                    p.copy_(now)
+
+
+def start_policy(model, args, device: torch.device):
+    """A fresh LoRA (sft's prepare_model), or the --adapters SFT adapter, trained further."""
+    if not args.rlhf.adapters:
+        return sft.prepare_model(model, args, device)
+    if len(args.rlhf.adapters) > 1:
+        raise UserError(f"--adapters takes one SFT checkpoint for rlhf, got {len(args.rlhf.adapters)}.")
+    from peft import PeftModel
+
+    ckpt = find_checkpoint(args.rlhf.adapters[0])
+    if not (ckpt / ADAPTER_CONFIG).is_file():
+        raise UserError(f"--adapters {ckpt}: not a LoRA checkpoint (no {ADAPTER_CONFIG}); a fully fine-tuned "
+                        f"checkpoint is a model: pass it as --model.")
+    model.config.use_cache = False
+    if device.type != "cuda" and args.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
+    if device.type == "cuda":
+        from lorakit.fast import FastOptions, prepare_for_training
+
+        mode = {None: "auto", True: "full", False: "none"}[args.train.gradient_checkpointing]
+        f = args.fast
+        model = prepare_for_training(model, FastOptions(fused_loss=f.fused_loss, fused_lora=f.fused_lora,
+                                                        packed_attention=f.packed_attention, compile=f.torch_compile,
+                                                        checkpointing=mode, memory_limit_gib=f.gpu_memory_limit))
+    print(f"{summarize(model, []).line()}: continuing the adapter of {ckpt}", file=sys.stderr)
+    return model
+
+
+def reward_functions(args, prompts: PromptSet) -> tuple[list[RewardFunction], torch.Tensor]:
+    """--reward_funcs resolved (default: accuracy when rows carry a solution/answer) and their weights."""
+    g = args.grpo
+    names = list(g.reward_funcs)
+    if not names:
+        if not {"solution", "answer"} & set(prompts.columns):
+            raise UserError("--reward_funcs is required: the data has no solution/answer column for the built-in "
+                            "accuracy reward. Built-in: accuracy, format, repetition, soft_overlong, cosine; your "
+                            "own: --external_plugins my_rewards.py --reward_funcs my_fn.")
+        names = ["accuracy"]
+        print("--reward_funcs: accuracy (the rows carry a solution/answer to check against)", file=sys.stderr)
+    settings = RewardSettings(g.max_completion_length, g.repetition_n_grams, g.repetition_max_penalty,
+                              g.soft_max_length, g.soft_cache_length, g.cosine_max_len, g.cosine_min_len_value_wrong,
+                              g.cosine_max_len_value_wrong, g.cosine_min_len_value_correct,
+                              g.cosine_max_len_value_correct)
+    funcs = resolve_reward_funcs(names, g.external_plugins, settings)
+    if g.reward_weights and len(g.reward_weights) != len(funcs):
+        raise UserError(f"--reward_weights has {len(g.reward_weights)} values for {len(funcs)} reward functions.")
+    weights = torch.tensor(g.reward_weights or [1.0] * len(funcs), dtype=torch.float64)
+    return funcs, weights
+
+
+def load_prompts(args, tokenizer, system: str | None) -> tuple[PromptSet, PromptSet | None]:
+    """Training prompts and held-out prompts (--val_dataset, or --split_dataset_ratio of --dataset)."""
+    d = args.data
+    rows = load_prompt_rows(d.dataset, seed=d.seed, use_hf=args.model.use_hf)
+    val_rows = load_prompt_rows(d.val_dataset, seed=d.seed, use_hf=args.model.use_hf) if d.val_dataset else []
+    ratio = d.split_dataset_ratio
+    if ratio is None:
+        ratio = 0.0 if d.val_dataset or len(rows) < AUTO_SPLIT_MIN_ROWS else 0.01
+    if ratio > 0:
+        rows, held = split_val(rows, ratio, d.seed)
+        val_rows += held
+    budget = d.max_length
+    train = build_prompt_set(rows, tokenizer, system=system, max_length=budget)
+    val = build_prompt_set(val_rows, tokenizer, system=system, max_length=budget) if val_rows else None
+    dropped = f"; {train.dropped_too_long} longer than --max_length {budget} dropped" if train.dropped_too_long else ""
+    print(f"{len(train.rows)} training prompts, {len(val.rows) if val else 0} held-out prompts{dropped}; "
+          f"columns for the reward functions: {', '.join(train.columns) or '(none)'}", file=sys.stderr)
+    return train, val
+
+
+def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, device, dtype, system) -> Session:
+    """Plan, run folder with args.json, optimizer, engine, rewards and the reference."""
+    t, g = args.train, args.grpo
+    learning_rate = t.learning_rate if t.learning_rate is not None else (
+        DEFAULT_LR if args.lora.train_type == "lora" else 1e-6)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    plan = plan_grpo(len(prompts.rows), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+                     steps_per_generation=g.steps_per_generation, num_generations=g.num_generations,
+                     num_iterations=g.num_iterations, epochs=t.num_train_epochs, max_steps=t.max_steps,
+                     seed=args.data.seed, log=log)
+    run_dir = sft.new_run_dir(t.output_dir, t.add_version)
+    saved = sft.resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=system, device=device,
+                              dtype=dtype, learning_rate=learning_rate)
+    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
+    funcs, weights = reward_functions(args, prompts)
+    engine = Engine(model, tokenizer, fast=False, max_batch_size=min(256, plan.batch_size * plan.steps_per_generation))
+    model.train()
+    log(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps in {plan.total_rounds} rounds of "
+        f"{plan.prompts_per_round} prompt(s) x {g.num_generations} completions; lr {learning_rate:g}, beta "
+        f"{args.rlhf.beta:g}, loss_type {args.rlhf.loss_type}; rewards: "
+        + ", ".join(f"{f.name} ({f.origin}) x {w:g}" for f, w in zip(funcs, weights.tolist())))
+    return Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
+                   optimizer=sft.build_optimizer(model, args, learning_rate), plan=plan, prompts=prompts, val=val,
+                   device=device, learning_rate=learning_rate,
+                   warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
+                   engine=engine, funcs=funcs, weights=weights,
+                   reference=InitialPolicy(model) if args.rlhf.beta != 0 else None, end_of_turn=end_of_turn_id(tokenizer))
+
+
+def train_grpo(args) -> sft.TrainResult:
+    """Run GRPO as `args` says; returns where the checkpoints are and the trained model."""
+    from lorakit.data.loading import resolve_system
+    from lorakit.data.render import set_chat_template
+    from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+
+    started = time.perf_counter()
+    if args.grpo.use_vllm or args.grpo.vllm_mode:
+        print("--use_vllm: rollouts run on lorakit's own engine in the training process (the live adapter, no "
+              "weight sync, no second copy of the model); vLLM is not used.", file=sys.stderr)
+    device = pick_device(args.model.device)
+    dtype = pick_dtype(args.model.torch_dtype, device)
+    model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
+    tokenizer = load_tokenizer(model_path)
+    set_chat_template(tokenizer, args.model.template)
+    system = resolve_system(args.data.system)
+    prompts, val = load_prompts(args, tokenizer, system)  # before any weights load
+    if args.train.dry_run:
+        print("--dry_run: prompts checked, stopping before loading weights.", file=sys.stderr)
+        return sft.TrainResult(None, None, None, None, None)
+    sft.seed_everything(args.data.seed)
+    model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
+                       attn_impl=args.model.attn_impl)
+    model = start_policy(model, args, device)
+    s = new_session(args, model, tokenizer, prompts, val, model_path=model_path, device=device, dtype=dtype,
+                    system=system)
+    if args.train.resume_from_checkpoint:
+        sft.resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
+    s.writer = sft.open_writers(s.run_dir, args.train.report_to, s.saved_args)
+    try:
+        with tqdm(total=s.plan.total_steps, initial=s.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
+            if s.val is not None and s.step == 0:
+                held_out_reward(s, bar)
+            round_index = s.step // s.plan.steps_per_round
+            while s.step < s.plan.total_steps:
+                run_round(s, round_index, bar)
+                round_index += 1
+    except torch.OutOfMemoryError as exc:
+        raise UserError(sft.oom_message(device, args) + f" For GRPO also: --max_completion_length (now "
+                        f"{args.grpo.max_completion_length}) or --num_generations.") from exc
+    finally:
+        if s.writer is not None:
+            s.writer.close()
+        plot_loss(s.log_history, s.run_dir / "images" / "loss.png")
+        grpo_log.plot_rewards(s.log_history, s.run_dir / "images" / "reward.png")
+    return sft.TrainResult(run_dir=s.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
+                           train_loss=next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None),
+                           eval_loss=None, steps=s.step, seconds=time.perf_counter() - started,
+                           log_history=s.log_history, model=s.model.eval(), tokenizer=tokenizer)
+
+
+def main(args) -> int:
+    """`lorakit rlhf --rlhf_type grpo`."""
+    result = train_grpo(args)
+    sft.print_summary(result, args)
+    rewards = [r["reward"] for r in result.log_history if "reward" in r]
+    held = [r["eval_reward"] for r in result.log_history if "eval_reward" in r]
+    if rewards:
+        print(f"  train reward: {rewards[0]:.3f} (first log) -> {rewards[-1]:.3f} (last)")
+    if len(held) > 1:
+        print(f"  held-out reward (greedy): {held[0]:.3f} before -> {held[-1]:.3f} after")
+    return 0
