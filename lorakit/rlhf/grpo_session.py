@@ -1,0 +1,181 @@
+"""A GRPO run's state and how it is built: the policy (fresh LoRA or the --adapters SFT adapter), prompts,
+reward functions, the reference, the engine that samples rollouts, the optimizer and the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit import train as sft
+from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint
+from lorakit.data.loading import AUTO_SPLIT_MIN_ROWS, split_val
+from lorakit.errors import UserError
+from lorakit.infer.engine import Engine
+from lorakit.rlhf import grpo_log
+from lorakit.rlhf.grpo_data import PromptSet, build_prompt_set, load_prompt_rows
+from lorakit.rlhf.grpo_plan import GrpoPlan, plan_grpo
+from lorakit.rlhf.grpo_rollout import end_of_turn_id
+from lorakit.rlhf.rewards import RewardFunction, RewardSettings, resolve_reward_funcs
+from lorakit.schedule import warmup_steps_for
+from lorakit.tuners import summarize
+
+DEFAULT_LR = 5e-5  # LoRA; see README "GRPO" for the runs behind it
+
+
+@dataclass
+class Session:
+    """Everything the loop reads and updates (field names shared with lorakit.train's save/resume/log)."""
+
+    args: Any  # RlhfArgs
+    saved_args: dict[str, Any]
+    run_dir: Path
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    plan: GrpoPlan
+    prompts: PromptSet
+    val: PromptSet | None
+    device: torch.device
+    learning_rate: float
+    warmup: int
+    engine: Engine
+    funcs: list[RewardFunction]
+    weights: torch.Tensor
+    reference: Any  # lorakit.rlhf.reference.ReferencePolicy or None (beta 0)
+    end_of_turn: int | None
+    step: int = 0
+    eval_loss: float | None = None
+    last_checkpoint: Path | None = None
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None
+    watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
+    window: list[dict[str, float]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class InitialPolicy:
+    """The reference: the trainable (LoRA) tensors as training started, swapped in on demand (no second model)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.initial = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def active(self):
+        current = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, init in zip(self.params, self.initial):
+                    p.copy_(init)
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, now in zip(self.params, current):
+                    p.copy_(now)
+
+
+def start_policy(model, args, device: torch.device):
+    """A fresh LoRA (sft's prepare_model), or the --adapters SFT adapter, trained further."""
+    if not args.rlhf.adapters:
+        return sft.prepare_model(model, args, device)
+    if len(args.rlhf.adapters) > 1:
+        raise UserError(f"--adapters takes one SFT checkpoint for rlhf, got {len(args.rlhf.adapters)}.")
+    from peft import PeftModel
+
+    ckpt = find_checkpoint(args.rlhf.adapters[0])
+    if not (ckpt / ADAPTER_CONFIG).is_file():
+        raise UserError(f"--adapters {ckpt}: not a LoRA checkpoint (no {ADAPTER_CONFIG}); a fully fine-tuned "
+                        f"checkpoint is a model: pass it as --model.")
+    model.config.use_cache = False
+    if device.type != "cuda" and args.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
+    if device.type == "cuda":
+        from lorakit.fast import FastOptions, prepare_for_training
+
+        mode = {None: "auto", True: "full", False: "none"}[args.train.gradient_checkpointing]
+        f = args.fast
+        model = prepare_for_training(model, FastOptions(fused_loss=f.fused_loss, fused_lora=f.fused_lora,
+                                                        packed_attention=f.packed_attention, compile=f.torch_compile,
+                                                        checkpointing=mode, memory_limit_gib=f.gpu_memory_limit))
+    print(f"{summarize(model, []).line()}: continuing the adapter of {ckpt}", file=sys.stderr)
+    return model
+
+
+def reward_functions(args, prompts: PromptSet) -> tuple[list[RewardFunction], torch.Tensor]:
+    """--reward_funcs resolved (default: accuracy when rows carry a solution/answer) and their weights."""
+    g = args.grpo
+    names = list(g.reward_funcs)
+    if not names:
+        if not {"solution", "answer"} & set(prompts.columns):
+            raise UserError("--reward_funcs is required: the data has no solution/answer column for the built-in "
+                            "accuracy reward. Built-in: accuracy, format, repetition, soft_overlong, cosine; your "
+                            "own: --external_plugins my_rewards.py --reward_funcs my_fn.")
+        names = ["accuracy"]
+        print("--reward_funcs: accuracy (the rows carry a solution/answer to check against)", file=sys.stderr)
+    settings = RewardSettings(g.max_completion_length, g.repetition_n_grams, g.repetition_max_penalty,
+                              g.soft_max_length, g.soft_cache_length, g.cosine_max_len, g.cosine_min_len_value_wrong,
+                              g.cosine_max_len_value_wrong, g.cosine_min_len_value_correct,
+                              g.cosine_max_len_value_correct)
+    funcs = resolve_reward_funcs(names, g.external_plugins, settings)
+    if g.reward_weights and len(g.reward_weights) != len(funcs):
+        raise UserError(f"--reward_weights has {len(g.reward_weights)} values for {len(funcs)} reward functions.")
+    weights = torch.tensor(g.reward_weights or [1.0] * len(funcs), dtype=torch.float64)
+    return funcs, weights
+
+
+def load_prompts(args, tokenizer, system: str | None) -> tuple[PromptSet, PromptSet | None]:
+    """Training prompts and held-out prompts (--val_dataset, or --split_dataset_ratio of --dataset)."""
+    d = args.data
+    rows = load_prompt_rows(d.dataset, seed=d.seed, use_hf=args.model.use_hf)
+    val_rows = load_prompt_rows(d.val_dataset, seed=d.seed, use_hf=args.model.use_hf) if d.val_dataset else []
+    ratio = d.split_dataset_ratio
+    if ratio is None:
+        ratio = 0.0 if d.val_dataset or len(rows) < AUTO_SPLIT_MIN_ROWS else 0.01
+    if ratio > 0:
+        rows, held = split_val(rows, ratio, d.seed)
+        val_rows += held
+    budget = d.max_length
+    train = build_prompt_set(rows, tokenizer, system=system, max_length=budget)
+    val = build_prompt_set(val_rows, tokenizer, system=system, max_length=budget) if val_rows else None
+    dropped = f"; {train.dropped_too_long} longer than --max_length {budget} dropped" if train.dropped_too_long else ""
+    print(f"{len(train.rows)} training prompts, {len(val.rows) if val else 0} held-out prompts{dropped}; "
+          f"columns for the reward functions: {', '.join(train.columns) or '(none)'}", file=sys.stderr)
+    return train, val
+
+
+def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, device, dtype, system) -> Session:
+    """Plan, run folder with args.json, optimizer, engine, rewards and the reference."""
+    t, g = args.train, args.grpo
+    learning_rate = t.learning_rate if t.learning_rate is not None else (
+        DEFAULT_LR if args.lora.train_type == "lora" else 1e-6)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    plan = plan_grpo(len(prompts.rows), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
+                     steps_per_generation=g.steps_per_generation, num_generations=g.num_generations,
+                     num_iterations=g.num_iterations, epochs=t.num_train_epochs, max_steps=t.max_steps,
+                     seed=args.data.seed, log=log)
+    run_dir = sft.new_run_dir(t.output_dir, t.add_version)
+    saved = sft.resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=system, device=device,
+                              dtype=dtype, learning_rate=learning_rate)
+    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
+    funcs, weights = reward_functions(args, prompts)
+    engine = Engine(model, tokenizer, fast=False, max_batch_size=min(256, plan.batch_size * plan.steps_per_generation))
+    model.train()
+    log(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps in {plan.total_rounds} rounds of "
+        f"{plan.prompts_per_round} prompt(s) x {g.num_generations} completions; lr {learning_rate:g}, beta "
+        f"{args.rlhf.beta:g}, loss_type {args.rlhf.loss_type}; rewards: "
+        + ", ".join(f"{f.name} ({f.origin}) x {w:g}" for f, w in zip(funcs, weights.tolist())))
+    return Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
+                   optimizer=sft.build_optimizer(model, args, learning_rate), plan=plan, prompts=prompts, val=val,
+                   device=device, learning_rate=learning_rate,
+                   warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
+                   engine=engine, funcs=funcs, weights=weights,
+                   reference=InitialPolicy(model) if args.rlhf.beta != 0 else None, end_of_turn=end_of_turn_id(tokenizer))
