@@ -177,3 +177,30 @@ def test_completion_logps_equal_trl_fused_head(tiny_qwen2_dir):
     out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
     expected = out.log_probs[:, -3:]  # TRL's kernel computes in float32
     torch.testing.assert_close(ours[keep].float(), expected[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_logps_equal_whole_rows_values_and_gradients(tiny_qwen2_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float64)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False))
+    system = list(range(100, 112))
+    batch = pad_rollouts([system + [5, 6, 7], system + [9], system + [5, 6, 7]],
+                         [[11, 12, 13], [14, 15], [16]], pad_id=0)
+    from lorakit.rlhf.grpo_logps import _shared_prefix
+
+    assert _shared_prefix(batch) == 12
+    weights = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for share in (False, True):
+        out = completion_logps(model, batch, temperature=0.8, share_prefix=share)
+        grads = torch.autograd.grad((out * weights * batch.completion_mask).sum(), params)
+        results.append((out, grads))
+    keep = batch.completion_mask.bool()
+    torch.testing.assert_close(results[1][0][keep], results[0][0][keep], rtol=1e-9, atol=1e-9)
+    for a, b in zip(results[1][1], results[0][1]):  # transformers builds the RoPE tables in float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

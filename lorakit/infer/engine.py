@@ -75,7 +75,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, *, fast: bool | None = None, max_batch_size: int = 32,
-                 compile: bool | str | None = None, cuda_graphs: bool | None = None):
+                 compile: bool | str | None = None, cuda_graphs: bool | None = None, live_adapter: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -84,7 +84,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids, default=0)
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self._fast = None
-        reason = fast_decode.unsupported_reason(model)
+        # live_adapter: an unmerged LoRA adapter that keeps training (GRPO); call refresh_adapter() after a step
+        reason = fast_decode.unsupported_reason(model, live_lora=live_adapter)
         if fast is None:
             fast = self.device.type == "cuda" and reason is None
         if fast:
@@ -93,12 +94,17 @@ class Engine:
             on_cuda = self.device.type == "cuda"
             self._fast = fast_decode.StaticDecoder(
                 model, compile=(on_cuda and COMPILE_MODE) if compile is None else compile,
-                cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs)
+                cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs, live_lora=live_adapter)
         self.fast_note = reason  # why the fast path is off (None when it could run)
 
     @property
     def uses_fast_path(self) -> bool:
         return self._fast is not None
+
+    def refresh_adapter(self) -> None:
+        """Let the fast decoder see a live adapter's new weights (the reference decoder always does)."""
+        if self._fast is not None:
+            self._fast.refresh_lora()
 
     def batch(self, capacity: int | None = None, *, length: int | None = None) -> RunningBatch:
         """An empty running batch for up to `capacity` sequences (default max_batch_size) of about

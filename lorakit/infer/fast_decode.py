@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorakit.infer.live_lora import LoraGroup, add_lora, base_linear, is_plain_lora
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 LENGTH_BUCKET = 256
 
@@ -33,8 +35,8 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def unsupported_reason(model) -> str | None:
-    """Why the fast decoder cannot run `model`, or None when it can."""
+def unsupported_reason(model, *, live_lora: bool = False) -> str | None:
+    """Why the fast decoder cannot run `model`, or None when it can (live_lora: unmerged plain LoRA layers too)."""
     cfg = model.config
     if cfg.model_type not in SUPPORTED_ARCHITECTURES:
         return f"architecture {cfg.model_type!r} is not one of {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -46,7 +48,7 @@ def unsupported_reason(model) -> str | None:
     for layer in base_model(model).model.layers:
         linears = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                    layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
-        if any(type(m) is not torch.nn.Linear for m in linears):
+        if any(type(m) is not torch.nn.Linear and not (live_lora and is_plain_lora(m)) for m in linears):
             return "the LoRA adapter is not merged into the weights (pass --merge_lora true)"
     return None
 
@@ -68,19 +70,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int):
+def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int, lora_qkv=None):
     """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D], k, v [B, KV, D].
 
     q, k and v come from one matrix product with the three weights stacked (one large read of
     the weights instead of two small ones that cannot reach full memory bandwidth)."""
     x = rms_norm(h, ln, eps)
     batch = h.shape[0]
-    qkv = F.linear(x, w_qkv, b_qkv).view(batch, n_heads + 2 * n_kv, -1)
+    qkv = add_lora(F.linear(x, w_qkv, b_qkv), x, lora_qkv).view(batch, n_heads + 2 * n_kv, -1)
     q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
-def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, wd, bd, eps: float):
+def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, wd, bd, eps: float,
+                      lora_o=None, lora_gate_up=None, lora_down=None):
     """Second half: attend over the cache, project, residual, SwiGLU MLP, residual.
 
     q [B, H, D]; k_cache, v_cache [B, KV, L, D]; mask [B, L] (0 where visible, -inf elsewhere).
@@ -91,9 +94,15 @@ def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, 
     n_kv = k_cache.shape[1]
     grouped = q.view(batch, n_kv, n_heads // n_kv, dim)
     o = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask[:, None, None, :])
-    h = h + F.linear(o.reshape(batch, n_heads * dim), wo, bo)
+    o = o.reshape(batch, n_heads * dim)
+    h = h + add_lora(F.linear(o, wo, bo), o, lora_o)
     x = rms_norm(h, ln, eps)
-    return h + F.linear(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
+    gate, up = F.linear(x, wg, bg), F.linear(x, wu, bu)
+    if lora_gate_up is not None:  # the live adapter (lorakit.infer.live_lora): one stacked pair for gate and up
+        extra = F.linear(F.linear(x, lora_gate_up[0]), lora_gate_up[1])
+        gate, up = gate + extra[:, :gate.shape[1]], up + extra[:, gate.shape[1]:]
+    act = F.silu(gate) * up
+    return h + add_lora(F.linear(act, wd, bd), act, lora_down)
 
 
 def final_logits(h, norm, head, eps: float) -> torch.Tensor:
@@ -107,6 +116,14 @@ def final_logits(h, norm, head, eps: float) -> torch.Tensor:
 class LayerWeights:
     attn_in: tuple
     attn_out: tuple
+    lora: list[LoraGroup] | None = None  # qkv, o, gate+up, down: a live adapter's stacked tensors
+
+
+def _lora_kwargs(weights: LayerWeights) -> tuple[dict, dict]:
+    if weights.lora is None:
+        return {}, {}
+    qkv, o, gate_up, down = (g.tensors for g in weights.lora)
+    return {"lora_qkv": qkv}, {"lora_o": o, "lora_gate_up": gate_up, "lora_down": down}
 
 
 @dataclass
@@ -139,18 +156,25 @@ class DecodeState:
         return self.mask.shape[1]
 
 
-def _layer_weights(layer) -> LayerWeights:
+def _layer_weights(layer, live_lora: bool = False) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
-    projections = (a.q_proj, a.k_proj, a.v_proj)
+    projections = [base_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
     w_qkv = torch.cat([p.weight for p in projections]).detach()
     b_qkv = None
     if any(p.bias is not None for p in projections):
         b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
                            for p in projections]).detach()
+    o, g, u, d = (base_linear(p) for p in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
+    lora = None
+    if live_lora:
+        dtype = w_qkv.dtype
+        lora = [LoraGroup([a.q_proj, a.k_proj, a.v_proj], dtype), LoraGroup([a.o_proj], dtype),
+                LoraGroup([m.gate_proj, m.up_proj], dtype), LoraGroup([m.down_proj], dtype)]
     return LayerWeights(
         attn_in=(layer.input_layernorm.weight, w_qkv, b_qkv),
-        attn_out=(a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, m.gate_proj.weight,
-                  m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias),
+        attn_out=(o.weight, o.bias, layer.post_attention_layernorm.weight, g.weight, g.bias, u.weight, u.bias,
+                  d.weight, d.bias),
+        lora=lora,
     )
 
 
@@ -172,7 +196,8 @@ class StaticDecoder:
     columns = 3.5 GiB; every step reads all of it, so a longer cache than needed costs time too.
     """
 
-    def __init__(self, model, *, compile: bool | str, cuda_graphs: bool, max_batch_bucket: int = 64):
+    def __init__(self, model, *, compile: bool | str, cuda_graphs: bool, max_batch_bucket: int = 64,
+                 live_lora: bool = False):
         self.model = model
         base = base_model(model)
         cfg = model.config
@@ -181,7 +206,7 @@ class StaticDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
-        self.layers = [_layer_weights(layer) for layer in base.model.layers]
+        self.layers = [_layer_weights(layer, live_lora) for layer in base.model.layers]
         self.embed = base.get_input_embeddings().weight
         self.norm = base.model.norm.weight
         self.head = base.get_output_embeddings().weight
@@ -195,6 +220,12 @@ class StaticDecoder:
             wrap, (attention_in, attention_out_mlp, final_logits))
         self.state: DecodeState | None = None
         self.reset(1, None)
+
+    def refresh_lora(self) -> None:
+        """Copy a live adapter's current weights into the decode step's buffers (after an optimizer step)."""
+        for layer in self.layers:
+            for group in layer.lora or ():
+                group.refresh()
 
     # -- public: the engine's Decoder protocol
 
@@ -265,10 +296,11 @@ class StaticDecoder:
         h = F.embedding(s.tokens, self.embed)
         cos, sin = s.cos[s.positions][:, None], s.sin[s.positions][:, None]
         for weights, keys, values in zip(self.layers, s.keys, s.values):
-            q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv)
+            lora_in, lora_out = _lora_kwargs(weights)
+            q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv, **lora_in)
             keys.scatter_(2, column, k[:, :, None])
             values.scatter_(2, column, v[:, :, None])
-            h = self.attention_out_mlp(h, q, keys, values, s.mask, *weights.attn_out, self.eps)
+            h = self.attention_out_mlp(h, q, keys, values, s.mask, *weights.attn_out, self.eps, **lora_out)
         logits = self.final_logits(h, self.norm, self.head, self.eps)
         s.slot.add_(1).clamp_(max=last)
         s.positions.add_(1).clamp_(max=last)

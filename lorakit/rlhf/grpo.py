@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lorakit import loop
 from lorakit import train as sft
 from lorakit.errors import UserError
 from lorakit.infer.engine import SamplingParams
-from lorakit.plots import plot_loss
 from lorakit.rlhf import grpo_log
 from lorakit.rlhf.grpo_data import PromptSet
 from lorakit.rlhf.grpo_logps import RolloutBatch, completion_logps, pad_rollouts
@@ -116,7 +116,7 @@ def update(s: Session, batches, advantages: torch.Tensor, old, ref, n_items: int
 
 def sft_nan_factor(step: int) -> float:
     """NaN at the optimizer step the test hook names (lorakit.train's LORAKIT_INJECT_NAN_AT_STEP), else 1."""
-    return float("nan") if int(os.environ.get(sft._INJECT_NAN_ENV, "0") or 0) == step else 1.0
+    return float("nan") if int(os.environ.get(loop._INJECT_NAN_ENV, "0") or 0) == step else 1.0
 
 
 def stop_on_non_finite(s: Session, loss: float, grad_norm: float) -> None:
@@ -166,7 +166,7 @@ def run_round(s: Session, round_index: int, bar) -> None:
                     len=f"{metrics['completions/mean_length']:.0f}", rollout=f"{rolled - started:.0f}s")
     if g.log_completions:
         texts = [s.tokenizer.decode(s.prompts.prompt_ids[i]) for i in indices]
-        grpo_log.write_completions(s.run_dir / "completions.jsonl", s.step, texts, rollouts,
+        grpo_log.write_completions(s.log.run_dir / "completions.jsonl", s.step, texts, rollouts,
                                    [f.name for f in s.funcs], rewards, adv.advantages)
     total = (rewards * s.weights.unsqueeze(0)).nansum(dim=1)
     warning = s.watch.update(s.step, metrics["frac_reward_zero_std"], float(total.mean()), float(total.min()),
@@ -184,13 +184,13 @@ def after_round(s: Session, bar) -> None:
     if crossed(t.logging_steps):
         record = grpo_log.merge_window(s.window)
         record.update(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4),
-                      memory_gb=round(sft.memory_gb(s.device), 3), elapsed_s=round(time.perf_counter() - s.started, 2))
-        sft.log_record(s, record)
+                      memory_gb=round(loop.memory_gb(s.device), 3), elapsed_s=round(time.perf_counter() - s.started, 2))
+        s.log.record(record)
         s.window = []
     if s.val is not None and crossed(t.eval_steps or t.save_steps):
         held_out_reward(s, bar)
     if crossed(t.save_steps):
-        sft.save(s)
+        loop.save(s)
 
 
 # ---------------------------------------------------------------- held-out reward
@@ -200,6 +200,7 @@ def held_out_reward(s: Session, bar=None) -> float:
     """Mean reward of one greedy completion per held-out prompt (logged as eval_reward, per function too)."""
     val = s.val
     params = SamplingParams(temperature=0.0, max_new_tokens=s.args.grpo.max_completion_length)
+    s.engine.refresh_adapter()
     was_training = s.model.training
     s.model.eval()
     try:
@@ -216,13 +217,13 @@ def held_out_reward(s: Session, bar=None) -> float:
     for j, f in enumerate(s.funcs):
         if not torch.isnan(rewards[:, j]).all():
             record[f"eval_rewards/{f.name}/mean"] = float(torch.nanmean(rewards[:, j]))
-    sft.log_record(s, record)
+    s.log.record(record)
     line = f"step {s.step}: held-out reward {record['eval_reward']:.3f} ({len(rollouts)} prompts, greedy)"
     (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(line)
     return record["eval_reward"]
 
 
-def train_grpo(args) -> sft.TrainResult:
+def train_grpo(args) -> loop.TrainResult:
     """Run GRPO as `args` says; returns where the checkpoints are and the trained model."""
     from lorakit.data.loading import resolve_system
     from lorakit.data.render import set_chat_template
@@ -241,7 +242,7 @@ def train_grpo(args) -> sft.TrainResult:
     prompts, val = load_prompts(args, tokenizer, system)  # before any weights load
     if args.train.dry_run:
         print("--dry_run: prompts checked, stopping before loading weights.", file=sys.stderr)
-        return sft.TrainResult(None, None, None, None, None)
+        return loop.TrainResult(None, None, None, None, None)
     sft.seed_everything(args.data.seed)
     model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
                        attn_impl=args.model.attn_impl)
@@ -249,8 +250,8 @@ def train_grpo(args) -> sft.TrainResult:
     s = new_session(args, model, tokenizer, prompts, val, model_path=model_path, device=device, dtype=dtype,
                     system=system)
     if args.train.resume_from_checkpoint:
-        sft.resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
-    s.writer = sft.open_writers(s.run_dir, args.train.report_to, s.saved_args)
+        loop.resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
+    s.log.open_writers(args.train.report_to)
     try:
         with tqdm(total=s.plan.total_steps, initial=s.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
             if s.val is not None and s.step == 0:
@@ -260,17 +261,15 @@ def train_grpo(args) -> sft.TrainResult:
                 run_round(s, round_index, bar)
                 round_index += 1
     except torch.OutOfMemoryError as exc:
-        raise UserError(sft.oom_message(device, args) + f" For GRPO also: --max_completion_length (now "
+        raise UserError(loop.oom_message(device, args) + f" For GRPO also: --max_completion_length (now "
                         f"{args.grpo.max_completion_length}) or --num_generations.") from exc
     finally:
-        if s.writer is not None:
-            s.writer.close()
-        plot_loss(s.log_history, s.run_dir / "images" / "loss.png")
-        grpo_log.plot_rewards(s.log_history, s.run_dir / "images" / "reward.png")
-    return sft.TrainResult(run_dir=s.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
-                           train_loss=next((r["loss"] for r in reversed(s.log_history) if "loss" in r), None),
+        s.log.close()
+        grpo_log.plot_rewards(s.log.history, s.log.run_dir / "images" / "reward.png")
+    return loop.TrainResult(run_dir=s.log.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
+                           train_loss=s.log.last("loss"),
                            eval_loss=None, steps=s.step, seconds=time.perf_counter() - started,
-                           log_history=s.log_history, model=s.model.eval(), tokenizer=tokenizer)
+                           log_history=s.log.history, model=s.model.eval(), tokenizer=tokenizer)
 
 
 def main(args) -> int:

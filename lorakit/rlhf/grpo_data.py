@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.formats import _from_messages, _validate, normalise_row
-from lorakit.data.loading import _read_spec, parse_spec, sample_rows
+from lorakit.data.sources import _read_spec, parse_spec, sample_rows
 from lorakit.data.render import render_prompt, with_system
 from lorakit.errors import UserError
 
@@ -63,7 +63,7 @@ def prompt_messages(row: dict, source: str) -> list[dict[str, str]]:
     return messages
 
 
-def load_prompt_rows(specs: list[str], *, seed: int, use_hf: bool) -> list[PromptRow]:
+def load_prompt_rows(specs: list[str], *, seed: int, use_hf: bool | None) -> list[PromptRow]:
     """Every spec's rows as prompts (#N sampled with `seed`); malformed rows are errors with file:line."""
     if not specs:
         raise UserError("--dataset is required: prompts to sample completions for, e.g. --dataset math.jsonl#1000 "

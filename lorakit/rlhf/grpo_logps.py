@@ -108,17 +108,66 @@ def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, float(temperature), chunk_size)
 
 
-def completion_logps(model, batch: RolloutBatch, *, temperature: float = 1.0, fused: bool = True) -> torch.Tensor:
+def completion_logps(model, batch: RolloutBatch, *, temperature: float = 1.0, fused: bool = True,
+                     share_prefix: bool = True) -> torch.Tensor:
     """log pi(completion token | prompt, earlier completion tokens) for every completion position. -> [B, C] fp32.
 
-    Padding positions get a value too (the loss masks them out)."""
-    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-    mask = torch.cat([batch.prompt_mask, torch.ones_like(batch.completion_mask)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = hidden_states(model, {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
-    width, length = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    hidden = hidden[:, width - 1: width - 1 + length].reshape(-1, hidden.shape[-1])  # position t predicts t + 1
+    Padding positions get a value too (the loss masks them out). share_prefix: the prompts' common start (a
+    group's whole prompt, or the template's system prompt) runs once for all rows (lorakit.loss's shared
+    prefix); the same numbers as running every row whole."""
+    prefix = _shared_prefix(batch) if share_prefix else 0
+    if prefix:
+        hidden = _hidden_after_shared_prefix(model, batch, prefix)
+    else:
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        mask = torch.cat([batch.prompt_mask, torch.ones_like(batch.completion_mask)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = hidden_states(model, {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions})
+        width = batch.prompt_ids.shape[1]
+        hidden = hidden[:, width - 1: width - 1 + batch.completion_ids.shape[1]]  # position t predicts t + 1
+    length = batch.completion_ids.shape[1]
     _, head = _causal_lm_parts(model)
-    targets = batch.completion_ids.reshape(-1)
     fn = token_logps if fused else reference_token_logps
-    return fn(hidden, head.weight, targets, head.bias, temperature).view(-1, length)
+    out = fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, batch.completion_ids.reshape(-1), head.bias, temperature)
+    return out.view(-1, length)
+
+
+MIN_SHARED_PREFIX = 8  # fewer common tokens are not worth a separate prefix pass
+
+
+def _shared_prefix(batch: RolloutBatch) -> int:
+    """Tokens every row's prompt starts with (each row keeps at least its last prompt token), 0 when few or one row."""
+    rows = batch.prompt_ids.shape[0]
+    if rows < 2:
+        return 0
+    lengths = batch.prompt_mask.sum(1)
+    width = batch.prompt_ids.shape[1]
+    shortest = int(lengths.min())
+    starts = width - lengths  # left padding
+    aligned = torch.stack([batch.prompt_ids[i, int(starts[i]):int(starts[i]) + shortest] for i in range(rows)])
+    same = (aligned == aligned[:1]).all(0).long()
+    n = int(same.cumprod(0).sum())
+    n = min(n, shortest - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _hidden_after_shared_prefix(model, batch: RolloutBatch, n: int) -> torch.Tensor:
+    """[B, C, H] hidden states predicting each completion token, the first n prompt tokens run once.
+
+    Each row continues the prefix with the rest of its prompt and its completion, right-padded."""
+    rows, width = batch.prompt_ids.shape
+    length = batch.completion_ids.shape[1]
+    lengths = batch.prompt_mask.sum(1).tolist()
+    rest = [int(p) - n for p in lengths]
+    span = max(rest) + length
+    ids = batch.prompt_ids.new_zeros(rows, span)
+    mask = batch.prompt_mask.new_zeros(rows, span)
+    for i in range(rows):
+        ids[i, :rest[i]] = batch.prompt_ids[i, width - rest[i]:]
+        ids[i, rest[i]:rest[i] + length] = batch.completion_ids[i]
+        mask[i, :rest[i] + length] = 1
+    start = width - lengths[0]
+    prefix = batch.prompt_ids[:1, start:start + n]
+    hidden = hidden_states(model, {"input_ids": ids, "attention_mask": mask, "prefix_ids": prefix})
+    index = torch.tensor(rest, device=ids.device)[:, None] - 1 + torch.arange(length, device=ids.device)[None, :]
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -65,6 +65,7 @@ def generate_rollouts(engine: Engine, prompts: list[list[int]], *, num_generatio
                              repetition_penalty=sampling.repetition_penalty,
                              max_new_tokens=sampling.max_completion_length,
                              seed=completion_seed(seed, round_index, i)) for i in range(len(expanded))]
+    engine.refresh_adapter()  # the fast decoder reads the adapter's current weights
     was_training = engine.model.training
     engine.model.eval()  # no dropout while sampling
     try:

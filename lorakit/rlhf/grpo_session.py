@@ -4,7 +4,6 @@ reward functions, the reference, the engine that samples rollouts, the optimizer
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lorakit import loop
 from lorakit import train as sft
 from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint
 from lorakit.data.loading import AUTO_SPLIT_MIN_ROWS, split_val
@@ -22,6 +22,7 @@ from lorakit.rlhf import grpo_log
 from lorakit.rlhf.grpo_data import PromptSet, build_prompt_set, load_prompt_rows
 from lorakit.rlhf.grpo_plan import GrpoPlan, plan_grpo
 from lorakit.rlhf.grpo_rollout import end_of_turn_id
+from lorakit.run_log import RunLog
 from lorakit.rlhf.rewards import RewardFunction, RewardSettings, resolve_reward_funcs
 from lorakit.schedule import warmup_steps_for
 from lorakit.tuners import summarize
@@ -34,8 +35,7 @@ class Session:
     """Everything the loop reads and updates (field names shared with lorakit.train's save/resume/log)."""
 
     args: Any  # RlhfArgs
-    saved_args: dict[str, Any]
-    run_dir: Path
+    log: RunLog  # run folder, args.json, logging.jsonl, TensorBoard
     model: Any
     tokenizer: Any
     optimizer: torch.optim.Optimizer
@@ -53,8 +53,6 @@ class Session:
     step: int = 0
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    writer: Any = None
     watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
     window: list[dict[str, float]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -157,24 +155,28 @@ def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, 
     t, g = args.train, args.grpo
     learning_rate = t.learning_rate if t.learning_rate is not None else (
         DEFAULT_LR if args.lora.train_type == "lora" else 1e-6)
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     plan = plan_grpo(len(prompts.rows), batch_size=t.per_device_train_batch_size, grad_accum=t.gradient_accumulation_steps,
                      steps_per_generation=g.steps_per_generation, num_generations=g.num_generations,
                      num_iterations=g.num_iterations, epochs=t.num_train_epochs, max_steps=t.max_steps,
-                     seed=args.data.seed, log=log)
-    run_dir = sft.new_run_dir(t.output_dir, t.add_version)
+                     seed=args.data.seed, log=say)
     saved = sft.resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=system, device=device,
                               dtype=dtype, learning_rate=learning_rate)
-    (run_dir / "args.json").write_text(json.dumps(saved, indent=2, ensure_ascii=False, default=str) + "\n")
+    run_log = RunLog.create(t.output_dir, t.add_version, saved)
     funcs, weights = reward_functions(args, prompts)
-    engine = Engine(model, tokenizer, fast=False, max_batch_size=min(256, plan.batch_size * plan.steps_per_generation))
+    engine = Engine(model, tokenizer, live_adapter=True,
+                    max_batch_size=min(256, plan.batch_size * plan.steps_per_generation))
     model.train()
-    log(f"run folder: {run_dir}\n{plan.total_steps} optimizer steps in {plan.total_rounds} rounds of "
+    say("rollouts: lorakit's engine, " + ("fast decoder (static KV cache, CUDA graphs) reading the live adapter"
+                                           if engine.uses_fast_path else
+                                           f"reference decoder (in-place KV cache; fast decoder off: "
+                                           f"{engine.fast_note or 'not on a GPU'})"))
+    say(f"run folder: {run_log.run_dir}\n{plan.total_steps} optimizer steps in {plan.total_rounds} rounds of "
         f"{plan.prompts_per_round} prompt(s) x {g.num_generations} completions; lr {learning_rate:g}, beta "
         f"{args.rlhf.beta:g}, loss_type {args.rlhf.loss_type}; rewards: "
         + ", ".join(f"{f.name} ({f.origin}) x {w:g}" for f, w in zip(funcs, weights.tolist())))
-    return Session(args=args, saved_args=saved, run_dir=run_dir, model=model, tokenizer=tokenizer,
-                   optimizer=sft.build_optimizer(model, args, learning_rate), plan=plan, prompts=prompts, val=val,
+    return Session(args=args, log=run_log, model=model, tokenizer=tokenizer,
+                   optimizer=loop.build_optimizer(model, args, learning_rate), plan=plan, prompts=prompts, val=val,
                    device=device, learning_rate=learning_rate,
                    warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
                    engine=engine, funcs=funcs, weights=weights,
