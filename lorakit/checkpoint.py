@@ -105,16 +105,19 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(
-    dir: str | Path, *, model, tokenizer, args: dict[str, Any], train_state: TrainState | None = None
+    dir: str | Path, *, model, tokenizer, args: dict[str, Any], train_state: TrainState | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint to `dir` atomically: a temporary folder beside it, fsync, rename."""
+    """Write a checkpoint to `dir` atomically: a temporary folder beside it, fsync, rename.
+
+    `state_dict`: the weights to write instead of the model's own (gathered from FSDP2 shards)."""
     final = Path(dir).resolve()
     if final.exists():
         return final
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB", state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     _write_json(tmp / "args.json", args)
     if train_state is not None:

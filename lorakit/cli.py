@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorakit import args as A
 from lorakit.errors import UserError
+from lorakit.launch import relaunch, resolve_strategy
 
 # command -> (module with `main(args) -> int`, its args dataclass, one-line help)
 COMMANDS = {
@@ -29,6 +30,8 @@ COMMANDS = {
     "deploy": ("lorakit.serve", A.DeployArgs, "Serve a model or checkpoint behind an OpenAI-compatible API."),
     "web-ui": ("lorakit.webui.app", A.WebUIArgs, "Train, chat, evaluate and export from a browser (drives these commands)."),
 }
+# commands that NPROC_PER_NODE=N re-launches through torchrun (lorakit.launch)
+LAUNCHED = ("sft", "rlhf")
 NOT_YET = {"rlhf": "preference training (DPO and friends)"}
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
@@ -217,6 +220,14 @@ def format_overview() -> str:
     return "\n".join(lines)
 
 
+def launch(command: str, rest: list[str], args) -> None:
+    """NPROC_PER_NODE=N: replace this process with torchrun running N of `lorakit COMMAND ...` (flags checked first)."""
+    lora = getattr(args, "lora", None)
+    resolve_strategy(deepspeed=args.dist.deepspeed, fsdp=args.dist.fsdp, train_type=lora.train_type if lora else "lora",
+                     launched=True)
+    relaunch(command, rest, timeout_s=args.dist.ddp_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -236,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module, cls, _ = COMMANDS[command]
         args = build_args(cls, parse_argv(command, rest))
-        print_notices(args)
+        if command in LAUNCHED and os.environ.get("NPROC_PER_NODE"):
+            launch(command, rest, args)  # returns only when already under torchrun
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every process
+            print_notices(args)
         return int(importlib.import_module(module).main(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

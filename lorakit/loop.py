@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from lorakit import distributed
 from lorakit.args import SftArgs
 from lorakit.checkpoint import (
     TrainState,
@@ -33,7 +34,6 @@ from lorakit.checkpoint import (
     capture_rng,
     find_checkpoint,
     load_train_state,
-    load_weights_into,
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
@@ -42,7 +42,7 @@ from lorakit.data.loading import TrainData
 from lorakit.data.packing import collate, pack_sequences
 from lorakit.errors import UserError
 from lorakit.loss import IGNORE_INDEX, LossOutput, shift_targets
-from lorakit.run_log import RunLog
+from lorakit.run_log import RunLog, new_run_dir
 from lorakit.schedule import StepPlan, lr_factor, plan_steps, warmup_steps_for
 from lorakit.tuners import trainable_parameters
 
@@ -171,21 +171,28 @@ class TrainingRun:
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
     tokens: int = 0
+    par: distributed.Parallel = field(default_factory=distributed.Parallel)
+    "The processes of the run and the model as the step runs it (DDP/FSDP2 wrapper); one process: no wrapper."
 
 
 def save(s: TrainingRun) -> Path:
-    """Checkpoint the current step (atomic), then prune to --save_total_limit."""
-    state = TrainState(
-        step=s.step, epoch=s.plan.epoch_of(s.step), total_steps=s.plan.total_steps,
-        train_loss=s.log.last("loss"),
-        eval_loss=s.eval_loss, data_order=s.plan.data_order(), log_history=s.log.history,
-        optimizer=None if s.args.train.save_only_model else s.optimizer.state_dict(),
-        rng=None if s.args.train.save_only_model else capture_rng(),
-    )
-    s.last_checkpoint = save_checkpoint(s.log.run_dir / f"checkpoint-{s.step}", model=s.model, tokenizer=s.tokenizer,
-                                        args=s.log.saved_args, train_state=state)
-    if s.args.train.save_total_limit:
-        prune_checkpoints(s.log.run_dir, s.args.train.save_total_limit)
+    """Checkpoint the current step (atomic; rank 0 writes what every rank gathered), then prune to --save_total_limit."""
+    only_model = s.args.train.save_only_model
+    weights = distributed.gather_model_state(s.par, s.model)  # FSDP2: every rank takes part
+    optimizer = None if only_model else distributed.gather_optimizer_state(s.par, s.model, s.optimizer)
+    s.last_checkpoint = s.log.run_dir / f"checkpoint-{s.step}"
+    if s.par.env.is_main:
+        state = TrainState(
+            step=s.step, epoch=s.plan.epoch_of(s.step), total_steps=s.plan.total_steps,
+            train_loss=s.log.last("loss"),
+            eval_loss=s.eval_loss, data_order=s.plan.data_order(), log_history=s.log.history,
+            optimizer=optimizer, rng=None if only_model else capture_rng(),
+        )
+        save_checkpoint(s.last_checkpoint, model=s.model, tokenizer=s.tokenizer, args=s.log.saved_args,
+                        train_state=state, state_dict=weights)
+        if s.args.train.save_total_limit:
+            prune_checkpoints(s.log.run_dir, s.args.train.save_total_limit)
+    distributed.barrier(s.par.env)  # the checkpoint exists for every rank once save() returns
     return s.last_checkpoint
 
 
@@ -222,20 +229,25 @@ def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     indices = s.plan.micro_batches(s.step)
+    mine, weights = s.par.share(indices)  # several processes: this rank's micro-batches (weight 0: a repeat)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
-    # Off the GPU fast path, the rows of a micro-batch share the run of their common start (the system prompt).
-    shared = s.device.type != "cuda"
-    cpu_batches = [collate([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in indices]
-    n_tokens = sum(count_loss_tokens(b) for b in cpu_batches)
-    seen = sum(len(idx) * b["prefix_ids"].shape[1] if "prefix_ids" in b else 0 for idx, b in zip(indices, cpu_batches))
-    seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in cpu_batches)
+    # Off the GPU fast path, the rows of a micro-batch share the run of their common start (the system prompt);
+    # not under FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared keys/values.
+    shared = s.device.type != "cuda" and not s.par.sharded
+    cpu_batches = [collate([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
+    real = [(idx, b) for idx, b, w in zip(mine, cpu_batches, weights) if w]
+    n_tokens = sum(count_loss_tokens(b) for _, b in real)
+    seen = sum(len(idx) * b["prefix_ids"].shape[1] if "prefix_ids" in b else 0 for idx, b in real)
+    seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for _, b in real)
+    n_tokens, seen = map(int, distributed.all_sum(s.par.env, [n_tokens, seen]))  # the WHOLE step's loss tokens
     batches = [to_device(b, s.device) for b in cpu_batches]
-    loss, _ = accumulate_gradients(s.model, batches, inject_nan_at(s.step + 1, s.loss_fn), scaler=s.scaler,
-                                   n_tokens=n_tokens)
+    loss_fn = s.par.loss_fn(inject_nan_at(s.step + 1, s.loss_fn), weights)
+    loss, _ = accumulate_gradients(s.model, batches, loss_fn, scaler=s.scaler, n_tokens=n_tokens)
+    loss = distributed.all_sum(s.par.env, [loss])[0]  # each rank's share of the step's mean
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
     max_norm = s.args.train.max_grad_norm if s.args.train.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_parameters(s.model), max_norm))
+    grad_norm = s.par.clip_grad_norm(trainable_parameters(s.model), max_norm)
     if not math.isfinite(loss) or (s.scaler is None and not math.isfinite(grad_norm)):
         s.optimizer.zero_grad(set_to_none=True)
         stop_on_non_finite(s, loss, grad_norm, [i for idx in indices for i in idx])
@@ -257,7 +269,8 @@ def run_loop(s: TrainingRun) -> None:
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     s.model.train()
     # `with` closes the bar on errors too, so an error message starts on a line of its own
-    with tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True,
+              disable=not s.par.env.is_main) as bar:
         while s.step < s.plan.total_steps:
             loss, grad_norm, seen = optimizer_step(s)
             s.tokens += seen
@@ -275,7 +288,7 @@ def run_loop(s: TrainingRun) -> None:
                                    elapsed_s=round(time.perf_counter() - started, 2)))
                 window, window_tokens, window_start = [], 0, time.perf_counter()
             if s.val_samples and (s.step % eval_every == 0 or last):
-                s.eval_loss = evaluate_loss(s.model, val_batches(s), s.loss_fn)
+                s.eval_loss = evaluate_loss(s.model, val_batches(s), s.par.eval_loss_fn(s.loss_fn))
                 s.log.record(dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss))
                 bar.write(f"step {s.step}: eval loss {s.eval_loss:.4f}")
             if s.step % t.save_steps == 0 or last:
@@ -322,7 +335,7 @@ def resume(s: TrainingRun, checkpoint: str, only_model: bool) -> None:
     """Load a checkpoint's weights; unless only_model, also its optimizer, step, history and RNG."""
     ckpt = find_checkpoint(checkpoint)
     if only_model:
-        load_weights_into(s.model, ckpt)
+        s.par.load_weights(s.model, ckpt)
         print(f"starting a new run from the weights of {ckpt}", file=sys.stderr)
         return
     state = load_train_state(ckpt)
@@ -333,8 +346,8 @@ def resume(s: TrainingRun, checkpoint: str, only_model: bool) -> None:
     if state.step >= s.plan.total_steps:
         raise UserError(f"{ckpt} is already at step {state.step} of {s.plan.total_steps}: raise --max_steps or "
                         f"--num_train_epochs to train further.")
-    load_weights_into(s.model, ckpt)
-    s.optimizer.load_state_dict(state.optimizer)
+    s.par.load_weights(s.model, ckpt)
+    distributed.load_optimizer_state(s.par, s.model, s.optimizer, state.optimizer)
     s.step, s.eval_loss = state.step, state.eval_loss
     for record in state.log_history:  # the new run's logging.jsonl reads like one uninterrupted run
         s.log.record(record)
@@ -345,12 +358,16 @@ def resume(s: TrainingRun, checkpoint: str, only_model: bool) -> None:
 
 
 
-def plan_run(args: SftArgs, data: TrainData) -> tuple[list, StepPlan]:
-    """(training rows, step plan): the samples packed when --packing, the steps over them."""
+def plan_run(args: SftArgs, data: TrainData, world_size: int = 1) -> tuple[list, StepPlan]:
+    """(training rows, step plan): the samples packed when --packing, the steps over them.
+
+    With several processes the plan is the global one: --gradient_accumulation_steps x processes
+    micro-batches per step, which the processes share (lorakit.distributed.Parallel.share)."""
     t = args.train
     train_samples = pack_sequences(data.train, args.data.max_length) if args.data.packing else data.train
     plan = plan_steps(len(train_samples), batch_size=t.per_device_train_batch_size,
-                      grad_accum=t.gradient_accumulation_steps, epochs=t.num_train_epochs, max_steps=t.max_steps,
+                      grad_accum=t.gradient_accumulation_steps * world_size, epochs=t.num_train_epochs,
+                      max_steps=t.max_steps,
                       seed=args.data.seed,
                       lengths=[len(x.input_ids) for x in train_samples] if t.group_by_length else None)
     warn_if_short(plan, args)
@@ -358,12 +375,18 @@ def plan_run(args: SftArgs, data: TrainData) -> tuple[list, StepPlan]:
 
 
 def start_run(args: SftArgs, model, tokenizer, data: TrainData, *, saved_args: dict[str, Any],
-              device: torch.device, loss_fn: LossFn, scaler=None) -> TrainingRun:
-    """Plan the steps, make the run folder (its args.json is `saved_args`) and build the optimizer."""
+              device: torch.device, loss_fn: LossFn, scaler=None,
+              par: distributed.Parallel | None = None) -> TrainingRun:
+    """Plan the steps, make the run folder (its args.json is `saved_args`) and build the optimizer.
+
+    `par`: the processes and the wrapped model (lorakit.distributed.wrap); rank 0 makes the run
+    folder and every rank learns its name."""
     t = args.train
+    par = par or distributed.Parallel()
     learning_rate = default_learning_rate(args)
-    train_samples, plan = plan_run(args, data)
-    log = RunLog.create(t.output_dir, t.add_version, saved_args)
+    train_samples, plan = plan_run(args, data, par.env.world_size)
+    run_dir = distributed.broadcast(par.env, new_run_dir(t.output_dir, t.add_version) if par.env.is_main else None)
+    log = RunLog(run_dir, saved_args, writes=par.env.is_main)
     packed = f" packed into {len(train_samples)} rows" if args.data.packing else ""
     print(f"run folder: {log.run_dir}\n{plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
           f"{len(data.train)} training samples{packed}, {len(data.val)} validation samples", file=sys.stderr)
@@ -372,7 +395,7 @@ def start_run(args: SftArgs, model, tokenizer, data: TrainData, *, saved_args: d
         optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
         val_samples=data.val, device=device, loss_fn=loss_fn, learning_rate=learning_rate,
         warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
-        scaler=scaler,
+        scaler=scaler, par=par,
     )
 
 

@@ -30,16 +30,19 @@ def new_run_dir(output_dir: str, add_version: bool) -> Path:
 class RunLog:
     """The records of one run: in memory (`history`), in logging.jsonl, and in TensorBoard/wandb when asked for.
 
-    Creating it writes args.json; `close()` closes the writers and draws images/loss.png.
+    Creating it writes args.json; `close()` closes the writers and draws images/loss.png. With
+    writes=False (the processes other than rank 0 of a distributed run) it keeps the history only.
     """
 
-    def __init__(self, run_dir: Path, saved_args: dict[str, Any]):
+    def __init__(self, run_dir: Path, saved_args: dict[str, Any], *, writes: bool = True):
         self.run_dir = run_dir
         self.saved_args = saved_args
         self.history: list[dict[str, Any]] = []
+        self.writes = writes
         self._tensorboard: Any = None
         self._wandb = False
-        (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2, ensure_ascii=False, default=str) + "\n")
+        if writes:
+            (run_dir / "args.json").write_text(json.dumps(saved_args, indent=2, ensure_ascii=False, default=str) + "\n")
 
     @classmethod
     def create(cls, output_dir: str, add_version: bool, saved_args: dict[str, Any]) -> RunLog:
@@ -48,6 +51,8 @@ class RunLog:
 
     def open_writers(self, report_to: list[str]) -> None:
         """Start TensorBoard and/or wandb when asked for and installed (logging.jsonl is always written)."""
+        if not self.writes:
+            return
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -69,6 +74,8 @@ class RunLog:
     def record(self, record: dict[str, Any]) -> None:
         """Append one record (a dict with 'step') to the history, logging.jsonl, TensorBoard and wandb."""
         self.history.append(record)
+        if not self.writes:
+            return
         with open(self.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {k: v for k, v in record.items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
@@ -91,4 +98,5 @@ class RunLog:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-        plot_loss(self.history, self.run_dir / "images" / "loss.png")
+        if self.writes:
+            plot_loss(self.history, self.run_dir / "images" / "loss.png")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import lorakit.model as model_lib
-from lorakit import __version__
+from lorakit import __version__, distributed
 from lorakit.args import SftArgs
 from lorakit.data.check import format_report
 from lorakit.data.loading import TrainData, build_datasets
@@ -122,14 +122,17 @@ def make_loss_fn(device: torch.device, args: SftArgs) -> LossFn:
     return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
 
 
-def train(args: SftArgs, *, replay: list[Rendered] | None = None) -> TrainResult:
+def train(args: SftArgs, *, replay: list[Rendered] | None = None,
+          env: distributed.DistEnv | None = None) -> TrainResult:
     """Fine-tune as `args` says; returns where the checkpoints are, the final losses and the trained model.
 
     `replay`: replay samples the caller already built from the base model (quickstart holds it loaded);
-    None: built here when --replay N > 0.
+    None: built here when --replay N > 0. `env`: this process's place among several
+    (lorakit.distributed.start); None: one process.
     """
     started = time.perf_counter()
-    device = pick_device(args.model.device)
+    env = env or distributed.DistEnv(device=pick_device(args.model.device))
+    device = env.device
     dtype = pick_dtype(args.model.torch_dtype, device)
     model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
     tokenizer = load_tokenizer(model_path)
@@ -145,9 +148,14 @@ def train(args: SftArgs, *, replay: list[Rendered] | None = None) -> TrainResult
     if dtype == torch.float16 and args.lora.train_type == "full":
         raise UserError("--train_type full with float16 weights cannot use loss scaling: use --torch_dtype "
                         "bfloat16 (or float32), or --train_type lora.")
+    sharded = env.active and env.strategy.kind == "fsdp"
+    if sharded and dtype == torch.float16:
+        raise UserError("FSDP2 (--fsdp / --deepspeed / full fine-tuning on several processes) with float16 weights "
+                        "cannot use loss scaling: use --torch_dtype bfloat16 (or float32).")
     seed_everything(args.data.seed)
-    model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
-                       attn_impl=args.model.attn_impl)
+    # FSDP2 loads on the CPU and moves each rank's shards to its GPU: a model need not fit one GPU whole
+    model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."),
+                       device=torch.device("cpu") if sharded else device, attn_impl=args.model.attn_impl)
     if replay is None and args.train.replay > 0:
         replay = build_replay(args, model, tokenizer, data.system)
     if replay:
@@ -155,8 +163,10 @@ def train(args: SftArgs, *, replay: list[Rendered] | None = None) -> TrainResult
     model = prepare_model(model, args, device)
     saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,
                           dtype=dtype, learning_rate=default_learning_rate(args))
+    par = distributed.wrap(model, env)  # DDP / FSDP2 under torchrun; before the optimizer (FSDP2 swaps parameters)
     run = start_run(args, model, tokenizer, data, saved_args=saved, device=device, loss_fn=make_loss_fn(device, args),
-                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
+                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
+                    par=par)
     result = fit(run)
     return replace(result, seconds=time.perf_counter() - started)
 
@@ -191,6 +201,11 @@ def print_summary(result: TrainResult, args: SftArgs) -> None:
 
 
 def main(args: SftArgs) -> int:
-    """`lorakit sft`."""
-    print_summary(train(args), args)
+    """`lorakit sft` (under torchrun: one of several processes; rank 0 prints)."""
+    env = distributed.start(args.dist, train_type=args.lora.train_type, device=args.model.device)
+    try:
+        with distributed.rank0_output(env):
+            print_summary(train(args, env=env), args)
+    finally:
+        distributed.shutdown(env)
     return 0
