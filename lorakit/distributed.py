@@ -33,6 +33,7 @@ from torch import nn
 from lorakit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_weights_into
 from lorakit.errors import UserError
 from lorakit.launch import Strategy, resolve_strategy, under_launcher
+from lorakit.model import pick_device
 
 # Test hook: "RANK:STEP" makes that rank raise at that optimizer step (1-based), to show the job ends with its error.
 _FAIL_ENV = "LORAKIT_TEST_FAIL_RANK"
@@ -94,8 +95,6 @@ def init(strategy: Strategy, device: torch.device, *, timeout_s: int, backend: s
 
 def start(dist_args, *, train_type: str, device: str | None) -> DistEnv:
     """Resolve the strategy from the flags, join the group and print (rank 0) one line saying how the run is spread."""
-    from lorakit.model import pick_device
-
     launched = under_launcher()
     strategy = resolve_strategy(deepspeed=dist_args.deepspeed, fsdp=dist_args.fsdp, train_type=train_type,
                                 launched=launched)
@@ -152,6 +151,8 @@ def rank0_output(env: DistEnv) -> Iterator[None]:
     except UserError as exc:
         sys.stdout, sys.stderr = out, err
         raise UserError(f"rank {env.rank} of {env.world_size}: {exc}") from exc
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; rank 0 says where the run stopped
+        raise
     except BaseException:
         sys.stdout, sys.stderr = out, err
         print(f"rank {env.rank} of {env.world_size} failed:", file=sys.stderr, flush=True)
