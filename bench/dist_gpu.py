@@ -36,7 +36,9 @@ from lorakit.args import FastArgs, LoraArgs, SftArgs, TrainArgs  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
 from lorakit.fast import FastOptions, prepare_for_training  # noqa: E402
 from lorakit.schedule import plan_steps  # noqa: E402
-from lorakit.train import Session, build_optimizer, make_loss_fn, optimizer_step  # noqa: E402
+from lorakit.loop import TrainingRun, build_optimizer, optimizer_step  # noqa: E402
+from lorakit.run_log import RunLog  # noqa: E402
+from lorakit.train import make_loss_fn  # noqa: E402
 from lorakit.tuners import attach_tuner  # noqa: E402
 from qwen_arch import QWEN25_7B, TINY, build_random_qwen2  # noqa: E402
 
@@ -69,10 +71,11 @@ def rows(n: int, seq: int, vocab: int) -> list[Rendered]:
     return out
 
 
-def session(model, args: SftArgs, samples, device, par) -> Session:
+def session(model, args: SftArgs, samples, device, par) -> TrainingRun:
     plan = plan_steps(len(samples), batch_size=1, grad_accum=par.env.world_size, epochs=1, max_steps=10_000,
                       seed=0)
-    return Session(args=args, saved_args={}, run_dir=Path(tempfile.mkdtemp()), model=model, tokenizer=StubTokenizer(),
+    log = RunLog(Path(tempfile.mkdtemp()), {}, writes=False)
+    return TrainingRun(args=args, log=log, model=model, tokenizer=StubTokenizer(),
                    optimizer=build_optimizer(model, args, 1e-5), plan=plan, train_samples=samples, val_samples=[],
                    device=device, loss_fn=make_loss_fn(device, args), learning_rate=1e-5, warmup=0, par=par)
 
@@ -82,7 +85,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(name: str, s: Session, steps: int, warmup: int, tokens_per_step: int) -> Timing:
+def time_steps(name: str, s: TrainingRun, steps: int, warmup: int, tokens_per_step: int) -> Timing:
     r = Timing(name)
     device = s.device
     try:
