@@ -152,7 +152,7 @@ def full_fsdp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup
     while todo:
         name, strategy, compiled = *todo.pop(0), fast.torch_compile
         compiled = compiled and "no compile" not in name
-        model = build_random_qwen2(arch, dtype, "cpu" if strategy else device)  # FSDP2 moves each shard to the GPU
+        model = build_random_qwen2(arch, dtype, device)  # (sft loads FSDP2 runs on the CPU; same shards after)
         model, _ = attach_tuner(model, args.lora)
         model.config.use_cache = False
         if device.type == "cuda":
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation)")
+    p.add_argument("--full-steps", type=int, default=5, help="timed steps of each full fine-tuning config")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-full", action="store_true", help="only the LoRA DDP measurement")
     p.add_argument("--json", type=Path)
@@ -207,7 +208,8 @@ def main() -> None:
                "world_size": env.world_size, "seq": seq}
     results.update(lora_ddp(lora_arch, env, seq, steps, warmup, fast))
     if not a.skip_full:
-        results["full"] = full_fsdp(full_arch, env, seq, steps, warmup, fast, offload=True)
+        full_steps, full_warmup = (steps, warmup) if a.smoke else (a.full_steps, 2)
+        results["full"] = full_fsdp(full_arch, env, seq, full_steps, full_warmup, fast, offload=True)
     if a.json and env.is_main:
         a.json.write_text(json.dumps(results, indent=2))
     distributed.shutdown(env)

@@ -107,6 +107,20 @@ def start(dist_args, *, train_type: str, device: str | None) -> DistEnv:
     return env
 
 
+@contextlib.contextmanager
+def processes(dist_args, *, train_type: str, device: str | None) -> Iterator[DistEnv]:
+    """A training command's whole life among its processes: start (join the group), rank-0 output, leave.
+
+    `with distributed.processes(args.dist, train_type=..., device=...) as env: train(args, env=env)`;
+    one process without --fsdp/--deepspeed: a plain DistEnv and no group."""
+    env = start(dist_args, train_type=train_type, device=device)
+    try:
+        with rank0_output(env):
+            yield env
+    finally:
+        shutdown(env)
+
+
 def shutdown(env: DistEnv) -> None:
     """Leave the process group (every rank calls it at the end)."""
     if env.active and dist.is_initialized():
@@ -155,7 +169,7 @@ def rank0_output(env: DistEnv) -> Iterator[None]:
         raise
     except BaseException:
         sys.stdout, sys.stderr = out, err
-        print(f"rank {env.rank} of {env.world_size} failed:", file=sys.stderr, flush=True)
+        print(f"\nrank {env.rank} of {env.world_size} failed:", file=sys.stderr, flush=True)
         raise
     finally:
         sys.stdout, sys.stderr = out, err

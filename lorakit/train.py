@@ -202,10 +202,6 @@ def print_summary(result: TrainResult, args: SftArgs) -> None:
 
 def main(args: SftArgs) -> int:
     """`lorakit sft` (under torchrun: one of several processes; rank 0 prints)."""
-    env = distributed.start(args.dist, train_type=args.lora.train_type, device=args.model.device)
-    try:
-        with distributed.rank0_output(env):
-            print_summary(train(args, env=env), args)
-    finally:
-        distributed.shutdown(env)
+    with distributed.processes(args.dist, train_type=args.lora.train_type, device=args.model.device) as env:
+        print_summary(train(args, env=env), args)
     return 0
