@@ -337,7 +337,7 @@ class DistArgs:
     deepspeed: str | None = None
     "zero0|zero1|zero2|zero3|zero2_offload|zero3_offload (ms-swift's default-zero2 ... too) or a DeepSpeed JSON: run as its PyTorch FSDP2 equivalent (printed)."
     fsdp: list[str] = field(default_factory=list)
-    "FSDP2 fully_shard: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), offload (optimizer states on the CPU). Empty: DDP for LoRA, full_shard for full fine-tuning."
+    "FSDP2 fully_shard: full_shard (ZeRO-3), shard_grad_op (ZeRO-2), offload (optimizer states on the CPU). Empty, on several processes: DDP for LoRA, full_shard for full fine-tuning."
     ddp_timeout: int = 1800
     "Seconds any wait on the other processes (start-up rendezvous, a collective) may last before the job fails."
     ddp_backend: str | None = None
