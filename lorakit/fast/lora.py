@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lorakit.fast.qlora import is_linear_4bit, packed_4bit, qlora_linear
+
 
 def _dropped(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """x2 with dropout's mask applied and the kept values scaled by 1/(1-p) (x2 itself when no mask)."""
@@ -91,7 +93,7 @@ def fuse_refusal(module) -> str | None:
         return f"dropout of type {type(module.lora_dropout[name]).__name__}"
     if module.lora_A[name].bias is not None or module.lora_B[name].bias is not None:
         return "LoRA bias"
-    if type(base) is not torch.nn.Linear:
+    if type(base) is not torch.nn.Linear and not is_linear_4bit(base):
         return f"base layer {type(base).__name__}"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "trainable base weights"
@@ -104,21 +106,26 @@ def is_lora_linear(module) -> bool:
 
 
 def can_fuse(module) -> bool:
-    """True for a plain PEFT LoRA Linear: one adapter (dropout or not), no DoRA/variant, frozen base."""
+    """True for a PEFT LoRA Linear (plain, or over a bitsandbytes 4-bit base): one adapter (dropout or not),
+    no DoRA/variant, frozen base."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover
         return False
-    return type(module) is LoraLinear and fuse_refusal(module) is None
+    return (type(module) is LoraLinear or type(module).__module__ == "peft.tuners.lora.bnb"
+            and type(module).__name__ == "Linear4bit") and fuse_refusal(module) is None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, **kwargs) -> torch.Tensor:
+def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, packed=None, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
     dropout = self.lora_dropout[name]
     p = dropout.p if self.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+    if packed is not None:  # a 4-bit base: de-quantized inside the fused function, forward and backward
+        return qlora_linear(x, packed, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                            self.scaling[name], p)
     return lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                      self.scaling[name], p)
 
@@ -134,7 +141,8 @@ def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
             current = vars(module).get("forward")
             # keep an identical forward object: compiled layers guard on it and would recompile
             if not (isinstance(current, functools.partial) and current.keywords.get("lora_impl") is LORA_IMPLS[impl]):
-                module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl])
+                packed = packed_4bit(module.base_layer) if is_linear_4bit(module.base_layer) else None
+                module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl], packed=packed)
             count += 1
     return count
 
