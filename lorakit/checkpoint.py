@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from lorakit.args import QuantArgs
 from lorakit.errors import UserError
+from lorakit.quantize import checkpoint_quant
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -194,9 +196,14 @@ def _has_tokenizer(checkpoint: Path) -> bool:
 
 
 def load_checkpoint(
-    path: str | Path, *, model=None, torch_dtype: str = "auto", device=None, merge_lora: bool = False
+    path: str | Path, *, model=None, torch_dtype: str = "auto", device=None, merge_lora: bool = False,
+    quant: QuantArgs | None = None, full_precision: bool = False,
 ) -> Loaded:
-    """Load a checkpoint (or a run folder's last) for inference; `model` reuses an already-loaded base."""
+    """Load a checkpoint (or a run folder's last) for inference; `model` reuses an already-loaded base.
+
+    The base loads quantized as `quant` says, else as args.json records it was trained (QLoRA), unless
+    `full_precision` or `merge_lora` (merging into 4-bit weights would round the merged weights again).
+    """
     from lorakit.model import load_model, load_tokenizer, resolve_model_path
 
     ckpt = find_checkpoint(path)
@@ -209,7 +216,8 @@ def load_checkpoint(
     base_path = None
     if model is None:
         base_path = resolve_model_path(_base_model_path(ckpt, args), use_hf=args.get("model", {}).get("use_hf", True))
-        model = load_model(base_path, torch_dtype=torch_dtype, device=device)
+        base_quant = None if full_precision or merge_lora else checkpoint_quant(quant, args)
+        model = load_model(base_path, torch_dtype=torch_dtype, device=device, quant=base_quant)
     peft_model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False)
     tokenizer = load_tokenizer(ckpt if _has_tokenizer(ckpt) else base_path or _base_model_path(ckpt, args))
     result = peft_model.merge_and_unload() if merge_lora else peft_model

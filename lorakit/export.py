@@ -124,7 +124,8 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
     from lorakit.checkpoint import load_checkpoint
     from lorakit.data.render import render_prompt
 
-    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
+    # a QLoRA adapter merges into the full-precision base: the merged model is an ordinary one
+    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device, full_precision=True)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
     dtype = final_dtype(torch_dtype, peft_model)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in VERIFY_QUESTIONS]
