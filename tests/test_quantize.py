@@ -114,3 +114,146 @@ def test_8bit_layers_stay_on_peft_and_say_why(tiny_qwen2_dir):
     assert fuse_lora_layers(model) == 0
     line = describe_fast_paths(model, FastOptions(), torch.device("cuda"))
     assert "fused LoRA on 0/14 layers (not fused: 14 with base layer Linear8bitLt)" in line
+
+
+# ---------------------------------------------------------------- sft, reload, merge
+
+
+def write_rows(path):
+    path.write_text(json.dumps([{"query": q, "response": a} for q, a in ROWS]))
+    return path
+
+
+def qlora_sft_args(model_dir, data, out, quant: QuantArgs, **train) -> SftArgs:
+    settings = dict(output_dir=str(out), max_steps=8, logging_steps=1, save_steps=100, learning_rate=5e-3,
+                    per_device_train_batch_size=2, report_to=["none"], lr_scheduler_type="constant")
+    settings.update(train)
+    return SftArgs(model=ModelArgs(model=str(model_dir)), data=DataArgs(dataset=[str(data)], data_cache=False),
+                   lora=LoraArgs(lora_rank=4, lora_dropout=0.0), train=TrainArgs(**settings), quant=quant)
+
+
+def logged_losses(result) -> list[float]:
+    return [r["loss"] for r in result.log_history if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_qwen2_dir, tmp_path_factory):
+    from lorakit.train import train
+
+    tmp = tmp_path_factory.mktemp("qlora")
+    return train(qlora_sft_args(tiny_qwen2_dir, write_rows(tmp / "rows.json"), tmp / "out", QuantArgs(quant_bits=4)))
+
+
+def test_qlora_sft_trains_and_records_the_quantization(qlora_run):
+    from lorakit.quantize import is_quantized
+
+    losses = logged_losses(qlora_run)
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.5 * sum(losses[:2]), losses
+    assert is_quantized(qlora_run.model)
+    saved = json.loads((qlora_run.run_dir / "args.json").read_text())
+    assert saved["quant"] == {"quant_method": "bnb", "quant_bits": 4, "bnb_4bit_quant_type": "nf4",
+                              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": None}
+    ckpt = qlora_run.last_checkpoint
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_adapter_reloads_on_the_4bit_base_and_on_the_full_precision_base(qlora_run):
+    from safetensors.torch import load_file
+
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.quantize import is_quantized
+
+    with torch.no_grad():
+        trained = qlora_run.model(input_ids=IDS).logits
+        four_bit = load_checkpoint(qlora_run.last_checkpoint, device="cpu")  # args.json: quantized as trained
+        assert is_quantized(four_bit.model)
+        assert torch.equal(four_bit.model(input_ids=IDS).logits, trained)
+        full = load_checkpoint(qlora_run.last_checkpoint, device="cpu", full_precision=True)
+        assert not is_quantized(full.model)
+        saved = load_file(qlora_run.last_checkpoint / "adapter_model.safetensors")
+        loaded = {n: p for n, p in full.model.named_parameters() if "lora_" in n}
+        assert len(loaded) == len(saved) == 28
+        for name, tensor in saved.items():
+            assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor), name
+        with_adapter = full.model(input_ids=IDS).logits
+        with full.model.disable_adapter():
+            base = full.model(input_ids=IDS).logits
+        # the adapter moves the full-precision base the way it moved the 4-bit one
+        with four_bit.model.disable_adapter():
+            base4 = four_bit.model(input_ids=IDS).logits
+        effect, effect4 = (with_adapter - base).flatten(), (trained - base4).flatten()
+        assert effect.abs().max() > 0.5
+        assert torch.nn.functional.cosine_similarity(effect, effect4, dim=0) > 0.9
+
+
+def test_export_merges_into_the_full_precision_base(qlora_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.export import main as export_main
+
+    out = tmp_path / "merged"
+    export_main(ExportArgs(adapter=AdapterArgs(adapters=[str(qlora_run.last_checkpoint)], merge_lora=True),
+                           output_dir=str(out)))
+    printed = capsys.readouterr().out
+    assert "merge check (3 prompts, greedy 24 tokens): OK" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+def test_first_two_losses_match_hf_peft_bitsandbytes(tiny_qwen2_dir, tmp_path):
+    """One batch holding every row, so the step's batch is the same whatever the order: loss before and after
+    the first AdamW step, lorakit sft vs transformers + PEFT + bitsandbytes as their docs teach."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.data.loading import build_datasets
+    from lorakit.model import load_tokenizer
+    from lorakit.train import train
+
+    args = qlora_sft_args(tiny_qwen2_dir, write_rows(tmp_path / "rows.json"), tmp_path / "out", QuantArgs(quant_bits=4),
+                          max_steps=2, per_device_train_batch_size=len(ROWS), learning_rate=1e-2)
+    losses = logged_losses(train(args))
+    samples = build_datasets(args.data, load_tokenizer(tiny_qwen2_dir), use_hf=False).train
+    width = max(len(s.input_ids) for s in samples)
+    batch = {"input_ids": torch.tensor([s.input_ids + [0] * (width - len(s.input_ids)) for s in samples]),
+             "attention_mask": torch.tensor([[1] * len(s.input_ids) + [0] * (width - len(s.input_ids)) for s in samples]),
+             "labels": torch.tensor([s.labels + [-100] * (width - len(s.labels)) for s in samples])}
+    torch.manual_seed(args.data.seed)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32, quantization_config=config,
+                                                 device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM")).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    reference = []
+    for _ in range(2):
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.append(loss.item())
+    assert reference[0] - reference[1] > 0.05  # the step moved the loss: the second figure tests the update
+    assert losses == pytest.approx(reference, rel=1e-5, abs=1e-5)
+
+
+def test_8bit_sft_trains_and_reloads(tiny_qwen2_dir, tmp_path):
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.train import train
+
+    result = train(qlora_sft_args(tiny_qwen2_dir, write_rows(tmp_path / "rows.json"), tmp_path / "out",
+                                  QuantArgs(quant_bits=8), max_steps=4))
+    losses = logged_losses(result)
+    assert losses[-1] < losses[0], losses
+    assert json.loads((result.run_dir / "args.json").read_text())["quant"]["quant_bits"] == 8
+    with torch.no_grad():
+        reloaded = load_checkpoint(result.last_checkpoint, device="cpu")
+        assert reloaded.model.get_base_model().is_loaded_in_8bit
+        assert torch.equal(reloaded.model(input_ids=IDS).logits, result.model(input_ids=IDS).logits)
