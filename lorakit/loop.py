@@ -317,7 +317,7 @@ def oom_message(device: torch.device, args: SftArgs) -> str:
         options.append("--train_type lora")
     elif args.lora.lora_rank > 8:
         options.append(f"--lora_rank 8 (now {args.lora.lora_rank})")
-    options.append("a smaller model, or QLoRA (4-bit base weights; not built into lorakit yet)")
+    options.append("a smaller model" if args.quant.quant_bits == 4 else "--quant_bits 4 (QLoRA: 4-bit base weights)")
     return (f"Out of GPU memory: peak {peak:.1f} GiB allocated of {total:.1f} GiB. Options: " + "; ".join(options) + ".")
 
 

@@ -38,6 +38,7 @@ from lorakit.loop import (  # noqa: F401  (re-exported: the loop's public names,
 )
 from lorakit.loss import causal_lm_loss
 from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from lorakit.quantize import LOSS_CHUNK, prepare_kbit_training, training_line
 from lorakit.replay import replay_samples
 from lorakit.tuners import attach_tuner, check_lora_flags
 
@@ -102,6 +103,8 @@ def prepare_model(model, args: SftArgs, device: torch.device):
     opts = FastOptions(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
                        compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
                        memory_limit_gib=fast.gpu_memory_limit)
+    if args.quant.enabled:
+        model = prepare_kbit_training(model)
     if device.type == "cuda":
         model, summary = attach_tuner(model, args.lora)
         print(describe_fast_paths(model, opts, device), file=sys.stderr)
@@ -112,6 +115,8 @@ def prepare_model(model, args: SftArgs, device: torch.device):
         model, summary = attach_tuner(model, args.lora)
         print(describe_fast_paths(model, opts, device), file=sys.stderr)
     print(summary.line(), file=sys.stderr)
+    if args.quant.enabled:
+        print(training_line(model, args.quant, device), file=sys.stderr)
     return model
 
 
@@ -119,7 +124,8 @@ def make_loss_fn(device: torch.device, args: SftArgs) -> LossFn:
     """causal_lm_loss with the chunked head+CE (same value; far less memory, and the head skips every
     position without a target: 10% of a CPU step on SmolLM2 chat rows). --fused_loss false: plain."""
     fused = args.fast.fused_loss
-    return lambda model, batch: causal_lm_loss(model, batch, fused=fused)
+    chunk = LOSS_CHUNK if args.quant.enabled else 1024
+    return lambda model, batch: causal_lm_loss(model, batch, fused=fused, chunk_size=chunk)
 
 
 def train(args: SftArgs, *, replay: list[Rendered] | None = None,
@@ -155,7 +161,8 @@ def train(args: SftArgs, *, replay: list[Rendered] | None = None,
     seed_everything(args.data.seed)
     # FSDP2 loads on the CPU and moves each rank's shards to its GPU: a model need not fit one GPU whole
     model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."),
-                       device=torch.device("cpu") if sharded else device, attn_impl=args.model.attn_impl)
+                       device=torch.device("cpu") if sharded else device, attn_impl=args.model.attn_impl,
+                       quant=args.quant)
     if replay is None and args.train.replay > 0:
         replay = build_replay(args, model, tokenizer, data.system)
     if replay:
