@@ -39,7 +39,7 @@ from lorakit.args import LoraArgs, QuantArgs  # noqa: E402
 from lorakit.fast import FastOptions, describe_fast_paths, prepare_for_training  # noqa: E402
 from lorakit.loss import causal_lm_loss  # noqa: E402
 from lorakit.model import load_model  # noqa: E402
-from lorakit.quantize import prepare_kbit_training  # noqa: E402
+from lorakit.quantize import LOSS_CHUNK, prepare_kbit_training, training_line  # noqa: E402
 from lorakit.tuners import attach_tuner  # noqa: E402
 from qwen_arch import QWEN25_7B, TINY, build_random_qwen2  # noqa: E402
 
@@ -123,7 +123,7 @@ def run_steps(model, batch, loss_fn, optimizer, steps: int, warmup: int, device)
 
 
 def lorakit_loss(model, batch):
-    out = causal_lm_loss(model, batch, fused=True)
+    out = causal_lm_loss(model, batch, fused=True, chunk_size=LOSS_CHUNK)  # as sft on a quantized base
     return out.loss_sum / out.n_tokens
 
 
@@ -171,6 +171,7 @@ def lorakit_part(folder: Path, device, dtype, opts) -> None:
             fast = FastOptions(fused_lora=fused, memory_limit_gib=opts.limit_2048) if on_gpu else FastOptions.reference()
             prepare_for_training(model, fast)
             print(describe_fast_paths(model, fast if on_gpu else None, device), flush=True)
+            print(training_line(model, quant_args(), device), flush=True)
             reset_adapter(model, initial)
             batch = make_batch(opts.seq, model.config.vocab_size, device)
             free(device)

@@ -69,7 +69,20 @@ def load_quantized(path: Path | str, quant: QuantArgs, *, dtype: torch.dtype, de
                                                          quantization_config=config, device_map={"": str(device)})
         except (OSError, ValueError) as exc:
             raise UserError(f"Could not load the model from {path} quantized to {quant.quant_bits} bits: {exc}") from exc
+    keep_trainable_layout(model)
     return model
+
+
+def keep_trainable_layout(model) -> None:
+    """Stop bitsandbytes re-packing CPU 4-bit weights for its bf16 inference kernel.
+
+    It does so on the first eval-mode forward without gradients, and that kernel has no backward:
+    training afterwards (sft after --replay's generation) silently loses every gradient through the
+    base weights. The plain layout also keeps CPU outputs in fp32, identical before and after a reload.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_kbit_training(model) -> Any:

@@ -106,6 +106,21 @@ def test_fused_qlora_layers_compute_what_peft_bitsandbytes_layers_do(tiny_qwen2_
         assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
+def test_generation_before_training_keeps_the_gradients_through_the_4bit_base(tiny_qwen2_dir):
+    """bitsandbytes re-packs CPU 4-bit weights for a kernel without backward on the first eval forward
+    (sft --replay generates before training); lorakit's load keeps the trainable layout."""
+    from lorakit.model import load_model
+
+    model = load_model(tiny_qwen2_dir, device="cpu", quant=QuantArgs(quant_bits=4)).eval()
+    with torch.no_grad():
+        model(input_ids=IDS)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_8bit_layers_stay_on_peft_and_say_why(tiny_qwen2_dir):
     from lorakit.fast import FastOptions, describe_fast_paths
     from lorakit.fast.lora import fuse_lora_layers
