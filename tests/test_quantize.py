@@ -276,3 +276,21 @@ def test_8bit_sft_trains_and_reloads(tiny_qwen2_dir, tmp_path):
         reloaded = load_checkpoint(result.last_checkpoint, device="cpu")
         assert reloaded.model.get_base_model().is_loaded_in_8bit
         assert torch.equal(reloaded.model(input_ids=IDS).logits, result.model(input_ids=IDS).logits)
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_sft_then_infer_on_the_4bit_base(smollm2_dir, tmp_path, cli):
+    """The user's path: `lorakit sft --quantization_bit 4` on the real SmolLM2, then `lorakit infer` of the run."""
+    data = write_rows(tmp_path / "rows.json")
+    env = {"OMP_NUM_THREADS": "1"}
+    proc = cli("sft", "--model", str(smollm2_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o"),
+               "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps",
+               "1", "--lora_dropout", "0", "--report_to", "none", "--quantization_bit", "4", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quantized base: 4-bit nf4 (double quant, float32 compute) by bitsandbytes" in proc.stderr
+    run = next((tmp_path / "o").iterdir())
+    losses = [json.loads(line)["loss"] for line in (run / "logging.jsonl").read_text().splitlines()]
+    assert losses[2] < losses[0] * 0.8, losses
+    proc = cli("infer", "--adapters", str(run), "--query", "Who are you?", "--max_new_tokens", "8", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip()
