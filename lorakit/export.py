@@ -23,6 +23,7 @@ from lorakit.args import ExportArgs
 from lorakit.data.render import template_with_default_system
 from lorakit.errors import UserError
 from lorakit.model import DTYPES
+from lorakit.quantize import quant_from_saved
 
 # Questions the merge check renders with the chat template (short answers keep it fast).
 VERIFY_QUESTIONS = ("Who are you?", "What is the capital of France?", "Write one sentence about the sea.")
@@ -127,6 +128,10 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
     # a QLoRA adapter merges into the full-precision base: the merged model is an ordinary one
     loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device, full_precision=True)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
+    quant = quant_from_saved(loaded.args)
+    if quant is not None:
+        print(f"note: {ckpt.name} was trained on a {quant.quant_bits}-bit base (args.json); it is merged into the "
+              f"full-precision base, which answers like the quantized one up to the quantization error.")
     dtype = final_dtype(torch_dtype, peft_model)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}], system=system) for q in VERIFY_QUESTIONS]
     with peft_model.disable_adapter():

@@ -219,6 +219,7 @@ def test_export_merges_into_the_full_precision_base(qlora_run, tmp_path, capsys)
     export_main(ExportArgs(adapter=AdapterArgs(adapters=[str(qlora_run.last_checkpoint)], merge_lora=True),
                            output_dir=str(out)))
     printed = capsys.readouterr().out
+    assert "was trained on a 4-bit base (args.json); it is merged into the full-precision base" in printed
     assert "merge check (3 prompts, greedy 24 tokens): OK" in printed
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
