@@ -27,6 +27,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +50,9 @@ FIGURES: dict = {}
 
 
 def report(key: str, value) -> None:
-    """Print one figure at once (and keep it for the summary line)."""
+    """Print one figure at once (and keep it for the summary line); a figure already printed is not repeated."""
+    if FIGURES.get(key) == value:
+        return
     FIGURES[key] = value
     print(f"{key}: {value}", flush=True)
 
@@ -151,8 +154,16 @@ def reset_adapter(model, state: dict) -> None:
                 p.copy_(state[n])
 
 
-def lorakit_part(folder: Path, device, dtype, opts) -> None:
-    """lorakit: quantized load, LoRA, fast paths; seq 2048 (fused / PEFT layer), seq 8192; first losses."""
+@dataclass
+class Lorakit:
+    """lorakit's QLoRA model, kept loaded between the runs (the adapter is reset before each)."""
+
+    model: torch.nn.Module
+    initial: dict
+
+
+def lorakit_setup(folder: Path, device) -> Lorakit:
+    """lorakit's quantized load (as sft does it) and LoRA r16 on every linear layer."""
     reset_peak(device)
     started = time.perf_counter()
     model = load_model(folder, torch_dtype="bfloat16" if device.type == "cuda" else "float32", device=device,
@@ -163,58 +174,46 @@ def lorakit_part(folder: Path, device, dtype, opts) -> None:
     torch.manual_seed(0)
     model, summary = attach_tuner(model, lora_args())
     print(summary.line(), flush=True)
-    initial = adapter_state(model)
+    return Lorakit(model, adapter_state(model))
+
+
+def lorakit_run(lk: Lorakit, name: str, seq: int, device, *, fused: bool = True, limit: float | None = None,
+                steps: int = 6, warmup: int = 3, seed: int = 0) -> None:
+    """Steps of lorakit's training step (fast paths as sft sets them on a GPU) on one batch of `seq` tokens."""
     on_gpu = device.type == "cuda"
-    variants = [("fused", True)] + ([("peft_bnb_layer", False)] if on_gpu and not opts.skip_unfused else [])
-    for name, fused in variants:
-        try:
-            fast = FastOptions(fused_lora=fused, memory_limit_gib=opts.limit_2048) if on_gpu else FastOptions.reference()
-            prepare_for_training(model, fast)
-            print(describe_fast_paths(model, fast if on_gpu else None, device), flush=True)
-            print(training_line(model, quant_args(), device), flush=True)
-            reset_adapter(model, initial)
-            batch = make_batch(opts.seq, model.config.vocab_size, device)
-            free(device)
-            reset_peak(device)
-            losses, tok_s = run_steps(model, batch, lorakit_loss, optimizer_for(model, device), opts.steps,
-                                      opts.warmup, device)
-            report(f"lorakit_{name}_seq{opts.seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device), 2),
-                                                     "loss_step1": losses[0], "loss_step2": losses[1]})
-        except Exception:
-            print(f"lorakit {name} seq {opts.seq} failed:\n{traceback.format_exc()}", flush=True)
-            free(device)
-    if opts.long_seq:
-        try:
-            fast = FastOptions(memory_limit_gib=opts.limit_long) if on_gpu else FastOptions.reference()
-            prepare_for_training(model, fast)
-            reset_adapter(model, initial)
-            batch = make_batch(opts.long_seq, model.config.vocab_size, device, seed=1)
-            free(device)
-            reset_peak(device)
-            losses, tok_s = run_steps(model, batch, lorakit_loss, optimizer_for(model, device), max(2, opts.steps // 2),
-                                      1, device)
-            report(f"lorakit_fused_seq{opts.long_seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device), 2)})
-        except Exception:
-            print(f"lorakit seq {opts.long_seq} failed:\n{traceback.format_exc()}", flush=True)
-    del model
+    fast = FastOptions(fused_lora=fused, memory_limit_gib=limit) if on_gpu else FastOptions.reference()
+    prepare_for_training(lk.model, fast)
+    print(describe_fast_paths(lk.model, fast if on_gpu else None, device), flush=True)
+    print(training_line(lk.model, quant_args(), device), flush=True)
+    reset_adapter(lk.model, lk.initial)
+    batch = make_batch(seq, lk.model.config.vocab_size, device, seed=seed)
     free(device)
+    reset_peak(device)
+    losses, tok_s = run_steps(lk.model, batch, lorakit_loss, optimizer_for(lk.model, device), steps, warmup, device)
+    report(f"lorakit_{name}_seq{seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device), 2),
+                                        "loss_step1": losses[0], "loss_step2": losses[1]})
 
 
 def reference_part(folder: Path, device, dtype, opts) -> None:
-    """HF+PEFT+bitsandbytes as its docs teach: prepare_model_for_kbit_training, HF gradient checkpointing."""
+    """HF+PEFT+bitsandbytes as its docs teach: prepare_model_for_kbit_training, HF gradient checkpointing.
+
+    lorakit's model stays loaded meanwhile: the reference's figures are counted above what was allocated
+    before its load.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    reset_peak(device)
+    free(device)
+    held = allocated_gib(device)
     started = time.perf_counter()
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=config,
                                                  device_map={"": str(device)}, attn_implementation="sdpa")
     report("reference_load_s", round(time.perf_counter() - started, 1))
-    report("reference_after_load_gib", round(allocated_gib(device), 2))
+    report("reference_after_load_gib", round(allocated_gib(device) - held, 2))
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    report("reference_after_prepare_gib", round(allocated_gib(device), 2))
+    report("reference_after_prepare_gib", round(allocated_gib(device) - held, 2))
     model.config.use_cache = False
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
@@ -224,10 +223,20 @@ def reference_part(folder: Path, device, dtype, opts) -> None:
     free(device)
     reset_peak(device)
     losses, tok_s = run_steps(model, batch, hf_loss, optimizer_for(model, device), opts.steps, opts.warmup, device)
-    report(f"reference_seq{opts.seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device), 2),
+    report(f"reference_seq{opts.seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device) - held, 2),
                                         "loss_step1": losses[0], "loss_step2": losses[1]})
     del model
     free(device)
+
+
+def attempt(name: str, device, fn):
+    """Run one part; a failure prints its traceback and the others still run."""
+    try:
+        return fn()
+    except Exception:
+        print(f"{name} failed:\n{traceback.format_exc()}", flush=True)
+        free(device)
+        return None
 
 
 def compare() -> None:
@@ -254,7 +263,6 @@ def main() -> None:
     parser.add_argument("--limit_2048", type=float, default=7.5, help="GiB lorakit's recompute plan keeps under")
     parser.add_argument("--limit_long", type=float, default=13.5)
     parser.add_argument("--skip_unfused", action="store_true", help="skip lorakit with PEFT's bnb layer")
-    parser.add_argument("--parts", default="lorakit,reference")
     ARGS = opts = parser.parse_args()
     device = torch.device("cpu" if opts.smoke or not torch.cuda.is_available() else "cuda")
     if opts.smoke:
@@ -267,13 +275,21 @@ def main() -> None:
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "bitsandbytes": bitsandbytes.__version__})
     folder = build_folder(Path(opts.out), TINY if opts.smoke else QWEN25_7B, device)
-    parts = {"lorakit": lorakit_part, "reference": reference_part}
-    for name in opts.parts.split(","):
-        try:
-            parts[name](folder, device, dtype, opts)
-        except Exception:
-            print(f"part {name} failed:\n{traceback.format_exc()}", flush=True)
-            free(device)
+    # Most wanted first: a run cut by a time limit still printed the figures before it.
+    lk = attempt("lorakit setup", device, lambda: lorakit_setup(folder, device))
+    runs = [
+        ("lorakit seq 2048 fused", lambda: lorakit_run(lk, "fused", opts.seq, device, limit=opts.limit_2048,
+                                                       steps=opts.steps, warmup=opts.warmup)),
+        ("reference", lambda: reference_part(folder, device, dtype, opts)),
+        ("lorakit long", lambda: opts.long_seq and lorakit_run(
+            lk, "fused", opts.long_seq, device, limit=opts.limit_long, steps=max(2, opts.steps // 2), warmup=1, seed=1)),
+        ("lorakit seq 2048 PEFT layer", lambda: device.type == "cuda" and not opts.skip_unfused and lorakit_run(
+            lk, "peft_bnb_layer", opts.seq, device, fused=False, limit=opts.limit_2048, steps=opts.steps,
+            warmup=opts.warmup)),
+    ]
+    for name, run in runs:
+        if lk is not None or name == "reference":
+            attempt(name, device, run)
         compare()
     print("summary " + json.dumps(FIGURES), flush=True)
 
