@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,6 +219,12 @@ def load_checkpoint(
         base_path = resolve_model_path(_base_model_path(ckpt, args), use_hf=args.get("model", {}).get("use_hf", True))
         base_quant = None if full_precision or merge_lora else checkpoint_quant(quant, args)
         model = load_model(base_path, torch_dtype=torch_dtype, device=device, quant=base_quant)
+        if base_quant is not None:
+            print(f"note: the base of {ckpt.name} loads {base_quant.quant_bits}-bit, as it was trained (its args.json); "
+                  f"--merge_lora true merges it into the full-precision base instead.", file=sys.stderr)
+        elif merge_lora and checkpoint_quant(quant, args) is not None:
+            print(f"note: {ckpt.name} was trained on a quantized base; merging loads the full-precision base "
+                  f"(merged 4-bit weights would be rounded again).", file=sys.stderr)
     peft_model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=False)
     tokenizer = load_tokenizer(ckpt if _has_tokenizer(ckpt) else base_path or _base_model_path(ckpt, args))
     result = peft_model.merge_and_unload() if merge_lora else peft_model
