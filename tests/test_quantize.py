@@ -50,6 +50,7 @@ def test_quantization_bit_alias_means_bnb_nf4_double_quant():
     (["--quant_method", "bnb"], "--quant_method bnb needs --quant_bits 4 or 8"),
     (["--quant_method", "gptq", "--quant_bits", "4"], "--quant_method 'gptq' is not one of bnb"),
     (["--quant_bits", "4", "--bnb_4bit_quant_type", "nf5"], "--bnb_4bit_quant_type 'nf5' is not one of nf4, fp4"),
+    (["--quant_bits", "4", "--fsdp", "full_shard"], "--quant_bits 4 with --fsdp full_shard: FSDP cannot shard"),
 ])
 def test_bad_combinations_are_refused_at_parse_time(argv, message):
     with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
