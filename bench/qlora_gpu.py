@@ -184,7 +184,7 @@ def lorakit_run(lk: Lorakit, name: str, seq: int, device, *, fused: bool = True,
     fast = FastOptions(fused_lora=fused, memory_limit_gib=limit) if on_gpu else FastOptions.reference()
     prepare_for_training(lk.model, fast)
     print(describe_fast_paths(lk.model, fast if on_gpu else None, device), flush=True)
-    print(training_line(lk.model, quant_args(), device), flush=True)
+    print(training_line(lk.model, quant_args(), device, fused_lora=fused), flush=True)
     reset_adapter(lk.model, lk.initial)
     batch = make_batch(seq, lk.model.config.vocab_size, device, seed=seed)
     free(device)

@@ -24,7 +24,6 @@ import torch
 
 from lorakit.args import QuantArgs
 from lorakit.errors import UserError
-from lorakit.fast.lora import can_fuse, is_lora_linear
 
 # Rows per chunk of the chunked loss on a quantized base: about 10 bytes x 256 x vocabulary (0.4 GB at
 # Qwen2.5's 152k) instead of 1.5 GB at the default 1024; a QLoRA run is one that counts its gigabytes.
@@ -112,21 +111,21 @@ def describe(quant: QuantArgs, dtype: torch.dtype) -> str:
     return f"4-bit {quant.bnb_4bit_quant_type} ({double}, {str(dtype).removeprefix('torch.')} compute)"
 
 
-def training_line(model, quant: QuantArgs, device: torch.device) -> str:
-    """One line for the start of a QLoRA run: the quantization, what stays unquantized, how LoRA computes."""
+def training_line(model, quant: QuantArgs, device: torch.device, *, fused_lora: bool) -> str:
+    """One line for the start of a QLoRA run: the quantization, what stays unquantized, how LoRA computes
+    (the fast-paths line beside it counts the fused layers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings().weight.dtype
-    lora = [m for m in model.modules() if is_lora_linear(m)]
     dtype = compute_dtype(quant, head, device)
     if device.type != "cuda":
         how = f"LoRA through PEFT's bitsandbytes layers on {device.type} (the reference path)"
-    elif quant.quant_bits == 8:
-        how = "LoRA through PEFT's bitsandbytes 8-bit layers (the fused path is 4-bit only)"
+    elif quant.quant_bits == 8 or not fused_lora:
+        why = "the fused path is 4-bit only" if quant.quant_bits == 8 else "--fused_lora false"
+        how = f"LoRA through PEFT's bitsandbytes layers ({why})"
     else:
-        how = (f"LoRA fused over the de-quantized weights on {sum(can_fuse(m) for m in lora)}/{len(lora)} layers, "
-               f"chunked loss in {LOSS_CHUNK}-row chunks")
+        how = "LoRA fused over each weight de-quantized on the fly (never kept), forward and backward"
     return (f"quantized base: {describe(quant, dtype)} by bitsandbytes; embeddings, norms and head stay "
-            f"{str(head).removeprefix('torch.')} (no fp32 up-cast); {how}")
+            f"{str(head).removeprefix('torch.')} (no fp32 up-cast); {how}; loss in {LOSS_CHUNK}-row chunks")
 
 
 def quant_from_saved(saved: dict[str, Any]) -> QuantArgs | None:

@@ -116,7 +116,7 @@ def prepare_model(model, args: SftArgs, device: torch.device):
         print(describe_fast_paths(model, opts, device), file=sys.stderr)
     print(summary.line(), file=sys.stderr)
     if args.quant.enabled:
-        print(training_line(model, args.quant, device), file=sys.stderr)
+        print(training_line(model, args.quant, device, fused_lora=args.fast.fused_lora), file=sys.stderr)
     return model
 
 
