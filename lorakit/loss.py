@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorakit.kv_cache import cache_of, with_cache
+
 IGNORE_INDEX = -100
 
 
@@ -107,7 +109,7 @@ def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tenso
 
 def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     prefix = body(input_ids=batch["prefix_ids"], use_cache=True)
-    cache = prefix.past_key_values
+    cache = cache_of(prefix)
     rows, width = batch["input_ids"].shape
     for layer in cache.layers:  # one copy of the prefix, broadcast to every row
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
@@ -117,8 +119,8 @@ def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     if mask is not None:
         mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
     positions = torch.arange(n, n + width, device=batch["input_ids"].device).expand(rows, width)
-    out = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, past_key_values=cache,
-               use_cache=True)
+    out = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+               **with_cache(cache))
     return out.last_hidden_state
 
 

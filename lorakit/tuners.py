@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,9 +121,7 @@ def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, Trainable
         use_dora=lora.use_dora,
         layers_to_transform=_check_layers(model, lora.layers_to_transform),
     )
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)  # its deprecation warning is filtered in lorakit/__init__.py
     return peft_model, summarize(peft_model, targets)
 
 

@@ -300,6 +300,7 @@ def test_merged_folder_without_a_system_prompt_answers_like_infer_adapters(lora_
     infer = cli("infer", "--adapters", str(lora_ckpt), "--query", PROMPT[0]["content"], "--max_new_tokens", "12",
                 "--temperature", "0", "--stream", "false")
     assert infer.returncode == 0, infer.stderr[-2000:]
+    assert "deprecated" not in infer.stderr  # past_key_values, is_gradient_checkpointing: the current API
     answer, _, cut = infer.stdout.strip().rpartition("\n")  # infer marks a reply cut at --max_new_tokens
     assert cut.startswith("[cut: reached --max_new_tokens 12]") and answer.strip() == text.strip() and text.strip()
 

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 
 from lorakit.fast import attention
 from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
+from lorakit.kv_cache import CACHE_ARG
 
 GIB = 1024**3
 CHECKPOINTING_MODES = ("auto", "full", "none")
@@ -116,7 +117,7 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, modul
     if ids is None:
         ids = kwargs["inputs_embeds"]
     b, t = ids.shape[:2]
-    cached = kwargs.get("past_key_values") is not None or bool(kwargs.get("use_cache"))
+    cached = kwargs.get(CACHE_ARG) is not None or bool(kwargs.get("use_cache"))
     if opts.packed_attention:
         config._attn_implementation = reference_attn if cached else attention.ATTN_IMPLEMENTATION
     if opts.packed_attention and not cached:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.infer.live_lora import LoraGroup, add_lora, base_linear, is_plain_lora
+from lorakit.kv_cache import cache_of
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 LENGTH_BUCKET = 256
@@ -252,7 +253,7 @@ class StaticDecoder:
         out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
         index = torch.tensor(free, device=state.tokens.device)
-        for layer, (keys, values) in enumerate(_cache_tensors(out.past_key_values)):
+        for layer, (keys, values) in enumerate(_cache_tensors(cache_of(out))):
             state.keys[layer][index, :, :width] = keys.to(state.keys[layer].dtype)
             state.values[layer][index, :, :width] = values.to(state.values[layer].dtype)
         visible = torch.zeros(mask.shape, dtype=state.mask.dtype, device=mask.device).masked_fill_(

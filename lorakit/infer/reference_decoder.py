@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicCache
 
 from lorakit.infer.decoder import Batch
 from lorakit.infer.kv_buffers import KVBuffers, plain_dynamic
+from lorakit.kv_cache import cache_of, with_cache
 
 MIN_SHARED_PREFIX = 8  # prompts sharing fewer first tokens are each prefilled whole
 
@@ -95,7 +96,7 @@ class ReferenceDecoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
-        cache, pads = out.past_key_values, list(batch.pad_lengths)
+        cache, pads = cache_of(out), list(batch.pad_lengths)
         if self.in_place and self.cache is None and plain_dynamic(cache):
             self._to_buffers([(layer.keys, layer.values) for layer in cache.layers], pads, max_new_tokens)
         elif self.cache is None:
@@ -113,7 +114,7 @@ class ReferenceDecoder:
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              position_ids=positions, use_cache=True, logits_to_keep=1)
             logits, pads = out.logits[:, -1], list(batch.pad_lengths)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            kv = [(layer.keys, layer.values) for layer in cache_of(out).layers]
         self._to_buffers(kv, pads, max_new_tokens)
         return logits.float()
 
@@ -137,7 +138,7 @@ class ReferenceDecoder:
         if length < MIN_SHARED_PREFIX or len(prompts) < 2:
             return None
         ids = torch.tensor([prompts[0][:length]], device=batch.input_ids.device)
-        cache = self.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = cache_of(self.model(input_ids=ids, use_cache=True, logits_to_keep=1))
         if not plain_dynamic(cache):
             self.in_place = False  # sliding windows and the like: the DynamicCache path from now on
             return None
@@ -157,7 +158,7 @@ class ReferenceDecoder:
         past = DynamicCache()
         for i, (keys, values) in enumerate(prefix):
             past.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), i)
-        out = self.model(input_ids=batch.input_ids[:, low + shared:], past_key_values=past, use_cache=True,
+        out = self.model(input_ids=batch.input_ids[:, low + shared:], **with_cache(past), use_cache=True,
                          attention_mask=torch.cat([rest.new_ones(rows, shared), rest], dim=1),
                          position_ids=shared + rest.cumsum(-1) - 1, logits_to_keep=1)
         # A row's tokens sit in columns [0, shared) and [shared + pad - low, end): move its prefix next to its rest.
@@ -165,7 +166,7 @@ class ReferenceDecoder:
         shift = pads - low
         index = torch.where((columns >= shift) & (columns < shift + shared), columns - shift, columns)
         kv = []
-        for layer in out.past_key_values.layers:
+        for layer in cache_of(out).layers:
             kv.append(tuple(x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
                             for x in (layer.keys, layer.values)))
         return out.logits[:, -1], kv, shift[:, 0].tolist()
@@ -204,11 +205,11 @@ class ReferenceDecoder:
         if self.buffers is not None:
             ids, mask, positions = self.buffers.step_inputs(tokens)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self.buffers.cache, use_cache=True)
+                             **with_cache(self.buffers.cache), use_cache=True)
             return self.buffers.step_done(out.logits[:, -1].float())
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         self.positions = self.positions + 1
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         **with_cache(self.cache), use_cache=True)
+        self.cache = cache_of(out)
         return out.logits[:, -1].float()
