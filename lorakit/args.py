@@ -314,21 +314,21 @@ class TrainArgs:
 class GenerationArgs:
     max_new_tokens: int = 512
     "Most tokens generated per reply; a reply cut here is marked as cut."
-    temperature: float = 0.0
-    "Sampling temperature; 0 means greedy and exactly reproducible."
-    top_p: float = 1.0
-    "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."
-    top_k: int = 0
-    "Keep only the k most likely tokens (0: no limit)."
-    repetition_penalty: float = 1.0
-    "Penalty > 1 lowers the probability of tokens already in the text."
+    temperature: float | None = None
+    "Sampling temperature; 0 means greedy and exactly reproducible. Empty: the model's generation_config.json (greedy if it samples not)."
+    top_p: float | None = None
+    "Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p. Empty: the model's generation_config.json, else 1."
+    top_k: int | None = None
+    "Keep only the k most likely tokens (0: no limit). Empty: the model's generation_config.json, else 0."
+    repetition_penalty: float | None = None
+    "Penalty > 1 lowers the probability of tokens already in the text. Empty: the model's generation_config.json, else 1."
     seed: int = 42
     "Random seed for sampling."
     stream: bool = True
     "Print the reply token by token."
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise UserError(f"--temperature must be >= 0, got {self.temperature}.")
         if self.max_new_tokens <= 0:
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")

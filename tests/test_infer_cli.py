@@ -311,3 +311,20 @@ def test_ctrl_c_in_a_subprocess_stops_the_answer_and_returns_to_the_prompt(tiny_
         proc.kill()
     assert proc.returncode == 0
     assert "[stopped]" in rest and rest.rstrip().endswith(">>>")
+
+
+def test_sampling_defaults_come_from_the_models_generation_config():
+    from transformers import GenerationConfig
+
+    from lorakit.args import GenerationArgs
+    from lorakit.infer.chat import sampling_params
+
+    qwen = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    params, note = sampling_params(GenerationArgs(), qwen)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    assert note == ("from the model's generation_config.json: temperature 0.7, top_p 0.8, top_k 20, "
+                    "repetition_penalty 1.05 (set --temperature 0 for exactly reproducible greedy answers)")
+    params, note = sampling_params(GenerationArgs(temperature=0, repetition_penalty=1.2), qwen)
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0, 0.8, 1.2)
+    params, note = sampling_params(GenerationArgs(), GenerationConfig())  # a model that does not sample: greedy
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, note) == (0.0, 1.0, 0, 1.0, None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from lorakit.args import InferArgs
+from lorakit.args import GenerationArgs, InferArgs
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine, Generation, SamplingParams
 
@@ -43,7 +43,9 @@ def main(args: InferArgs) -> int:
     session = load_session(args)
     for note in session.notes:
         print(f"note: {note}", file=sys.stderr)
-    params = sampling_params(args)
+    params, note = sampling_params(args.generation, session.engine.model.generation_config)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.val_dataset:
         return run_batch(session, args, params)
     if args.query is not None:
@@ -53,10 +55,22 @@ def main(args: InferArgs) -> int:
     return run_repl(session, params, stream=args.generation.stream)
 
 
-def sampling_params(args: InferArgs) -> SamplingParams:
-    g = args.generation
-    return SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                          repetition_penalty=g.repetition_penalty, max_new_tokens=g.max_new_tokens, seed=g.seed)
+def sampling_params(g: GenerationArgs, config) -> tuple[SamplingParams, str | None]:
+    """The flags, with those left empty taken from the model's generation config (as transformers and vLLM
+    do); returns the parameters and a line naming what came from the config (None if nothing did)."""
+    sampling = bool(getattr(config, "do_sample", False))
+    defaults = dict(temperature=(getattr(config, "temperature", None) or 1.0) if sampling else 0.0,
+                    top_p=(getattr(config, "top_p", None) or 1.0) if sampling else 1.0,
+                    top_k=(getattr(config, "top_k", None) or 0) if sampling else 0,
+                    repetition_penalty=getattr(config, "repetition_penalty", None) or 1.0)
+    chosen = {name: getattr(g, name) if getattr(g, name) is not None else default for name, default in defaults.items()}
+    from_config = {name: value for name, value in chosen.items() if getattr(g, name) is None
+                   and value != {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}[name]}
+    note = None
+    if from_config:
+        note = ("from the model's generation_config.json: " + ", ".join(f"{k} {v:g}" for k, v in from_config.items())
+                + " (set --temperature 0 for exactly reproducible greedy answers)")
+    return SamplingParams(**chosen, max_new_tokens=g.max_new_tokens, seed=g.seed), note
 
 
 # ---------------------------------------------------------------- loading

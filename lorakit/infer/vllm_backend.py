@@ -42,8 +42,13 @@ def run_vllm(args: InferArgs) -> int:
                    max_model_len=args.vllm_max_model_len)
     lora = LoRARequest("adapter", 1, str(ckpt)) if ckpt else None
     g = args.generation
-    params = vllm.SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
-                                 repetition_penalty=g.repetition_penalty, max_tokens=g.max_new_tokens, seed=g.seed)
+    params = llm.get_default_sampling_params()  # the model's generation_config.json, as vLLM reads it
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if getattr(g, name) is not None:
+            setattr(params, name, getattr(g, name))
+    if g.top_k is not None:
+        params.top_k = g.top_k or -1
+    params.max_tokens, params.seed = g.max_new_tokens, g.seed
     if args.query is not None:
         rows = [([{"role": "user", "content": args.query}], None)]
     else:

@@ -82,7 +82,7 @@ def reply_stream(session: chat.Session, args, history: list[dict]) -> Iterator[s
     """The reply so far, after each streamed piece."""
     system = resolve_system(args.adapter.system)
     turn = chat.Session(session.engine, system if system is not None else session.system, session.label)
-    params = chat.sampling_params(args)
+    params, _ = chat.sampling_params(args.generation, session.engine.model.generation_config)
     prompt, _ = chat.fit_prompt(turn, history, params, lambda note: None)
     text = ""
     for piece in session.engine.stream(prompt, params):
