@@ -21,8 +21,8 @@ from pathlib import Path
 
 from lorakit.data.render import IGNORE_INDEX, Rendered
 from lorakit.errors import UserError
+from lorakit.paths import BUILTIN_DIR
 
-BUILTIN = Path(__file__).resolve().parent / "data" / "builtin"
 REPLAY_MAX_NEW_TOKENS = 24
 REPLAY_TOP_K = 20  # the base's most likely tokens kept per answer position
 # Each answer token's target: this share on the token the base picked, the rest spread as the base's top-k.
@@ -44,7 +44,7 @@ class Reply:
 
 def load_general_prompts() -> list[dict]:
     """The built-in general prompts: {"prompt", "category", "lang"} (facts, math, code, writing, ...)."""
-    with open(BUILTIN / "general_prompts.jsonl", encoding="utf-8") as f:
+    with open(BUILTIN_DIR / "general_prompts.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
