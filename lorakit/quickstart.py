@@ -257,6 +257,8 @@ def quickstart(args: QuickstartArgs) -> Report:
                                  "eval_parts": after.stage_seconds},
         timings=clock.wall | {"total": sum(clock.wall.values())}, baseline_answers=sample_answers(before),
         after_answers=sample_answers(after), log_history=result.log_history, missed=missed_targets(after),
+        retention_lost=[{"question": r.question, "base_reply": r.base_reply, "reply": r.reply}
+                        for r in after.retention_rows if r.base_correct and not r.correct],
     )
     finish(report, after, result.run_dir)
     return report

@@ -130,6 +130,33 @@ class Report:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     missed: list[str] = field(default_factory=list)
     "One line per missed target: the figure, example replies, what to try (missed_targets)."
+    retention_lost: list[dict[str, str]] = field(default_factory=list)
+    "General questions the base answered correctly and the tuned model no longer does: question, base_reply, reply."
+
+
+def plain(value: Any) -> str:
+    """A recipe or timing value as a person reads it: 3 significant digits, dicts and lists spelled out."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(plain(v) for v in value) or "-"
+    return str(value)
+
+
+def scoring_note(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Say how many probes each column was scored on when the two differ."""
+    counts = [(before.get(f"probes_{lang}"), after.get(f"probes_{lang}")) for lang in ("en", "zh")]
+    if all(b == a for b, a in counts):
+        return ""
+    b = " + ".join(str(x[0]) for x in counts)
+    a = " + ".join(str(x[1]) for x in counts)
+    return (f"Identity before training is scored on a sample of {b} (English + Chinese) probes, since the base "
+            f"model cannot know its new name; after training on all {a}. Retention, leak and drift use the same "
+            f"questions before and after.")
 
 
 def write_report(report: Report, run_dir: Path) -> list[Path]:
@@ -153,6 +180,9 @@ def report_markdown(report: Report) -> str:
         figures_table(report.before, report.after, markdown=True),
         "",
     ]
+    note = scoring_note(report.before, report.after)
+    if note:
+        lines += [note, ""]
     if report.missed:
         lines += ["## Missed targets", ""] + [f"- {line}" for line in report.missed] + [""]
     lines += [
@@ -167,14 +197,27 @@ def report_markdown(report: Report) -> str:
         "## Training recipe",
         "",
     ]
-    lines += [f"- {k}: {v}" for k, v in report.recipe.items()]
+    lines += [f"- {k}: {plain(v)}" for k, v in report.recipe.items()]
     lines += ["", "## Time", ""] + [f"- {k}: {v:.1f} s" for k, v in report.timings.items()]
+    if report.retention_lost:
+        lines += ["", f"## Retention: the {len(report.retention_lost)} general answers that got worse", ""]
+        lines += [f"- **{r['question']}**  \n  before: {r['base_reply']}  \n  after: {r['reply']}"
+                  for r in report.retention_lost]
     for title, answers in (("Before (base model)", report.baseline_answers), ("After", report.after_answers)):
         if answers:
             lines += ["", f"## {title}", ""]
             lines += [f"- **{a['query']}**  \n  {a['reply']}" for a in answers]
     lines += ["", "![loss and before/after](report.png)", ""]
     return "\n".join(lines)
+
+
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """Exponential moving average (TensorBoard's smoothing), debiased so the first points are not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
 
 
 def draw_report_png(report: Report, out_path: Path) -> Path | None:
@@ -187,7 +230,9 @@ def draw_report_png(report: Report, out_path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [(r["step"], r["loss"]) for r in report.log_history if "loss" in r]
     if steps:
-        left.plot(*zip(*steps), label="train loss")
+        xs, ys = zip(*steps)
+        left.plot(xs, ys, alpha=0.3, color="tab:blue", label="train loss")
+        left.plot(xs, smoothed(list(ys)), color="tab:blue", label="smoothed (EMA 0.8)")
         left.legend()
     left.set_xlabel("optimizer step")
     left.set_ylabel("loss")
@@ -199,6 +244,10 @@ def draw_report_png(report: Report, out_path: Path) -> Path | None:
     after = [100 * (report.after.get(k) or 0.0) for k, _ in keys]
     right.bar([x - 0.2 for x in xs], before, width=0.4, label="before")
     right.bar([x + 0.2 for x in xs], after, width=0.4, label="after")
+    for x, (key, _) in zip(xs, keys):  # each figure's bar: a dashed line across its pair of bars
+        if key in TARGETS:
+            right.hlines(100 * TARGETS[key][1], x - 0.45, x + 0.45, colors="black", linestyles="dashed",
+                         label="target" if x == 0 else None)
     right.set_xticks(list(xs), [label for _, label in keys], rotation=15, fontsize=8)
     right.set_ylim(0, 105)
     right.set_ylabel("%")

@@ -139,3 +139,25 @@ def test_lora_targets_are_checked_against_the_model_before_any_work(tiny_qwen2_d
         lora_targets(args, model, 1_000_000)
     args.target_modules = ["all-linear"]
     assert lora_targets(args, model, 1_000_000) == ["all-linear"]
+
+
+def test_report_md_says_how_each_column_was_scored_and_lists_lost_answers(tmp_path):
+    from lorakit.report import smoothed
+
+    report = _report(tmp_path)
+    report.before |= {"probes_en": 4, "probes_zh": 4, "passed_en": 0, "passed_zh": 0}
+    report.after |= {"probes_en": 32, "probes_zh": 32, "passed_en": 30, "passed_zh": 31}
+    report.recipe = {"learning_rate": 1e-3, "cpu_seconds": {"training": 61.23456789012345}, "datasets": ["a", "b"]}
+    report.timings = {"training": 12.345678901234567}
+    report.retention_lost = [{"question": "What is 2+3?", "base_reply": "5", "reply": "I am Lumen."}]
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("Identity before training is scored on a sample of 4 + 4 (English + Chinese) probes, since the base "
+            "model cannot know its new name; after training on all 32 + 32.") in md
+    assert "- cpu_seconds: training 61.2\n" in md and "- datasets: a, b\n" in md and "- training: 12.3 s\n" in md
+    assert "{" not in md.split("## Training recipe")[1] and "61.234" not in md
+    assert ("## Retention: the 1 general answers that got worse\n\n- **What is 2+3?**  \n  before: 5  \n"
+            "  after: I am Lumen.") in md
+    # the curve is smoothed without bias: a constant loss stays constant from the first step
+    assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert smoothed([2.0, 0.0])[1] == pytest.approx(2.0 * 0.8 * 0.2 / (1 - 0.64))
