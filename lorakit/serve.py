@@ -22,6 +22,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,10 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves the (string) annotations in these globals
 
 from lorakit.args import DeployArgs
+from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
+from lorakit.infer.sampling import SamplingParams
+from lorakit.infer.text import TextStream
 from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
                                parse_chat_request, parse_completion_request, usage)
 
@@ -141,6 +145,32 @@ def load_served(args: DeployArgs) -> Served:
 # ---------------------------------------------------------------- the scheduler
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply's text, ready to send."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The reply is complete: why it ended and the token counts of the usage block."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Generation failed: the OpenAI-shaped error to answer with."""
+
+    error: ApiError
+
+
+JobEvent = Delta | Finished | Failed
+
+
 @dataclass
 class Job:
     """One request in flight: its prompt and settings, and the queue its events go to."""
@@ -163,7 +193,7 @@ class Job:
     seq: Any = None  # its engine Sequence, once admitted into the running batch
     stream: Any = None  # its TextStream, likewise
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event: JobEvent) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -258,8 +288,6 @@ class Scheduler:
         return [job for job in admitted if self._start(batch, job)]
 
     def _start(self, batch, job: Job) -> bool:
-        from lorakit.infer.engine import SamplingParams, TextStream
-
         try:
             params = SamplingParams(temperature=job.temperature, top_p=job.top_p, seed=job.seed,
                                     max_new_tokens=job.max_tokens)
@@ -280,12 +308,10 @@ class Scheduler:
             str(exc) if isinstance(exc, UserError) else f"generation failed: {type(exc).__name__}",
             type="invalid_request_error" if isinstance(exc, UserError) else "server_error")
         if not isinstance(exc, (UserError, ApiError)):
-            import traceback
-
             traceback.print_exc(file=sys.stderr)
         for job in jobs:
             if not job.done:
-                job.emit(("error", error))
+                job.emit(Failed(error))
                 self.release(job)
 
     def _advance(self, job: Job, seq, stream) -> None:
@@ -302,7 +328,7 @@ class Scheduler:
         hold = max((len(s) - 1 for s in job.stop), default=0)  # a stop string may still be forming
         safe = len(job.text) - hold
         if safe > job.sent:
-            job.emit(("delta", job.text[job.sent:safe]))
+            job.emit(Delta(job.text[job.sent:safe]))
             job.sent = safe
 
     def _finish(self, job: Job, reason: str, tail: str, *, stop_token: bool = False) -> None:
@@ -310,10 +336,10 @@ class Scheduler:
         if _cut_at_stop(job):
             reason = "stop"
         if len(job.text) > job.sent:
-            job.emit(("delta", job.text[job.sent:]))
+            job.emit(Delta(job.text[job.sent:]))
             job.sent = len(job.text)
         # Like OpenAI, the end-of-turn token the model generated counts as a completion token.
-        job.emit(("done", reason, len(job.prompt), job.tokens + int(stop_token)))
+        job.emit(Finished(reason, len(job.prompt), job.tokens + int(stop_token)))
         self.release(job)
 
 
@@ -432,8 +458,6 @@ class OpenAIRoutes:
                                             "root": public_name(Path(m.path))} for m in self.served.models.values()]}
 
     async def chat(self, request: Request):
-        from lorakit.data.render import render_prompt
-
         req = parse_chat_request(await self.read_json(request))
         model = self.find_model(req.model)
         self.check_chars(sum(len(m["content"]) for m in req.messages) + len(model.system or ""), "messages")
@@ -488,14 +512,14 @@ class OpenAIRoutes:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)  # nobody is listening; `finally` frees the slot
                     continue
-                if event[0] == "error":
-                    raise event[1]
-                if event[0] == "delta":
-                    text += event[1]
+                if isinstance(event, Failed):
+                    raise event.error
+                if isinstance(event, Delta):
+                    text += event.text
                     continue
-                use = usage(event[2], event[3])
+                use = usage(event.prompt_tokens, event.completion_tokens)
                 make = chat_response if chat else completion_response
-                return JSONResponse(make(rid, name, text, event[1], use))
+                return JSONResponse(make(rid, name, text, event.finish_reason, use))
         finally:
             self.scheduler.release(job, cancelled=not job.done)
 
@@ -514,15 +538,15 @@ class OpenAIRoutes:
                 yield line(chat_chunk(rid, name, {"role": "assistant", "content": ""}))
             while True:
                 event = await job.events.get()
-                if event[0] == "delta":
-                    yield line(chunk(event[1]))
+                if isinstance(event, Delta):
+                    yield line(chunk(event.text))
                     continue
-                if event[0] == "error":
-                    yield line(event[1].body())
+                if isinstance(event, Failed):
+                    yield line(event.error.body())
                 else:
-                    yield line(chunk(None, event[1]))
+                    yield line(chunk(None, event.finish_reason))
                     if include_usage:
-                        yield line(chunk(None, use=usage(event[2], event[3])))
+                        yield line(chunk(None, use=usage(event.prompt_tokens, event.completion_tokens)))
                 break
             yield "data: [DONE]\n\n"
         finally:  # also runs when the client disconnects: the stream is cancelled mid-way
@@ -557,8 +581,6 @@ def build_app(served: Served, scheduler: Scheduler, *, api_key: str | None, defa
         return answer(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
 
     async def server_error(request, exc: Exception):  # a bug of ours: JSON for the client, traceback in the log
-        import traceback
-
         traceback.print_exception(exc, file=sys.stderr)
         return answer(ApiError(500, f"internal error ({type(exc).__name__}); see the server log.", type="server_error"))
 

@@ -455,7 +455,7 @@ def test_a_request_joins_the_running_batch_and_finishes_first(qwen_tokenizer):
 
     from lorakit.data.render import render_prompt
     from lorakit.infer.engine import Engine, SamplingParams
-    from lorakit.serve import Scheduler, Served, ServedModel
+    from lorakit.serve import Delta, Finished, Scheduler, Served, ServedModel
     from test_engine import _model
 
     threads = torch.get_num_threads()
@@ -472,24 +472,24 @@ def test_a_request_joins_the_running_batch_and_finishes_first(qwen_tokenizer):
     async def collect(job, name, text=""):
         while True:
             event = await job.events.get()
-            if event[0] == "done":
+            if isinstance(event, Finished):
                 finished.append(name)
                 return text, event
-            text += event[1]
+            text += event.text
 
     async def main():
         loop = asyncio.get_running_loop()
         long, short = make_job(served, loop, long_prompt, 80), make_job(served, loop, short_prompt, 6)
         scheduler.submit(long)
         first = await long.events.get()
-        assert first[0] == "delta"  # the long reply is streaming
+        assert isinstance(first, Delta)  # the long reply is streaming
         scheduler.submit(short)
-        return await asyncio.gather(collect(short, "short"), collect(long, "long", first[1]))
+        return await asyncio.gather(collect(short, "short"), collect(long, "long", first.text))
 
     try:
         (short_text, short_done), (long_text, long_done) = asyncio.run(main())
         assert finished == ["short", "long"]
-        assert short_done[1:] == ("length", len(short_prompt), 6) and long_done[3] == 80
+        assert short_done == Finished("length", len(short_prompt), 6) and long_done.completion_tokens == 80
         params = SamplingParams(max_new_tokens=6)
         assert short_text == engine.generate([short_prompt], params)[0].text
         assert long_text == engine.generate([long_prompt], SamplingParams(max_new_tokens=80))[0].text
