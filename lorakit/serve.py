@@ -33,7 +33,7 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves the (string) annotations in these globals
 
 from lorakit.args import DeployArgs
-from lorakit.data.render import render_prompt
+from lorakit.data.render import render_prompt, strip_system_markers
 from lorakit.errors import UserError
 from lorakit.infer.sampling import SamplingParams
 from lorakit.infer.text import TextStream
@@ -137,6 +137,8 @@ def load_served(args: DeployArgs) -> Served:
                                          ckpt_system, str(ckpt))
         if not merge:
             models.setdefault(base_path.name, ServedModel(base_path.name, None, system, str(base_path)))
+    for served in models.values():  # '<|im_start|>system\nX<|im_end|>' -> 'X', with a warning
+        served.system = strip_system_markers(tokenizer, served.system)
     engine = Engine(model, tokenizer, max_batch_size=args.max_concurrency)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     return Served(model, tokenizer, engine, models, context)

@@ -328,3 +328,13 @@ def test_sampling_defaults_come_from_the_models_generation_config():
     assert (params.temperature, params.top_p, params.repetition_penalty) == (0, 0.8, 1.2)
     params, note = sampling_params(GenerationArgs(), GenerationConfig())  # a model that does not sample: greedy
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty, note) == (0.0, 1.0, 0, 1.0, None)
+
+
+def test_system_pasted_with_template_markers_is_stripped_with_a_warning(tiny_qwen2_dir, capsys):
+    from lorakit.args import AdapterArgs, InferArgs, ModelArgs
+    from lorakit.infer.chat import load_session
+
+    args = InferArgs(model=ModelArgs(model=str(tiny_qwen2_dir)),
+                     adapter=AdapterArgs(system="<|im_start|>system\nBe brief.<|im_end|>"))
+    assert load_session(args).system == "Be brief."
+    assert "warning: --system held the chat template's own markers" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from lorakit.args import GenerationArgs, InferArgs
+from lorakit.data.render import strip_system_markers
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine, Generation, SamplingParams
 
@@ -125,6 +126,7 @@ def load_session(args: InferArgs) -> Session:
 
 
 def _session(model, tokenizer, system, label, checkpoint, notes) -> Session:
+    system = strip_system_markers(tokenizer, system)  # '<|im_start|>system\nX<|im_end|>' -> 'X', with a warning
     engine = Engine(model, tokenizer)
     if engine.device.type == "cuda" and not engine.uses_fast_path:
         notes.append(f"the fast GPU decoder is off ({engine.fast_note}); answers are slower.")
