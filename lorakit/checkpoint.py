@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from lorakit.args import QuantArgs
 from lorakit.errors import UserError
+from lorakit.model import load_model, load_tokenizer, resolve_model_path
 from lorakit.quantize import checkpoint_quant
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,7 +110,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(
-    dir: str | Path, *, model, tokenizer, args: dict[str, Any], train_state: TrainState | None = None,
+    dir: str | Path, *, model, tokenizer: PreTrainedTokenizerBase, args: dict[str, Any],
+    train_state: TrainState | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint to `dir` atomically: a temporary folder beside it, fsync, rename.
@@ -205,8 +208,6 @@ def load_checkpoint(
     The base loads quantized as `quant` says, else as args.json records it was trained (QLoRA), unless
     `full_precision` or `merge_lora` (merging into 4-bit weights would round the merged weights again).
     """
-    from lorakit.model import load_model, load_tokenizer, resolve_model_path
-
     ckpt = find_checkpoint(path)
     args = read_args(ckpt)
     if not (ckpt / ADAPTER_CONFIG).is_file():

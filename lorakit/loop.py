@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
 from lorakit.args import SftArgs
@@ -374,7 +375,7 @@ def plan_run(args: SftArgs, data: TrainData, world_size: int = 1) -> tuple[list,
     return train_samples, plan
 
 
-def start_run(args: SftArgs, model, tokenizer, data: TrainData, *, saved_args: dict[str, Any],
+def start_run(args: SftArgs, model, tokenizer: PreTrainedTokenizerBase, data: TrainData, *, saved_args: dict[str, Any],
               device: torch.device, loss_fn: LossFn, scaler=None,
               par: distributed.Parallel | None = None) -> TrainingRun:
     """Plan the steps, make the run folder (its args.json is `saved_args`) and build the optimizer.

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from lorakit.data.render import IGNORE_INDEX, Rendered
 from lorakit.paths import cache_root
@@ -27,7 +28,7 @@ def cache_dir() -> Path:
     return cache_root() / "data"
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Hash of everything about a tokenizer that changes its ids: vocab, merges, added tokens, chat template."""
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())

@@ -70,7 +70,7 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def format_report(data: TrainData, tokenizer, *, data_args=None, color: bool = False) -> str:
+def format_report(data: TrainData, tokenizer: PreTrainedTokenizerBase, *, data_args=None, color: bool = False) -> str:
     """The whole check-data report as text (also printed by `sft --dry_run true`)."""
     lines = []
     for report in data.reports:
@@ -86,7 +86,7 @@ def format_report(data: TrainData, tokenizer, *, data_args=None, color: bool = F
     return "\n".join(lines)
 
 
-def _dataset_lines(r: DatasetReport, tokenizer, system: str | None, color: bool) -> list[str]:
+def _dataset_lines(r: DatasetReport, tokenizer: PreTrainedTokenizerBase, system: str | None, color: bool) -> list[str]:
     formats = ", ".join(f"{name} ({n} rows)" for name, n in r.formats.items()) or "none detected"
     out = [
         f"{r.role} dataset: {r.location}" + (f"  (spec {r.spec})" if r.spec != r.location else ""),
@@ -118,7 +118,7 @@ def _dataset_lines(r: DatasetReport, tokenizer, system: str | None, color: bool)
     return out
 
 
-def _system_line(r: DatasetReport, tokenizer, system: str | None) -> str:
+def _system_line(r: DatasetReport, tokenizer: PreTrainedTokenizerBase, system: str | None) -> str:
     if system is not None:
         fallback = f"--system {system!r}"
     else:
@@ -131,7 +131,7 @@ def _system_line(r: DatasetReport, tokenizer, system: str | None) -> str:
     return f"each row's own in {r.rows_with_own_system} rows; the others get {fallback}"
 
 
-def mark_loss_spans(tokenizer, sample: Rendered, *, color: bool = False) -> str:
+def mark_loss_spans(tokenizer: PreTrainedTokenizerBase, sample: Rendered, *, color: bool = False) -> str:
     """Decode a sample with its loss-bearing runs wrapped in colour or [[ ]]."""
     pieces, run, learned = [], [], None
     for token, label in zip(sample.input_ids, sample.labels):

@@ -130,7 +130,8 @@ def _render_chunk(bounds: tuple[int, int]) -> list[Rendered]:
     )
 
 
-def _render_parallel(tokenizer, messages, sources, system, loss_on_prompt, num_proc) -> list[Rendered]:
+def _render_parallel(tokenizer: PreTrainedTokenizerBase, messages, sources, system, loss_on_prompt,
+                     num_proc) -> list[Rendered]:
     """Forked workers inherit the tokenizer and rows; each renders a contiguous chunk."""
     chunk = 1000
     bounds = [(a, min(a + chunk, len(messages))) for a in range(0, len(messages), chunk)]
@@ -248,7 +249,7 @@ def note_unused_identity(data_args, log) -> None:
 
 
 def _process_part(
-    part: DatasetPart, role: str, tokenizer, data_args, system, fp, log
+    part: DatasetPart, role: str, tokenizer: PreTrainedTokenizerBase, data_args, system, fp, log
 ) -> tuple[DatasetReport, list[Rendered]]:
     report = DatasetReport(
         spec=part.spec, location=part.location, role=role, formats=part.formats, rows_read=part.rows_read,

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 from lorakit.errors import UserError
 
 IGNORE_INDEX = -100
@@ -44,7 +46,7 @@ class Rendered:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
-def set_chat_template(tokenizer, template: str | None) -> None:
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | None) -> None:
     """Apply `--template`: keep the tokenizer's own, use built-in ChatML, or read a .jinja file."""
     if template in _DEFAULT_TEMPLATE_NAMES:
         _require_template(tokenizer)
@@ -64,7 +66,8 @@ def set_chat_template(tokenizer, template: str | None) -> None:
     )
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]], *, system: str | None = None) -> list[int]:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *,
+                  system: str | None = None) -> list[int]:
     """Token ids of `messages` followed by the assistant generation prompt (what inference feeds the model)."""
     messages = with_system(messages, system)
     text = _apply(tokenizer, messages, add_generation_prompt=True)
@@ -74,14 +77,15 @@ def render_prompt(tokenizer, messages: list[dict[str, str]], *, system: str | No
 
 
 def render_conversation(
-    tokenizer, messages: list[dict[str, str]], *, system: str | None = None, loss_on_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, system: str | None = None,
+    loss_on_prompt: bool = False,
 ) -> Rendered:
     """Token ids and labels of a whole conversation; loss on every assistant turn plus its end-of-turn token."""
     return render_conversations(tokenizer, [messages], system=system, loss_on_prompt=loss_on_prompt)[0]
 
 
 def render_conversations(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     conversations: list[list[dict[str, str]]],
     *,
     system: str | None = None,
@@ -111,7 +115,7 @@ def render_conversations(
     return out
 
 
-def _encode_batch(tokenizer, texts: list[str]) -> list | None:
+def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list | None:
     """Rust `tokenizers.Encoding`s (ids + character offsets); None for slow tokenizers, which have no offsets."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not getattr(tokenizer, "is_fast", False):
@@ -119,7 +123,7 @@ def _encode_batch(tokenizer, texts: list[str]) -> list | None:
     return backend.encode_batch(texts, add_special_tokens=False)
 
 
-def template_default_system(tokenizer) -> str | None:
+def template_default_system(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The system prompt the chat template inserts when a conversation has none (None if it inserts none)."""
     marker_sys, marker_user = "\x01SYSTEM\x01", "\x02"
     with_sys = _apply(tokenizer, [{"role": "system", "content": marker_sys}, {"role": "user", "content": marker_user}],
@@ -134,7 +138,7 @@ def template_default_system(tokenizer) -> str | None:
     return None
 
 
-def system_markers(tokenizer) -> tuple[str, str] | None:
+def system_markers(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str] | None:
     """The text the chat template writes before and after a system prompt: ('<|im_start|>system', '<|im_end|>')."""
     marker_sys, marker_user = "\x01SYSTEM\x01", "\x02"
     text = _apply(tokenizer, [{"role": "system", "content": marker_sys}, {"role": "user", "content": marker_user}],
@@ -154,7 +158,8 @@ def system_markers(tokenizer) -> tuple[str, str] | None:
     return before.strip(), after
 
 
-def strip_system_markers(tokenizer, system: str | None, *, flag: str = "--system", log=None) -> str | None:
+def strip_system_markers(tokenizer: PreTrainedTokenizerBase, system: str | None, *, flag: str = "--system",
+                         log=None) -> str | None:
     """A system prompt pasted with the template's own markers, '<|im_start|>system\\nX<|im_end|>', as 'X'.
 
     The template writes the markers around the system prompt itself; kept, they would render twice.
@@ -201,7 +206,7 @@ def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict
 
 
 def assistant_spans(
-    tokenizer, messages: list[dict[str, str]], text: str, *, text_is_conversation: bool = True
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str, *, text_is_conversation: bool = True
 ) -> list[tuple[int, int]]:
     """Character spans of `text` (a render of `messages`) that are assistant turns, end-of-turn token included.
 
@@ -227,7 +232,8 @@ def assistant_spans(
     return spans
 
 
-def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], encoding=None) -> tuple[list[int], list[int]]:
+def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str, spans: list[tuple[int, int]],
+              encoding=None) -> tuple[list[int], list[int]]:
     """Token ids of `text` and labels (the ids inside `spans`, IGNORE_INDEX elsewhere).
 
     The text is tokenized whole, except that it is split (and the pieces tokenized apart) at any
@@ -257,7 +263,7 @@ def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], encoding=None)
     return ids, labels
 
 
-def _encode(tokenizer, text: str):
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str):
     """One Rust `tokenizers.Encoding` (ids + character offsets); None for a slow tokenizer."""
     encodings = _encode_batch(tokenizer, [text])
     if encodings is not None:
@@ -276,12 +282,12 @@ def _token_at(encoding, cut: int) -> int | None:
     return k
 
 
-def _apply(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     _require_template(tokenizer)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _require_template(tokenizer) -> None:
+def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise UserError(
@@ -290,7 +296,7 @@ def _require_template(tokenizer) -> None:
         )
 
 
-def _ensure_chatml_tokens(tokenizer) -> None:
+def _ensure_chatml_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
     """ChatML needs <|im_start|>/<|im_end|> as single special tokens; refuse silently splitting them."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
