@@ -309,6 +309,13 @@ class TrainArgs:
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise UserError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
 
+    def notices(self) -> list[str]:
+        """One line per accepted flag that changes nothing."""
+        if self.dataloader_num_workers > 0:
+            return [f"note: --dataloader_num_workers {self.dataloader_num_workers} is ignored: the tokenised data "
+                    f"is already in memory, so batches need no loader processes."]
+        return []
+
 
 @dataclass
 class GenerationArgs:

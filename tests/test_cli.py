@@ -141,5 +141,7 @@ def test_bad_value_fails_before_anything_is_written(cli, tmp_path):
 
 
 def test_ignored_compatibility_flags_say_so(cli):
-    proc = cli("check-data", "--model_type", "qwen2_5", "--streaming", "true", "--dataset", "nope.json", timeout=120)
+    proc = cli("check-data", "--model_type", "qwen2_5", "--streaming", "true", "--dataloader_num_workers", "4",
+               "--dataset", "nope.json", timeout=120)
     assert "note: --model_type qwen2_5 is ignored" in proc.stderr and "note: --streaming true is ignored" in proc.stderr
+    assert "note: --dataloader_num_workers 4 is ignored" in proc.stderr
