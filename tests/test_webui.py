@@ -217,6 +217,9 @@ def test_one_job_at_a_time_and_stop(tmp_path):
     job = runner.start("train", [SleepCommand("sft", ["--max_steps", "3"])])
     assert os.getpgid(job.pid) == job.pid  # its own session: closing the page or the server's terminal leaves it
     wait_for(lambda: "started" in job.log())
+    with open(job.log_path, "a") as f:
+        f.write("\rsft:  10%| 1/10\rsft:  20%| 2/10")
+    assert progress.tail(job.log(), 2) == "started\nsft:  20%| 2/10"  # a bar's \r updates stay one line
     with pytest.raises(UserError, match=r"a train job is running \(started .*\): lorakit sft --max_steps 3"):
         runner.start("eval", [SleepCommand("eval")])
     assert runner.active().id == job.id

@@ -69,7 +69,11 @@ class Job:
         return self.pid is not None and _alive(self.pid)
 
     def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.is_file() else ""
+        """The output so far, carriage returns kept (a progress bar's updates stay on one line)."""
+        if not self.log_path.is_file():
+            return ""
+        with open(self.log_path, encoding="utf-8", errors="replace", newline="") as f:
+            return f.read()
 
 
 def _alive(pid: int) -> bool:
