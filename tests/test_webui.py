@@ -178,8 +178,8 @@ def test_eval_report_from_eval_json(tmp_path):
     (ckpt / "eval.json").write_text(json.dumps(result.to_json()))
     (ckpt.parent / "report.json").write_text(json.dumps({"before": {"identity_en": 0.0, "retention": 1.0}}))
     runner = JobRunner(tmp_path / "jobs", cwd=tmp_path)
-    job = runner.start("eval", [SleepCommand("eval", ["--adapters", str(ckpt), "--eval_output", str(ckpt / "eval.json")],
-                                             seconds=0)])
+    flags = ["--adapters", str(ckpt), "--eval_output", str(ckpt / "eval.json")]
+    job = runner.start("eval", [SleepCommand("eval", flags, seconds=0)])
     wait_for(lambda: not job.running and job.ended)
     table, chart, replies = report_of(job, Labels("en"))
     assert "| identity, English (held-out probes) | 0.0% | 100.0% (1/1) | >= 90% |" in table
@@ -199,7 +199,8 @@ class SleepCommand(Command):
 
     def process_argv(self):
         code = (f"import sys, time; print('started', flush=True); time.sleep({self.seconds}); "
-                f"print('error: it broke at step 3', file=sys.stderr) if {self.status} else None; sys.exit({self.status})")
+                f"print('error: it broke at step 3', file=sys.stderr) if {self.status} else None; "
+                f"sys.exit({self.status})")
         return [sys.executable, "-c", code]
 
 

@@ -29,7 +29,8 @@ def saved_identity(ckpt: Path) -> tuple[list[str], list[str]]:
             saved.get("model_author") or data.get("model_author") or [])
 
 
-def eval_commands(ctx: Context, spec: str, name: str, author: str, base_too: bool) -> tuple[list[Command], list[Problem]]:
+def eval_commands(ctx: Context, spec: str, name: str, author: str,
+                  base_too: bool) -> tuple[list[Command], list[Problem]]:
     """`lorakit eval` of the checkpoint, writing CKPT/eval.json; with base_too, then of its base (eval-base.json)."""
     try:
         ckpt = find_checkpoint(ctx.cwd / (spec or ""))

@@ -1,4 +1,4 @@
-"""The Export tab: `lorakit export` (merge with its check, GGUF, Ollama Modelfile); the files written and how to use them."""
+"""The Export tab: `lorakit export` (merge and its check, GGUF, Ollama Modelfile), the files written, their use."""
 
 from __future__ import annotations
 

@@ -179,7 +179,8 @@ def list_runs(output_dir: Path) -> list[RunInfo]:
         return []
     runs = []
     for folder in output_dir.iterdir():
-        if not (folder.is_dir() and re.fullmatch(r"v\d+-\d{8}-\d{6}", folder.name) and (folder / "args.json").is_file()):
+        named = re.fullmatch(r"v\d+-\d{8}-\d{6}", folder.name)
+        if not (named and folder.is_dir() and (folder / "args.json").is_file()):
             continue
         records = read_log_records(folder)
         losses = [r["loss"] for r in records if "loss" in r]

@@ -80,7 +80,8 @@ def show(ctx: Context, viewing: str, last: tuple):
     else:
         status = t("idle")
     signature = (viewing, job.id if job else None, job.running if job else None,
-                 len(progress.loss) + len(progress.eval_loss) if progress else 0, len(progress.reward) if progress else 0)
+                 len(progress.loss) + len(progress.eval_loss) if progress else 0,
+                 len(progress.reward) + len(progress.eval_reward) if progress else 0)
     changed = [gr.skip(), gr.skip(), gr.skip()]  # redraw plots and the run list only when something changed
     if signature != last:
         changed = [loss_frame(progress) if progress else None,
