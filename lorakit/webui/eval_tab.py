@@ -170,7 +170,7 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         job = ctx.runner.latest("eval")
         key = f"{job.id}:{state_of(job)}" if job else ""
         report = report_of(job, t) if key != last else (gr.skip(), gr.skip(), gr.skip())
-        return status_markdown(job, t), tail(job.log(), 30) if job else "", *report, key
+        return status_markdown(job, t), tail(job.log(), 8) if job else "", *report, key
 
     preview_outputs = [command_box, checkpoint_error, name_error, author_error]
     for component in inputs:

@@ -142,7 +142,7 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
 
     def tick():
         job = ctx.runner.latest("export")
-        return (status_markdown(job, t), *results(job), tail(job.log(), 30) if job else "")
+        return (status_markdown(job, t), *results(job), tail(job.log(), 8) if job else "")
 
     preview_outputs = [command_box, checkpoint_error, output_error]
     for component in inputs:

@@ -90,7 +90,7 @@ def show(ctx: Context, viewing: str, last: tuple):
                    gr.update(choices=run_choices(ctx)) if last and signature[:3] != last[:3] else gr.skip()]
     # a job that started or ended makes the last Start/Stop message stale ("a train job is running")
     message = "" if last and signature[:3] != last[:3] else gr.skip()
-    return status, progress_html(progress, t), *changed, tail(log, 40) if job else "", message, signature
+    return status, progress_html(progress, t), *changed, tail(log, 12) if job else "", message, signature
 
 
 def build(ctx: Context, demo: gr.Blocks) -> None:
