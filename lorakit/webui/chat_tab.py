@@ -157,7 +157,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
 
     sampling_inputs = [model, system, *boxes]
     for component in sampling_inputs:
-        component.change(preview, sampling_inputs, [command_box, note], show_progress="hidden")
+        component.change(preview, sampling_inputs, [command_box, note], show_progress="hidden",
+                         concurrency_limit=1, concurrency_id="chat-preview", trigger_mode="always_last")
     compare.change(lambda on: gr.update(visible=on), [compare], [base_bot])
     refresh.click(lambda: gr.update(choices=model_choices(ctx)), None, [model])
     chat_inputs = [model, compare, system, message, tuned_bot, base_bot, *boxes]

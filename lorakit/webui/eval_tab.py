@@ -174,7 +174,8 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
 
     preview_outputs = [command_box, checkpoint_error, name_error, author_error]
     for component in inputs:
-        component.change(preview, inputs, preview_outputs, show_progress="hidden")
+        component.change(preview, inputs, preview_outputs, show_progress="hidden",
+                         concurrency_limit=1, concurrency_id="eval-preview", trigger_mode="always_last")
     refresh.click(lambda: gr.update(choices=checkpoint_choices(ctx)), None, [checkpoint])
     start.click(preview, inputs, preview_outputs, show_progress="hidden").then(
         on_start, inputs, [message], show_progress="hidden")

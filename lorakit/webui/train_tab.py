@@ -215,11 +215,13 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
 
     preview_outputs = [command_box, *errors.values(), extra_error]
     for component in inputs:
-        component.change(preview, inputs, preview_outputs, show_progress="hidden")
+        component.change(preview, inputs, preview_outputs, show_progress="hidden",
+                         concurrency_limit=1, concurrency_id="train-preview", trigger_mode="always_last")
     previous = gr.State(DEFAULT_METHOD)
     method.change(on_method, [method, previous, *boxes.values()], [*boxes.values(), *columns.values(), previous],
                   show_progress="hidden")
-    start.click(on_start, inputs, [*preview_outputs, message, viewing], show_progress="hidden")
+    start.click(on_start, inputs, [*preview_outputs, message, viewing], show_progress="hidden",
+                concurrency_limit=1, concurrency_id="train-preview")  # after the form's pending previews
     stop.click(on_stop, None, [message], show_progress="hidden")
     upload.upload(on_upload, [upload, boxes["dataset"]], [boxes["dataset"]])
     refresh.click(lambda: gr.update(choices=run_choices(ctx)), None, [runs])
