@@ -18,6 +18,7 @@ process group, wraps the model and gives the loop its few collectives.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import socket
 import sys
@@ -323,8 +324,11 @@ def wrap(model: nn.Module, env: DistEnv) -> Parallel:
 
     # layers compiled inside DDP: one graph per layer, not split at DDP's buckets (layer-level overlap suffices)
     torch._dynamo.config.optimize_ddp = False
+    # no buffer sync in forward (RoPE tables are identical on every rank); the keyword was renamed in torch 2.13
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
     ddp = DistributedDataParallel(wrapper, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                  forward_sync_buffers=False, gradient_as_bucket_view=True)
+                                  gradient_as_bucket_view=True, **no_sync)
     ddp.register_comm_hook(None, _sum_allreduce_hook)
     return Parallel(env=env, module=ddp)
 
