@@ -437,6 +437,92 @@ class SftArgs:
                             f"with NPROC_PER_NODE), or drop --quant_bits.")
 
 
+RLHF_TYPES = ("dpo", "orpo", "simpo", "kto", "cpo")
+# loss types per --rlhf_type (TRL 1.16's names); the first is the default
+RLHF_LOSS_TYPES = {
+    "dpo": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+            "aot_unpaired", "apo_zero", "apo_down", "sigmoid_norm"),
+    "cpo": ("sigmoid", "hinge", "ipo", "simpo"),
+    "simpo": ("simpo",),
+    "orpo": ("orpo",),
+    "kto": ("kto", "apo_zero_unpaired"),
+}
+RLHF_DEFAULT_BETA = {"simpo": 2.0}  # ms-swift: 0.1 for the others
+
+
+@dataclass
+class RlhfGroup:
+    """Preference-training flags (ms-swift's `swift rlhf` names and defaults)."""
+
+    rlhf_type: str = "dpo"
+    "dpo, orpo, simpo, kto or cpo."
+    adapters: list[str] = field(default_factory=list)
+    "SFT checkpoint (or run folder) to continue: it is both the starting policy and the reference. Empty: a fresh LoRA on --model, whose reference is the base model."
+    ref_model: str | None = None
+    "Accepted for ms-swift compatibility only as empty: the reference is always the starting policy (--adapters, else --model), with no second copy of the weights."
+    beta: float | None = None
+    "Strength of the preference (DPO: inverse KL weight; SimPO: reward scale). Empty: 2.0 for simpo, 0.1 otherwise."
+    loss_type: str | None = None
+    "dpo: sigmoid (default), hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, sigmoid_norm; cpo: sigmoid, hinge, ipo, simpo; kto: kto, apo_zero_unpaired."
+    label_smoothing: float = 0.0
+    "Probability that a pair's label is wrong (conservative DPO/CPO, robust, exo_pair); in [0, 0.5)."
+    rpo_alpha: float | None = None
+    "DPO: add rpo_alpha x the chosen answer's NLL per token (RPO). Empty: no NLL term."
+    simpo_gamma: float = 1.0
+    "SimPO target reward margin."
+    cpo_alpha: float = 1.0
+    "CPO/SimPO: weight of the chosen answer's NLL per token (0: pure SimPO/CPO preference term)."
+    desirable_weight: float = 1.0
+    "KTO: loss weight of desirable completions."
+    undesirable_weight: float = 1.0
+    "KTO: loss weight of undesirable completions."
+
+    def __post_init__(self):
+        _check_choice("rlhf_type", self.rlhf_type, RLHF_TYPES)
+        if self.ref_model:
+            raise UserError(f"--ref_model {self.ref_model}: lorakit's reference is always the starting policy "
+                            "(--adapters, else --model), computed without a second copy of the weights; drop --ref_model.")
+        if self.beta is None:
+            self.beta = RLHF_DEFAULT_BETA.get(self.rlhf_type, 0.1)
+        if self.beta <= 0:
+            raise UserError(f"--beta must be positive, got {self.beta}.")
+        allowed = RLHF_LOSS_TYPES.get(self.rlhf_type, ())
+        if self.loss_type is None and allowed:
+            self.loss_type = allowed[0]
+        if allowed and self.loss_type not in allowed:
+            raise UserError(f"--loss_type {self.loss_type!r} does not apply to --rlhf_type {self.rlhf_type}; "
+                            f"use one of {', '.join(allowed)}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.loss_type == "exo_pair" and self.label_smoothing <= 0:
+            raise UserError("--loss_type exo_pair needs --label_smoothing > 0 (e.g. 1e-3).")
+        for name in ("rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.rpo_alpha is not None and self.rlhf_type != "dpo":
+            raise UserError(f"--rpo_alpha applies to --rlhf_type dpo; {self.rlhf_type} has its own NLL term"
+                            + (" (--cpo_alpha)." if self.rlhf_type in ("cpo", "simpo") else "."))
+
+
+@dataclass
+class RlhfArgs:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    fast: FastArgs = field(default_factory=FastArgs)
+    rlhf: RlhfGroup = field(default_factory=RlhfGroup)
+
+    def __post_init__(self):
+        if self.data.packing:
+            raise UserError("--packing does not apply to rlhf: the chosen and rejected answers of a pair already run "
+                            "in one forward; drop --packing.")
+        if self.data.loss_on_prompt:
+            raise UserError("--loss_on_prompt does not apply to rlhf: the preference is between the answers.")
+        if self.train.replay:
+            raise UserError("--replay does not apply to rlhf (the reference policy already anchors the model).")
+
+
 @dataclass
 class CheckDataArgs(SftArgs):
     """check-data takes every sft flag, so a user can run the same command line through it."""

@@ -32,7 +32,8 @@ class LossOutput:
     """Summed token loss and the number of tokens it sums over (the loop divides)."""
 
     loss_sum: torch.Tensor  # fp32 scalar, differentiable
-    n_tokens: torch.Tensor  # int64 scalar
+    n_tokens: torch.Tensor  # int64 scalar (the normalising unit: tokens for sft, pairs for preference losses)
+    metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # name -> (detached sum, count), logged as means
 
 
 def shift_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

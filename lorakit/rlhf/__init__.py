@@ -1,0 +1,1 @@
+"""Preference training (`lorakit rlhf`): losses, preference data, the reference policy, the command."""

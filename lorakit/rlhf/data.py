@@ -1,0 +1,398 @@
+"""Preference rows -> PreferenceExample -> rendered pairs (or KTO completions) -> batches.
+
+Accepted row shapes (checked per row, first match wins):
+- {"messages": [..., {"role": "assistant", "content": CHOSEN}], "rejected_response": REJECTED}   (ms-swift)
+- {"query", "response", "rejected_response", "system"?, "history"?}                              (ms-swift, older)
+- {"prompt": str, "chosen": str, "rejected": str, "system"?, "history"?}                         (TRL, LLaMA-Factory)
+- {"prompt": [messages], "chosen": [assistant turn], "rejected": [assistant turn]}               (TRL conversational)
+- {"chosen": [messages], "rejected": [messages]} sharing every turn but the last                  (TRL implicit prompt)
+- KTO: {"prompt", "completion", "label": bool} (strings or messages) or {"messages": [...], "label": bool}
+Paired rows also feed KTO (the chosen side desirable, the rejected one not).
+
+Rendering goes through lorakit.data.render, the one template function of sft and infer: the prompt
+is `render_prompt`'s ids exactly, and only the final assistant turn carries loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.data.formats import normalise_row
+from lorakit.data.loading import _read_spec, parse_spec, raise_row_errors, resolve_system, sample_rows, split_val
+from lorakit.data.packing import collate
+from lorakit.data.render import IGNORE_INDEX, Rendered, render_conversations, render_prompt, set_chat_template
+from lorakit.errors import UserError
+
+ACCEPTED_PREFERENCE_SHAPES = (
+    "messages + rejected_response (ms-swift); query/response/rejected_response (+system, history); "
+    "prompt/chosen/rejected as strings (+system, history) or message lists; chosen/rejected message lists "
+    "that share every turn but the last; for KTO, prompt/completion/label or messages/label"
+)
+PREFERENCE_KEYS = ("rejected_response", "chosen", "rejected", "label")
+
+
+@dataclass
+class PreferenceExample:
+    """One row: the conversation up to the answer, and the answers judged."""
+
+    prompt: list[dict[str, str]]  # system/history turns included; ends with a user turn
+    chosen: str | None            # paired rows (and KTO desirable completions)
+    rejected: str | None          # paired rows (and KTO undesirable completions)
+    source: str                   # file:line
+    format: str
+
+    @property
+    def is_pair(self) -> bool:
+        return self.chosen is not None and self.rejected is not None
+
+
+@dataclass
+class RenderedPair:
+    """A prompt with both answers rendered; labels only on the final answer (and its end-of-turn)."""
+
+    chosen: Rendered
+    rejected: Rendered
+    source: str
+    ref_chosen: float | None = None  # the reference policy's summed log-prob, filled before training
+    ref_rejected: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+@dataclass
+class RenderedCompletion:
+    """A KTO example: one completion, whether it is desirable, and a mismatched one for the KL estimate."""
+
+    completion: Rendered
+    desirable: bool
+    source: str
+    kl: Rendered | None = None  # this prompt followed by another example's completion
+    ref: float | None = None
+    ref_kl: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.completion.input_ids)
+
+
+@dataclass
+class PreferenceReport:
+    """What happened to one dataset on its way to training (printed by rlhf and check-data)."""
+
+    spec: str
+    location: str
+    role: str
+    formats: dict[str, int]
+    rows_read: int
+    rows_sampled: int
+    kept: int = 0
+    train_rows: int = 0
+    val_rows: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    errors: list[str] = field(default_factory=list)
+    example: RenderedPair | RenderedCompletion | None = None
+
+
+@dataclass
+class PreferenceData:
+    """Rendered training and validation examples, and a report per dataset."""
+
+    train: list
+    val: list
+    reports: list[PreferenceReport]
+    system: str | None = None
+
+
+def is_preference_row(row) -> bool:
+    """A row that carries a judgement (chosen/rejected/rejected_response/label) rather than one answer."""
+    return isinstance(row, dict) and any(k in row for k in PREFERENCE_KEYS)
+
+
+def _need_text(row: dict, key: str, source: str) -> str:
+    value = row.get(key)
+    if value is None:
+        raise UserError(f"{source}: row has no '{key}'. Accepted shapes: {ACCEPTED_PREFERENCE_SHAPES}.")
+    if not isinstance(value, str):
+        raise UserError(f"{source}: '{key}' must be a string, got {type(value).__name__}: {value!r:.80}")
+    if not value.strip():
+        raise UserError(f"{source}: '{key}' is empty; both sides of a pair need text")
+    return value
+
+
+def _prompt_messages(row: dict, prompt, answer: str, source: str) -> list[dict[str, str]]:
+    """Validated prompt turns (system/history applied) from a string or a message list, via sft's normaliser."""
+    if isinstance(prompt, list):
+        messages = normalise_row({"messages": prompt + [{"role": "assistant", "content": answer}]}, source).messages
+        if row.get("system"):
+            messages = _with_system_key(messages, row, source)
+    else:
+        text = prompt if isinstance(prompt, str) else None
+        if text is None:
+            raise UserError(f"{source}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+        keep = {k: row[k] for k in ("system", "history") if row.get(k) is not None}
+        messages = normalise_row({"query": text, "response": answer, **keep}, source).messages
+    return messages[:-1]
+
+
+def _with_system_key(messages: list[dict[str, str]], row: dict, source: str) -> list[dict[str, str]]:
+    if messages[0]["role"] == "system":
+        raise UserError(f"{source}: row has both a 'system' key and a system turn; keep one")
+    return [{"role": "system", "content": row["system"]}] + messages
+
+
+def _assistant_text(value, key: str, source: str) -> str:
+    """An answer given as a string or as a message list ending with (or holding only) the assistant turn."""
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict) or value[-1].get("role") != "assistant":
+            raise UserError(f"{source}: '{key}' as a message list must end with an assistant turn")
+        value = value[-1].get("content")
+    if not isinstance(value, str):
+        raise UserError(f"{source}: '{key}' must be a string or a message list, got {type(value).__name__}")
+    if not value.strip():
+        raise UserError(f"{source}: '{key}' is empty; both sides of a pair need text")
+    return value
+
+
+def parse_preference_row(row, source: str) -> PreferenceExample:
+    """Normalise one preference (or KTO) row, or raise UserError naming file:line and what is wrong."""
+    if not isinstance(row, dict):
+        raise UserError(f"{source}: expected a JSON object per row, got {type(row).__name__}")
+    if "rejected_response" in row:
+        rejected = _need_text(row, "rejected_response", source)
+        rest = {k: v for k, v in row.items() if k != "rejected_response"}
+        shape = "messages+rejected_response" if "messages" in row else "query/response/rejected_response"
+        messages = normalise_row(rest, source).messages
+        return PreferenceExample(messages[:-1], messages[-1]["content"], rejected, source, shape)
+    if "chosen" in row or "rejected" in row:
+        for key in ("chosen", "rejected"):
+            if row.get(key) is None:
+                raise UserError(f"{source}: row has '{'rejected' if key == 'chosen' else 'chosen'}' but no '{key}'; "
+                                f"a preference pair needs both")
+        chosen = _assistant_text(row["chosen"], "chosen", source)
+        rejected = _assistant_text(row["rejected"], "rejected", source)
+        if "prompt" in row:
+            shape = "prompt/chosen/rejected" + (" (messages)" if isinstance(row["prompt"], list) else "")
+            return PreferenceExample(_prompt_messages(row, row["prompt"], chosen, source), chosen, rejected, source, shape)
+        if not isinstance(row["chosen"], list) or not isinstance(row["rejected"], list):
+            raise UserError(f"{source}: 'chosen'/'rejected' strings need a 'prompt' (or give them as message lists)")
+        if row["chosen"][:-1] != row["rejected"][:-1] or len(row["chosen"]) < 2:
+            raise UserError(f"{source}: 'chosen' and 'rejected' message lists must share every turn but the last "
+                            f"(the prompt), or give the prompt as 'prompt'")
+        return PreferenceExample(_prompt_messages(row, row["chosen"][:-1], chosen, source), chosen, rejected, source,
+                                 "chosen/rejected (messages)")
+    if "label" in row:
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise UserError(f"{source}: 'label' must be true or false (KTO: is the completion desirable?), got {label!r}")
+        if "messages" in row:
+            messages = normalise_row({k: v for k, v in row.items() if k != "label"}, source).messages
+            prompt, completion, shape = messages[:-1], messages[-1]["content"], "messages+label"
+        else:
+            completion = _assistant_text(row.get("completion"), "completion", source)
+            prompt, shape = _prompt_messages(row, row.get("prompt"), completion, source), "prompt/completion/label"
+        return PreferenceExample(prompt, completion if label else None, None if label else completion, source, shape)
+    keys = ", ".join(sorted(map(str, row))) or "(none)"
+    raise UserError(f"{source}: not a preference row; keys found: {keys}. Accepted shapes: {ACCEPTED_PREFERENCE_SHAPES}.")
+
+
+# ---- rendering: one template function for training and inference ----
+
+
+def _final_turn_only(sample: Rendered, prompt_ids: list[int], source: str) -> Rendered:
+    """Keep the labels of the last answer only; the prompt must render exactly as inference renders it."""
+    n = len(prompt_ids)
+    if sample.input_ids[:n] != prompt_ids:
+        raise UserError(f"{source}: the chat template renders the prompt differently with and without the answer, "
+                        "so the answer's tokens cannot be located; use --template chatml or a jinja file")
+    return Rendered(input_ids=sample.input_ids, labels=[IGNORE_INDEX] * n + sample.labels[n:])
+
+
+def render_examples(tokenizer, examples: list[PreferenceExample], *, system: str | None
+                    ) -> list[tuple[list[int], Rendered | None, Rendered | None]]:
+    """(prompt ids, rendered chosen, rendered rejected) per example, both batched through render_conversations."""
+    sides = []
+    for side in ("chosen", "rejected"):
+        index = [i for i, ex in enumerate(examples) if getattr(ex, side) is not None]
+        convs = [examples[i].prompt + [{"role": "assistant", "content": getattr(examples[i], side)}] for i in index]
+        rendered = render_conversations(tokenizer, convs, system=system, sources=[examples[i].source for i in index])
+        sides.append(dict(zip(index, rendered)))
+    out = []
+    for i, ex in enumerate(examples):
+        prompt_ids = render_prompt(tokenizer, ex.prompt, system=system)
+        chosen, rejected = (None if i not in side else _final_turn_only(side[i], prompt_ids, ex.source) for side in sides)
+        out.append((prompt_ids, chosen, rejected))
+    return out
+
+
+def fit_length(sample: Rendered, prompt_len: int, max_length: int) -> Rendered:
+    """The sample with its answer cut at the end so the whole is max_length tokens (the prompt stays whole)."""
+    return Rendered(input_ids=sample.input_ids[:max_length], labels=sample.labels[:max_length])
+
+
+@dataclass
+class _Shaped:
+    items: list
+    dropped: Counter
+    truncated: int
+    errors: list[str]
+
+
+def shape_examples(tokenizer, examples: list[PreferenceExample], *, system: str | None, max_length: int,
+                   truncation_strategy: str, unpaired: bool) -> _Shaped:
+    """Render, check lengths and build RenderedPair (or RenderedCompletion when `unpaired`, KTO) items.
+
+    A prompt alone as long as --max_length is an error (file:line); an answer that does not fit is
+    dropped (--truncation_strategy delete) or cut at its end (left/right); chosen == rejected is dropped
+    and counted: it teaches nothing.
+    """
+    out = _Shaped([], Counter(), 0, [])
+    for ex, (prompt_ids, chosen, rejected) in zip(examples, render_examples(tokenizer, examples, system=system)):
+        if len(prompt_ids) >= max_length:
+            out.errors.append(f"{ex.source}: the prompt alone is {len(prompt_ids)} tokens, no room for an answer "
+                              f"within --max_length {max_length}; raise --max_length or shorten the prompt")
+            continue
+        if ex.is_pair and chosen.input_ids == rejected.input_ids:
+            out.dropped["chosen == rejected (nothing to prefer)"] += 1
+            continue
+        sides = [s for s in (chosen, rejected) if s is not None]
+        if any(len(s.input_ids) > max_length for s in sides):
+            if truncation_strategy == "delete":
+                out.dropped[f"longer than --max_length {max_length} (--truncation_strategy delete)"] += 1
+                continue
+            sides = [fit_length(s, len(prompt_ids), max_length) for s in sides]
+            out.truncated += 1
+            chosen, rejected = (sides if ex.is_pair else (sides[0], None) if chosen is not None else (None, sides[0]))
+        if unpaired:
+            out.items += [RenderedCompletion(s, s is chosen, ex.source) for s in (chosen, rejected) if s is not None]
+        elif not ex.is_pair:
+            out.errors.append(f"{ex.source}: a KTO row (one completion with a label) cannot train "
+                              f"--rlhf_type dpo/orpo/simpo/cpo, which need a chosen and a rejected answer")
+        else:
+            out.items.append(RenderedPair(chosen, rejected, ex.source))
+    return out
+
+
+def prompt_length(sample: Rendered) -> int:
+    """Tokens before the first labelled one (the prompt)."""
+    return next((t for t, label in enumerate(sample.labels) if label != IGNORE_INDEX), len(sample.labels))
+
+
+def attach_kl_completions(items: list[RenderedCompletion], batch_size: int) -> None:
+    """KTO's KL estimate: each prompt with the completion of its neighbour in its chunk of `batch_size`.
+
+    As TRL: within consecutive chunks, (x_1, y_1) ... (x_n, y_n) -> (x_1, y_n), (x_2, y_1), ...; a chunk
+    of one pairs an example with its own completion.
+    """
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        for k, item in enumerate(chunk):
+            other = chunk[k - 1].completion
+            n, m = prompt_length(item.completion), prompt_length(other)
+            item.kl = Rendered(input_ids=item.completion.input_ids[:n] + other.input_ids[m:],
+                               labels=[IGNORE_INDEX] * n + other.labels[m:])
+
+
+# ---- loading ----
+
+
+def load_preference_data(data_args, tokenizer, *, rlhf_type: str, batch_size: int, use_hf: bool = True,
+                         template: str | None = None, strict: bool = True, log=print) -> PreferenceData:
+    """Read, validate, render, length-check and split every --dataset/--val_dataset into pairs (KTO: completions)."""
+    if not data_args.dataset:
+        raise UserError("no training data: pass --dataset FILE_OR_ID [FILE_OR_ID ...] of preference rows")
+    set_chat_template(tokenizer, template)
+    system = resolve_system(data_args.system)
+    unpaired = rlhf_type == "kto"
+    train, val, reports = [], [], []
+    for role, specs in (("train", data_args.dataset), ("val", data_args.val_dataset)):
+        for text in specs:
+            report, items = _load_one(text, role, tokenizer, data_args, system, unpaired, use_hf, strict)
+            reports.append(report)
+            if role == "val":
+                val += items
+                continue
+            part_train, part_val = split_val(items, data_args.split_dataset_ratio or 0.0, data_args.seed)
+            report.train_rows, report.val_rows = len(part_train), len(part_val)
+            train += part_train
+            val += part_val
+    if strict and not train:
+        raise UserError("zero training pairs left after loading and length checks; see the report above")
+    if unpaired:
+        attach_kl_completions(train, batch_size)
+        attach_kl_completions(val, batch_size)
+    return PreferenceData(train=train, val=val, reports=reports, system=system)
+
+
+def _load_one(text: str, role: str, tokenizer, data_args, system, unpaired: bool, use_hf: bool, strict: bool):
+    spec = parse_spec(text)
+    rows, location = _read_spec(spec.name, use_hf=use_hf, model_name=data_args.model_name,
+                                model_author=data_args.model_author)
+    examples, errors, formats = [], [], Counter()
+    for row, source in rows:
+        try:
+            ex = parse_preference_row(row, source)
+        except UserError as e:
+            errors.append(str(e))
+            continue
+        examples.append(ex)
+        formats[ex.format] += 1
+    if spec.n is not None and examples:
+        examples = sample_rows(examples, spec.n, data_args.seed)
+    shaped = shape_examples(tokenizer, examples, system=system, max_length=data_args.max_length,
+                            truncation_strategy=data_args.truncation_strategy, unpaired=unpaired) if examples else None
+    if shaped is not None:
+        errors += shaped.errors
+    if strict:
+        raise_row_errors(errors, location)
+    report = PreferenceReport(spec=text, location=location, role=role, formats=dict(formats), rows_read=len(rows),
+                              rows_sampled=len(examples), errors=errors)
+    items = shaped.items if shaped is not None else []
+    if shaped is not None:
+        report.dropped, report.truncated = dict(shaped.dropped), shaped.truncated
+    report.kept = len(items)
+    report.example = items[0] if items else None
+    if strict and not items:
+        raise UserError(f"{location}: zero examples left (read {len(rows)}, dropped {sum(report.dropped.values())}: "
+                        + ("; ".join(f"{n} {why}" for why, n in report.dropped.items()) or "none") + ")")
+    return report, items
+
+
+# ---- batches ----
+
+
+def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Rows [chosen_1..chosen_B, rejected_1..rejected_B] in one batch (one forward for both sides).
+
+    shared_prefix (CPU): the tokens every row starts with, the whole prompt for one pair, run once.
+    Adds ref_chosen / ref_rejected [B] (fp32) once the reference log-probs are known.
+    """
+    out = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id, shared_prefix=shared_prefix)
+    if all(p.ref_chosen is not None for p in pairs):
+        out["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float32)
+        out["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float32)
+    return out
+
+
+def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, shared_prefix: bool = False
+                        ) -> dict[str, torch.Tensor]:
+    """KTO rows: the completions, `desirable` [N] bool, and the KL rows under kl_* keys (with their references)."""
+    out = collate([x.completion for x in items], pad_token_id, shared_prefix=shared_prefix)
+    out["desirable"] = torch.tensor([x.desirable for x in items], dtype=torch.bool)
+    if all(x.kl is not None for x in items):
+        kl = collate([x.kl for x in items], pad_token_id, shared_prefix=shared_prefix)
+        out.update({f"kl_{k}": v for k, v in kl.items()})
+    if all(x.ref is not None for x in items):
+        out["ref"] = torch.tensor([x.ref for x in items], dtype=torch.float32)
+        out["ref_kl"] = torch.tensor([x.ref_kl for x in items], dtype=torch.float32)
+    return out
+
+
+def sub_batch(batch: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of `batch` stored under `prefix` (e.g. the KL rows), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
