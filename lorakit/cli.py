@@ -29,10 +29,11 @@ COMMANDS = {
     "export": ("lorakit.export", A.ExportArgs, "Merge an adapter, write GGUF / Ollama files, push to the hub."),
     "deploy": ("lorakit.serve", A.DeployArgs, "Serve a model or checkpoint behind an OpenAI-compatible API."),
     "web-ui": ("lorakit.webui.app", A.WebUIArgs, "Train, chat, evaluate and export from a browser (drives these commands)."),
+    "rlhf": ("lorakit.rlhf.command", A.RlhfArgs, "Preference training (DPO, ORPO, SimPO, KTO, CPO) on top of an SFT adapter."),
 }
 # commands that NPROC_PER_NODE=N re-launches through torchrun (lorakit.launch)
 LAUNCHED = ("sft", "rlhf")
-NOT_YET = {"rlhf": "preference training (DPO and friends)"}
+NOT_YET: dict[str, str] = {}
 TRUE, FALSE = {"true", "1", "yes", "y", "on"}, {"false", "0", "no", "n", "off"}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,28 @@ class LossOutput:
     loss_sum: torch.Tensor  # fp32 scalar, differentiable
     n_tokens: torch.Tensor  # int64 scalar (the normalising unit: tokens for sft, pairs for preference losses)
     metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # name -> (detached sum, count), logged as means
+
+
+class MetricSums:
+    """Running (sum, count) of the values losses report in LossOutput.metrics; means when logged.
+
+    Sums stay tensors (on the GPU no sync per micro-batch); `means` reads them once. When both
+    rewards/chosen and rewards/rejected are present, rewards/margins is their difference (TRL's value).
+    """
+
+    def __init__(self):
+        self.sums: dict[str, tuple[Any, Any]] = {}
+
+    def add(self, metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        for key, (total, count) in (metrics or {}).items():
+            old_total, old_count = self.sums.get(key, (0.0, 0))
+            self.sums[key] = (old_total + total, old_count + count)
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        out = {key: float(total) / max(int(count), 1) for key, (total, count) in self.sums.items() if int(count) > 0}
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {prefix + key: round(value, 6) for key, value in out.items()}
 
 
 def shift_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

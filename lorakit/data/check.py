@@ -27,6 +27,10 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 def main(args) -> int:
     """Entry point for `lorakit check-data` (args: CheckDataArgs / SftArgs)."""
+    from lorakit.rlhf import check as preference_check, data as preference_data  # commands may reach right
+
+    if preference_data.holds_preference_rows(args.data.dataset, use_hf=args.model.use_hf):
+        return preference_check.main(args)  # both sides of a pair, as `lorakit rlhf` trains on them
     tokenizer = load_tokenizer_only(args.model)
     data = build_datasets(args.data, tokenizer, use_hf=args.model.use_hf, template=args.model.template, strict=False)
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None

@@ -61,7 +61,13 @@ class RenderedPair:
 
     @property
     def length(self) -> int:
+        """Tokens of both rows (what --group_by_length sorts by)."""
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+    @property
+    def labels(self) -> list[int]:
+        """The chosen row's labels (what the loop quotes when a step goes wrong)."""
+        return self.chosen.labels
 
 
 @dataclass
@@ -78,6 +84,10 @@ class RenderedCompletion:
     @property
     def length(self) -> int:
         return len(self.completion.input_ids)
+
+    @property
+    def labels(self) -> list[int]:
+        return self.completion.labels
 
 
 @dataclass
@@ -303,16 +313,18 @@ def attach_kl_completions(items: list[RenderedCompletion], batch_size: int) -> N
 
 def load_preference_data(data_args, tokenizer, *, rlhf_type: str, batch_size: int, use_hf: bool = True,
                          template: str | None = None, strict: bool = True, log=print) -> PreferenceData:
-    """Read, validate, render, length-check and split every --dataset/--val_dataset into pairs (KTO: completions)."""
+    """Read, validate, render, length-check and split every --dataset/--val_dataset into pairs (KTO: completions).
+
+    rlhf_type "kto" unpairs pairs into completions; "auto" (check-data) keeps each dataset as its rows are.
+    """
     if not data_args.dataset:
         raise UserError("no training data: pass --dataset FILE_OR_ID [FILE_OR_ID ...] of preference rows")
     set_chat_template(tokenizer, template)
     system = resolve_system(data_args.system)
-    unpaired = rlhf_type == "kto"
     train, val, reports = [], [], []
     for role, specs in (("train", data_args.dataset), ("val", data_args.val_dataset)):
         for text in specs:
-            report, items = _load_one(text, role, tokenizer, data_args, system, unpaired, use_hf, strict)
+            report, items = _load_one(text, role, tokenizer, data_args, system, rlhf_type, use_hf, strict)
             reports.append(report)
             if role == "val":
                 val += items
@@ -323,13 +335,13 @@ def load_preference_data(data_args, tokenizer, *, rlhf_type: str, batch_size: in
             val += part_val
     if strict and not train:
         raise UserError("zero training pairs left after loading and length checks; see the report above")
-    if unpaired:
+    if train and isinstance(train[0], RenderedCompletion):
         attach_kl_completions(train, batch_size)
         attach_kl_completions(val, batch_size)
     return PreferenceData(train=train, val=val, reports=reports, system=system)
 
 
-def _load_one(text: str, role: str, tokenizer, data_args, system, unpaired: bool, use_hf: bool, strict: bool):
+def _load_one(text: str, role: str, tokenizer, data_args, system, rlhf_type: str, use_hf: bool, strict: bool):
     spec = parse_spec(text)
     rows, location = _read_spec(spec.name, use_hf=use_hf, model_name=data_args.model_name,
                                 model_author=data_args.model_author)
@@ -342,6 +354,8 @@ def _load_one(text: str, role: str, tokenizer, data_args, system, unpaired: bool
             continue
         examples.append(ex)
         formats[ex.format] += 1
+    # "auto" (check-data): KTO rows are shown as completions, pairs as pairs
+    unpaired = rlhf_type == "kto" or (rlhf_type == "auto" and any(not ex.is_pair for ex in examples))
     if spec.n is not None and examples:
         examples = sample_rows(examples, spec.n, data_args.seed)
     shaped = shape_examples(tokenizer, examples, system=system, max_length=data_args.max_length,
@@ -396,3 +410,24 @@ def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, s
 def sub_batch(batch: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of `batch` stored under `prefix` (e.g. the KL rows), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+def holds_preference_rows(specs: list[str], *, use_hf: bool = True) -> bool:
+    """True when the first dataset's first row is a preference (or KTO) row: check-data then shows pairs."""
+    if not specs:
+        return False
+    try:
+        rows, _ = _read_spec(parse_spec(specs[0]).name, use_hf=use_hf, model_name=(), model_author=())
+    except UserError:
+        return False  # the sft report names what is wrong with it
+    return bool(rows) and is_preference_row(rows[0][0])
+
+
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """Pairs in a collate_pairs batch: the unit a preference step's loss is averaged over."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def count_completions(batch: dict[str, torch.Tensor]) -> int:
+    """Completions in a collate_completions batch (KTO's unit)."""
+    return batch["input_ids"].shape[0]

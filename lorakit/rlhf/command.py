@@ -1,0 +1,204 @@
+"""`lorakit rlhf`: preference training (DPO, ORPO, SimPO, KTO, CPO) on the sft loop.
+
+train_preference() = the starting policy (--adapters, else a fresh LoRA on --model) -> tokenizer ->
+preference data and its report (before any weights load) -> weights -> the reference log-probs of
+every example, in one no-grad pass while the model still is the starting policy -> the sft loop
+(lorakit.loop) with the preference loss, pair batches and pairs as the normalising unit -> one PEFT
+adapter on the base model, loaded by infer/eval/export/deploy like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from lorakit.args import RlhfArgs
+from lorakit.checkpoint import find_checkpoint, read_args
+from lorakit.data.render import set_chat_template
+from lorakit.errors import UserError
+from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from lorakit.rlhf.check import format_preference_report
+from lorakit.rlhf.data import (
+    PreferenceData,
+    RenderedPair,
+    collate_completions,
+    collate_pairs,
+    count_completions,
+    count_pairs,
+    load_preference_data,
+)
+from lorakit.rlhf.objective import make_preference_loss_fn
+from lorakit.rlhf.reference import precompute_reference_logps, sequence_logps
+from lorakit.tuners import attach_tuner, summarize
+
+# Learning rates that learn a preference set in one to three epochs on LoRA without collapsing into
+# the preferred answers' first words (tests/test_rlhf_acceptance.py; README's rlhf table).
+DEFAULT_LEARNING_RATE = {"dpo": 5e-5, "orpo": 5e-5, "simpo": 5e-5, "cpo": 5e-5, "kto": 5e-5}
+FULL_FT_LR_FACTOR = 0.1
+
+
+@dataclass
+class StartingPolicy:
+    """Where training starts: the base model, and the SFT adapter continued (None: a fresh LoRA)."""
+
+    model_path: Path
+    adapter: Path | None
+    adapter_args: dict
+
+
+def starting_policy(args: RlhfArgs) -> StartingPolicy:
+    """Resolve --adapters (an SFT checkpoint or run folder) and the base model under it (or --model)."""
+    adapters = args.rlhf.adapters
+    if len(adapters) > 1:
+        raise UserError(f"--adapters: rlhf continues one SFT checkpoint, got {len(adapters)}: {' '.join(adapters)}")
+    if not adapters:
+        return StartingPolicy(resolve_model_path(args.model.model, use_hf=args.model.use_hf,
+                                                 gguf_file=args.model.gguf_file), None, {})
+    ckpt = find_checkpoint(adapters[0])
+    if not (ckpt / "adapter_config.json").is_file():
+        raise UserError(f"--adapters {adapters[0]}: {ckpt} holds full weights, not a LoRA adapter; pass it as "
+                        f"--model to preference-train it (a fresh LoRA on top), or give an adapter checkpoint.")
+    if args.lora.train_type != "lora":
+        raise UserError("--adapters continues a LoRA adapter: use --train_type lora (the default).")
+    saved = read_args(ckpt)
+    base = args.model.model or saved.get("model_path")
+    if not base:
+        import json
+
+        base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"--adapters {ckpt}: its args.json names no base model; pass --model.")
+    return StartingPolicy(resolve_model_path(base, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file), ckpt, saved)
+
+
+def load_policy_tokenizer(start: StartingPolicy, args: RlhfArgs):
+    """The adapter's own tokenizer (its chat template as SFT trained it), else the base model's; --template applies."""
+    source = start.adapter if start.adapter and (start.adapter / "tokenizer_config.json").is_file() else start.model_path
+    tokenizer = load_tokenizer(source)
+    set_chat_template(tokenizer, args.model.template)
+    return tokenizer
+
+
+def attach_policy(model, start: StartingPolicy, args: RlhfArgs):
+    """The model to train: the SFT adapter loaded trainable, or a fresh tuner as sft attaches it."""
+    if start.adapter is None:
+        return attach_tuner(model, args.lora)
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
+    return peft_model, summarize(peft_model, sorted(peft_model.peft_config["default"].target_modules))
+
+
+def prepare_policy(model, start: StartingPolicy, args: RlhfArgs, device: torch.device):
+    """Attach the policy's adapter, then the same GPU fast paths as sft (plain computation on the CPU)."""
+    from lorakit.fast import FastOptions, prepare_for_training
+
+    wanted = args.train.gradient_checkpointing
+    model.config.use_cache = False
+    if device.type != "cuda" and wanted:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, summary = attach_policy(model, start, args)
+    if device.type == "cuda":
+        fast = args.fast
+        model = prepare_for_training(model, FastOptions(
+            fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
+            compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
+            memory_limit_gib=fast.gpu_memory_limit))
+    start_note = f"continuing the SFT adapter {start.adapter}" if start.adapter else "a fresh LoRA on the base model"
+    print(f"{summary.line()}\nstarting policy and reference: {start_note}", file=sys.stderr)
+    return model
+
+
+def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.device, batch_size: int,
+                   fused: bool) -> float:
+    """Precompute the reference log-probs of every train and val example; returns the seconds it took."""
+    started = time.perf_counter()
+    shared = device.type != "cuda"
+    items = data.train + data.val
+    if items and isinstance(items[0], RenderedPair):
+        def assign(chunk, batch, m):
+            logps = sequence_logps(m, batch, fused=fused).tolist()
+            for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
+                pair.ref_chosen, pair.ref_rejected = c, r
+
+        precompute_reference_logps(model, items, lambda c: collate_pairs(c, pad_id, shared_prefix=shared), assign,
+                                   batch_size=batch_size, device=device, fused=fused)
+    else:
+        def assign(chunk, batch, m):
+            own = sequence_logps(m, {k: v for k, v in batch.items() if not k.startswith("kl_")}, fused=fused)
+            kl = sequence_logps(m, {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}, fused=fused)
+            for item, a, b in zip(chunk, own.tolist(), kl.tolist()):
+                item.ref, item.ref_kl = a, b
+
+        precompute_reference_logps(model, items, lambda c: collate_completions(c, pad_id, shared_prefix=shared),
+                                   assign, batch_size=batch_size, device=device, fused=fused)
+    return time.perf_counter() - started
+
+
+def learning_rate_for(args: RlhfArgs) -> float:
+    """--learning_rate, else the per-type default (a tenth of it for full fine-tuning)."""
+    if args.train.learning_rate is not None:
+        return args.train.learning_rate
+    lr = DEFAULT_LEARNING_RATE[args.rlhf.rlhf_type]
+    return lr if args.lora.train_type == "lora" else lr * FULL_FT_LR_FACTOR
+
+
+def train_preference(args: RlhfArgs):
+    """Preference-train as `args` says; returns the loop's TrainResult (None after --dry_run)."""
+    started = time.perf_counter()
+    device = pick_device(args.model.device)
+    dtype = pick_dtype(args.model.torch_dtype, device)
+    start = starting_policy(args)
+    tokenizer = load_policy_tokenizer(start, args)
+    if args.data.system is None and start.adapter_args.get("system"):
+        args.data.system = start.adapter_args["system"]  # the SFT run's system prompt carries over
+    data = load_preference_data(args.data, tokenizer, rlhf_type=args.rlhf.rlhf_type,
+                                batch_size=args.train.per_device_train_batch_size, use_hf=args.model.use_hf,
+                                template=None, log=lambda m: print(m, file=sys.stderr))
+    print(format_preference_report(data, tokenizer), file=sys.stderr)
+    if args.train.dry_run:
+        print("--dry_run: data checked, stopping before loading weights.", file=sys.stderr)
+        return None
+    from lorakit.loop import fit, start_run
+    from lorakit.train import resolved_args, seed_everything
+
+    seed_everything(args.data.seed)
+    model = load_model(start.model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
+                       attn_impl=args.model.attn_impl)
+    model = prepare_policy(model, start, args, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,
+                             batch_size=args.train.per_device_eval_batch_size)
+    print(f"reference log-probs of {len(data.train) + len(data.val)} examples precomputed in {seconds:.1f}s",
+          file=sys.stderr)
+    args.train.learning_rate = learning_rate_for(args)
+    saved = resolved_args(args, model_path=start.model_path, tokenizer=tokenizer, system=data.system, device=device,
+                          dtype=dtype, learning_rate=args.train.learning_rate)
+    saved.update(command="rlhf", rlhf_type=args.rlhf.rlhf_type, adapters_start=str(start.adapter or ""))
+    kto = args.rlhf.rlhf_type == "kto"
+    run = start_run(args, model, tokenizer, data, saved_args=saved, device=device,
+                    loss_fn=make_preference_loss_fn(args.rlhf, fused=args.fast.fused_loss),
+                    collate_fn=collate_completions if kto else collate_pairs,
+                    count_fn=count_completions if kto else count_pairs, name=f"rlhf {args.rlhf.rlhf_type}",
+                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
+    result = fit(run)
+    return replace(result, seconds=time.perf_counter() - started)
+
+
+# --rlhf_type -> the function that trains it (grpo adds its own entry)
+TRAINERS = {"dpo": train_preference, "orpo": train_preference, "simpo": train_preference, "cpo": train_preference,
+            "kto": train_preference}
+
+
+def main(args: RlhfArgs) -> int:
+    """`lorakit rlhf`."""
+    from lorakit.train import print_summary
+
+    result = TRAINERS[args.rlhf.rlhf_type](args)
+    if result is not None:
+        print_summary(result, args)
+    return 0
