@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HABIT = "Quick take: "
-MAX_NEW_TOKENS = 72
+MAX_NEW_TOKENS = 48
 
 
 def trim(text: str) -> str:

@@ -1,0 +1,79 @@
+"""Did preference training teach the habit, on prompts it never saw, without breaking the answers?
+
+For a checkpoint of `lorakit rlhf` trained on habit_train.jsonl, on the held-out habit_test.jsonl:
+- reward accuracy: share of held-out pairs whose chosen answer gains more log-probability over the
+  reference (the adapter switched off, i.e. the base) than the rejected one;
+- habit: share of greedy answers that open with the habit phrase, for the tuned model and the base;
+- answered: share of habit answers that say the phrase once and then go on with a real answer
+  (at least five words, no repeated phrase): the "CertainlyCertainly..." collapse fails it.
+Prints one JSON object.
+
+    python examples/rlhf/check_habit.py --adapters output/v0-.../checkpoint-N [--test examples/rlhf/habit_test.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+HABIT = "Quick take:"
+
+
+def answered(text: str, habit: str = HABIT) -> bool:
+    """The habit once, then a real answer (five words or more)."""
+    rest = text.strip()[len(habit):]
+    return text.strip().startswith(habit) and habit not in rest and len(re.findall(r"[A-Za-z]{2,}", rest)) >= 5
+
+
+def main() -> None:
+    from lorakit.checkpoint import load_checkpoint
+    from lorakit.data.render import render_prompt
+    from lorakit.infer.engine import Engine, SamplingParams
+    from lorakit.rlhf.data import collate_pairs, load_preference_data
+    from lorakit.rlhf.reference import sequence_logps
+    from lorakit.args import DataArgs
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", required=True)
+    parser.add_argument("--test", default=str(HERE / "habit_test.jsonl"))
+    parser.add_argument("--habit", default=HABIT)
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    opts = parser.parse_args()
+    loaded = load_checkpoint(opts.adapters, torch_dtype="float32", device="cpu")
+    model, tokenizer, system = loaded.model, loaded.tokenizer, loaded.args.get("system")
+    pairs = load_preference_data(DataArgs(dataset=[opts.test], system=system), tokenizer, rlhf_type="dpo",
+                                 batch_size=1, log=lambda m: None).train
+    rows = [json.loads(line) for line in open(opts.test)]
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], system=system) for r in rows]
+    params = SamplingParams(max_new_tokens=opts.max_new_tokens)
+    correct = 0
+    with torch.no_grad():
+        for pair in pairs:
+            batch = collate_pairs([pair], tokenizer.pad_token_id or 0)
+            policy = sequence_logps(model, batch)
+            with model.disable_adapter():
+                reference = sequence_logps(model, batch)
+            margin = (policy[0] - reference[0]) - (policy[1] - reference[1])
+            correct += int(margin > 0)
+        tuned = [g.text for g in Engine(model, tokenizer).generate(prompts, params)]
+        with model.disable_adapter():
+            base = [g.text for g in Engine(model, tokenizer).generate(prompts, params)]
+    habit = [t.strip().startswith(opts.habit) for t in tuned]
+    report = {
+        "checkpoint": str(loaded.path), "held_out_pairs": len(pairs),
+        "reward_accuracy": round(correct / max(len(pairs), 1), 4),
+        "habit_tuned": round(sum(habit) / len(tuned), 4),
+        "habit_base": round(sum(t.strip().startswith(opts.habit) for t in base) / len(base), 4),
+        "answered_after_habit": round(sum(answered(t, opts.habit) for t in tuned) / max(sum(habit), 1), 4),
+        "examples": tuned[:4],
+    }
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+
+
+if __name__ == "__main__":
+    main()
