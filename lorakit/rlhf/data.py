@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.data.formats import normalise_row
-from lorakit.data.loading import _read_spec, parse_spec, raise_row_errors, resolve_system, sample_rows, split_val
+from lorakit.data.files import Malformed
+from lorakit.data.loading import resolve_system, split_val
+from lorakit.data.sources import _read_spec, parse_spec, raise_row_errors, sample_rows
 from lorakit.data.packing import collate
 from lorakit.data.render import IGNORE_INDEX, Rendered, render_conversations, render_prompt, set_chat_template
 from lorakit.errors import UserError
@@ -171,6 +173,8 @@ def _assistant_text(value, key: str, source: str) -> str:
 
 def parse_preference_row(row, source: str) -> PreferenceExample:
     """Normalise one preference (or KTO) row, or raise UserError naming file:line and what is wrong."""
+    if isinstance(row, Malformed):
+        raise UserError(f"{source}: {row.problem}")
     if not isinstance(row, dict):
         raise UserError(f"{source}: expected a JSON object per row, got {type(row).__name__}")
     if "rejected_response" in row:
