@@ -45,7 +45,7 @@ def rlhf(model_dir, data, out, *extra):
 @pytest.mark.parametrize("argv, message", [
     (["--rlhf_type", "orpo", "--loss_type", "hinge"], "--loss_type 'hinge' does not apply to --rlhf_type orpo"),
     (["--rlhf_type", "ppo"], "--rlhf_type 'ppo' is not one of"),
-    (["--ref_model", "x"], "the reference is always the starting policy"),
+    (["--ref_model", "x"], "reference is always the starting policy"),
     (["--packing", "true"], "--packing does not apply to rlhf"),
     (["--loss_type", "exo_pair"], "exo_pair needs --label_smoothing > 0"),
     (["--label_smoothing", "0.5"], r"--label_smoothing must be in \[0, 0.5\)"),
