@@ -42,7 +42,7 @@ from lorakit.checkpoint import (
 from lorakit.data.loading import TrainData
 from lorakit.data.packing import collate, pack_sequences
 from lorakit.errors import UserError
-from lorakit.loss import IGNORE_INDEX, LossOutput, shift_targets
+from lorakit.loss import IGNORE_INDEX, LossOutput, MetricSums, shift_targets
 from lorakit.run_log import RunLog, new_run_dir
 from lorakit.schedule import StepPlan, lr_factor, plan_steps, warmup_steps_for
 from lorakit.tuners import trainable_parameters
@@ -83,7 +83,7 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
 
 
 def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scaler=None,
-                         n_tokens: int | None = None) -> tuple[float, int]:
+                         n_tokens: int | None = None, metrics: MetricSums | None = None) -> tuple[float, int]:
     """Backward through every micro-batch of one optimizer step; return (mean loss per token, tokens).
 
     Each micro-batch's summed loss is divided by the loss tokens of the whole step, so the
@@ -96,6 +96,8 @@ def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scal
     total = torch.zeros((), dtype=torch.float32)
     for batch in micro_batches:
         out = loss_fn(model, batch)
+        if metrics is not None:  # what the loss reports beside its value (rewards/chosen, ...)
+            metrics.add(out.metrics)
         part = out.loss_sum / denominator
         (scaler.scale(part) if scaler is not None else part).backward()
         total = total.to(part.device) + out.loss_sum.detach().float()
@@ -103,13 +105,15 @@ def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scal
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, loss_fn: LossFn) -> float:
+def evaluate_loss(model, batches, loss_fn: LossFn, metrics: MetricSums | None = None) -> float:
     """Mean loss per loss token over the validation batches."""
     was_training = model.training
     model.eval()
     loss_sum, n_tokens = 0.0, 0
     for batch in batches:
         out = loss_fn(model, batch)
+        if metrics is not None:
+            metrics.add(out.metrics)
         loss_sum += float(out.loss_sum)
         n_tokens += int(out.n_tokens)
     model.train(was_training)
@@ -174,6 +178,12 @@ class TrainingRun:
     tokens: int = 0
     par: distributed.Parallel = field(default_factory=distributed.Parallel)
     "The processes of the run and the model as the step runs it (DDP/FSDP2 wrapper); one process: no wrapper."
+    collate_fn: Callable = collate
+    "collate(samples, pad_id, shared_prefix=...) -> batch (lorakit rlhf: pair batches)"
+    count_fn: Callable = count_loss_tokens
+    "batch -> the units the step's loss is averaged over (loss tokens; pairs for preference losses)"
+    name: str = "sft"
+    metrics: MetricSums = field(default_factory=MetricSums)
 
 
 def save(s: TrainingRun) -> Path:
@@ -235,15 +245,15 @@ def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     # Off the GPU fast path, the rows of a micro-batch share the run of their common start (the system prompt);
     # not under FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared keys/values.
     shared = s.device.type != "cuda" and not s.par.sharded
-    cpu_batches = [collate([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
+    cpu_batches = [s.collate_fn([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
     real = [(idx, b) for idx, b, w in zip(mine, cpu_batches, weights) if w]
-    n_tokens = sum(count_loss_tokens(b) for _, b in real)
+    n_tokens = sum(s.count_fn(b) for _, b in real)
     seen = sum(len(idx) * b["prefix_ids"].shape[1] if "prefix_ids" in b else 0 for idx, b in real)
     seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for _, b in real)
     n_tokens, seen = map(int, distributed.all_sum(s.par.env, [n_tokens, seen]))  # the WHOLE step's loss tokens
     batches = [to_device(b, s.device) for b in cpu_batches]
     loss_fn = s.par.loss_fn(inject_nan_at(s.step + 1, s.loss_fn), weights)
-    loss, _ = accumulate_gradients(s.model, batches, loss_fn, scaler=s.scaler, n_tokens=n_tokens)
+    loss, _ = accumulate_gradients(s.model, batches, loss_fn, scaler=s.scaler, n_tokens=n_tokens, metrics=s.metrics)
     loss = distributed.all_sum(s.par.env, [loss])[0]  # each rank's share of the step's mean
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
@@ -270,7 +280,7 @@ def run_loop(s: TrainingRun) -> None:
     started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
     s.model.train()
     # `with` closes the bar on errors too, so an error message starts on a line of its own
-    with tqdm(total=s.plan.total_steps, initial=s.step, desc="sft", unit="step", dynamic_ncols=True,
+    with tqdm(total=s.plan.total_steps, initial=s.step, desc=s.name, unit="step", dynamic_ncols=True,
               disable=not s.par.env.is_main) as bar:
         while s.step < s.plan.total_steps:
             loss, grad_norm, seen = optimizer_step(s)
@@ -286,11 +296,14 @@ def run_loop(s: TrainingRun) -> None:
                 s.log.record(dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), loss=sum(window) / len(window),
                                    learning_rate=lr, grad_norm=grad_norm, tokens_per_second=round(tok_s, 1),
                                    memory_gb=round(memory_gb(s.device), 3),
-                                   elapsed_s=round(time.perf_counter() - started, 2)))
+                                   elapsed_s=round(time.perf_counter() - started, 2), **s.metrics.means()))
                 window, window_tokens, window_start = [], 0, time.perf_counter()
+                s.metrics = MetricSums()
             if s.val_samples and (s.step % eval_every == 0 or last):
-                s.eval_loss = evaluate_loss(s.model, val_batches(s), s.par.eval_loss_fn(s.loss_fn))
-                s.log.record(dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss))
+                evaluated = MetricSums()
+                s.eval_loss = evaluate_loss(s.model, val_batches(s), s.par.eval_loss_fn(s.loss_fn), evaluated)
+                s.log.record(dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), eval_loss=s.eval_loss,
+                                  **evaluated.means("eval_")))
                 bar.write(f"step {s.step}: eval loss {s.eval_loss:.4f}")
             if s.step % t.save_steps == 0 or last:
                 save(s)
@@ -301,7 +314,7 @@ def val_batches(s: TrainingRun):
     size = s.args.train.per_device_eval_batch_size
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     for i in range(0, len(s.val_samples), size):
-        yield to_device(collate(s.val_samples[i : i + size], pad_id), s.device)
+        yield to_device(s.collate_fn(s.val_samples[i : i + size], pad_id, shared_prefix=False), s.device)
 
 
 def oom_message(device: torch.device, args: SftArgs) -> str:
@@ -359,6 +372,11 @@ def resume(s: TrainingRun, checkpoint: str, only_model: bool) -> None:
 
 
 
+def sample_length(sample) -> int:
+    """Tokens of a training sample (a preference pair's: both rows)."""
+    return sample.length if hasattr(sample, "length") else len(sample.input_ids)
+
+
 def plan_run(args: SftArgs, data: TrainData, world_size: int = 1) -> tuple[list, StepPlan]:
     """(training rows, step plan): the samples packed when --packing, the steps over them.
 
@@ -370,18 +388,20 @@ def plan_run(args: SftArgs, data: TrainData, world_size: int = 1) -> tuple[list,
                       grad_accum=t.gradient_accumulation_steps * world_size, epochs=t.num_train_epochs,
                       max_steps=t.max_steps,
                       seed=args.data.seed,
-                      lengths=[len(x.input_ids) for x in train_samples] if t.group_by_length else None)
+                      lengths=[sample_length(x) for x in train_samples] if t.group_by_length else None)
     warn_if_short(plan, args)
     return train_samples, plan
 
 
 def start_run(args: SftArgs, model, tokenizer: PreTrainedTokenizerBase, data: TrainData, *, saved_args: dict[str, Any],
               device: torch.device, loss_fn: LossFn, scaler=None,
-              par: distributed.Parallel | None = None) -> TrainingRun:
+              par: distributed.Parallel | None = None, collate_fn: Callable = collate,
+              count_fn: Callable = count_loss_tokens, name: str = "sft") -> TrainingRun:
     """Plan the steps, make the run folder (its args.json is `saved_args`) and build the optimizer.
 
     `par`: the processes and the wrapped model (lorakit.distributed.wrap); rank 0 makes the run
-    folder and every rank learns its name."""
+    folder and every rank learns its name. collate_fn / count_fn / name: another objective's batches,
+    normalising unit and progress label (`lorakit rlhf`: pairs); the defaults are sft's."""
     t = args.train
     par = par or distributed.Parallel()
     learning_rate = default_learning_rate(args)
@@ -396,7 +416,7 @@ def start_run(args: SftArgs, model, tokenizer: PreTrainedTokenizerBase, data: Tr
         optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
         val_samples=data.val, device=device, loss_fn=loss_fn, learning_rate=learning_rate,
         warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
-        scaler=scaler, par=par,
+        scaler=scaler, par=par, collate_fn=collate_fn, count_fn=count_fn, name=name,
     )
 
 
