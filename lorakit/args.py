@@ -512,6 +512,7 @@ class RlhfArgs:
     train: TrainArgs = field(default_factory=TrainArgs)
     fast: FastArgs = field(default_factory=FastArgs)
     rlhf: RlhfGroup = field(default_factory=RlhfGroup)
+    dist: DistArgs = field(default_factory=DistArgs)
 
     def __post_init__(self):
         if self.data.packing:

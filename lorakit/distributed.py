@@ -34,6 +34,7 @@ from torch import nn
 from lorakit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_weights_into
 from lorakit.errors import UserError
 from lorakit.launch import Strategy, resolve_strategy, under_launcher
+from lorakit.loss import LossOutput, MetricSums
 from lorakit.model import pick_device
 
 # Test hook: "RANK:STEP" makes that rank raise at that optimizer step (1-based), to show the job ends with its error.
@@ -137,6 +138,20 @@ def all_sum(env: DistEnv, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def reduce_metrics(env: DistEnv, metrics: MetricSums) -> MetricSums:
+    """Every rank's metric sums added up (keys can differ: a KTO batch may hold only chosen answers)."""
+    if not env.active:
+        return metrics
+    names: list[list[str]] = [[] for _ in range(env.world_size)]
+    dist.all_gather_object(names, sorted(metrics.sums))
+    keys = sorted(set().union(*names))
+    local = [metrics.sums.get(k, (0.0, 0)) for k in keys]
+    summed = all_sum(env, [float(x) for total, count in local for x in (total, count)])
+    out = MetricSums()
+    out.sums = {k: (summed[2 * i], summed[2 * i + 1]) for i, k in enumerate(keys)}
+    return out
+
+
 def broadcast(env: DistEnv, obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not env.active:
@@ -197,7 +212,8 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], loss_fn: LossFn, weight: float):
         out = loss_fn(self.model, batch)
-        return (out.loss_sum * weight if weight != 1.0 else out.loss_sum), out.n_tokens
+        metrics = out.metrics if weight else None  # a zero-weight repeat reports nothing
+        return (out.loss_sum * weight if weight != 1.0 else out.loss_sum), out.n_tokens, metrics
 
 
 def _sum_allreduce_hook(process_group, bucket):
@@ -255,8 +271,6 @@ class Parallel:
         """`loss_fn` run through the wrapper, one call per micro-batch in order; DDP syncs on the last call only."""
         if self.module is None:
             return loss_fn
-        from lorakit.loss import LossOutput
-
         self._pending = list(weights)
         self._steps += 1
         if os.environ.get(_FAIL_ENV) == f"{self.env.rank}:{self._steps}":
@@ -266,8 +280,8 @@ class Parallel:
             weight = self._pending.pop(0)
             if self.strategy.kind == "ddp":  # no_sync() for all but the step's last micro-batch
                 self.module.require_backward_grad_sync = not self._pending
-            loss_sum, n_tokens = self.module(batch, loss_fn, weight)
-            return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens)
+            loss_sum, n_tokens, metrics = self.module(batch, loss_fn, weight)
+            return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens, metrics=metrics)
 
         return run
 
@@ -275,11 +289,9 @@ class Parallel:
         """`loss_fn` for evaluation: through the FSDP2 root (it gathers the weights); DDP needs no wrapper."""
         if not self.sharded:
             return loss_fn
-        from lorakit.loss import LossOutput
-
         def run(_model, batch):
-            loss_sum, n_tokens = self.module(batch, loss_fn, 1.0)
-            return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens)
+            loss_sum, n_tokens, metrics = self.module(batch, loss_fn, 1.0)
+            return LossOutput(loss_sum=loss_sum, n_tokens=n_tokens, metrics=metrics)
 
         return run
 

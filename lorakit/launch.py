@@ -106,6 +106,14 @@ def resolve_strategy(*, deepspeed: str | None, fsdp: list[str], train_type: str,
     return Strategy("fsdp", asked="--train_type full") if train_type == "full" else Strategy("ddp", asked="--train_type lora")
 
 
+def refuse_several_processes(what: str, dist_args) -> None:
+    """A command with a loop of its own runs on one process: say so instead of N copies of one run."""
+    several = under_launcher() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several or dist_args.deepspeed or dist_args.fsdp:
+        raise UserError(f"{what} runs on one process: drop NPROC_PER_NODE / torchrun and --deepspeed / --fsdp "
+                        f"(several processes train sft and the preference losses: dpo, orpo, simpo, cpo, kto).")
+
+
 # ---------------------------------------------------------------- launcher
 
 

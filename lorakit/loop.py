@@ -296,7 +296,8 @@ def run_loop(s: TrainingRun) -> None:
                 s.log.record(dict(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4), loss=sum(window) / len(window),
                                    learning_rate=lr, grad_norm=grad_norm, tokens_per_second=round(tok_s, 1),
                                    memory_gb=round(memory_gb(s.device), 3),
-                                   elapsed_s=round(time.perf_counter() - started, 2), **s.metrics.means()))
+                                   elapsed_s=round(time.perf_counter() - started, 2),
+                                  **distributed.reduce_metrics(s.par.env, s.metrics).means()))
                 window, window_tokens, window_start = [], 0, time.perf_counter()
                 s.metrics = MetricSums()
             if s.val_samples and (s.step % eval_every == 0 or last):

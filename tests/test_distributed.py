@@ -229,3 +229,24 @@ def test_ctrl_c_ends_every_process(tiny_qwen2_dir, rows, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
+
+
+def test_dpo_on_two_processes_matches_one(tiny_qwen2_dir, tmp_path):
+    from test_rlhf_cli import records, write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl")  # 6 pairs: 3 steps of 2 (one per process)
+    flags = ["rlhf", "--model", str(tiny_qwen2_dir), "--dataset", str(pairs), "--lora_rank", "4", "--lora_dropout", "0",
+             "--learning_rate", "1e-3", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+             "--report_to", "none", "--save_steps", "3"]
+    one = run_cli(*flags, "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(*flags, "--output_dir", str(tmp_path / "two"), "--gradient_accumulation_steps", "1",
+                  env={"NPROC_PER_NODE": "2"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    assert_same_losses(losses(b), losses(a))
+    for x, y in zip(records(a), records(b)):  # rewards summed over both processes, as one process sums its micro-batches
+        assert y["rewards/margins"] == pytest.approx(x["rewards/margins"], rel=1e-5, abs=1e-7)
+        assert y["rewards/accuracies"] == x["rewards/accuracies"]
+    assert_same_weights(b / "checkpoint-3" / "adapter_model.safetensors", a / "checkpoint-3" / "adapter_model.safetensors",
+                        atol=1e-6)

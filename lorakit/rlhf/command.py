@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from lorakit import distributed
 from lorakit.args import RlhfArgs
 from lorakit.checkpoint import find_checkpoint, read_args
 from lorakit.data.render import set_chat_template
 from lorakit.errors import UserError
+from lorakit.launch import refuse_several_processes
 from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from lorakit.rlhf.check import format_preference_report
 from lorakit.rlhf.data import (
@@ -148,10 +150,14 @@ def learning_rate_for(args: RlhfArgs) -> float:
     return lr if args.lora.train_type == "lora" else lr * FULL_FT_LR_FACTOR
 
 
-def train_preference(args: RlhfArgs):
-    """Preference-train as `args` says; returns the loop's TrainResult (None after --dry_run)."""
+def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
+    """Preference-train as `args` says; returns the loop's TrainResult (None after --dry_run).
+
+    `env`: this process's place among several (lorakit.distributed.processes); None: one process.
+    Every process precomputes the reference log-probs of all the data; the loop shares the steps."""
     started = time.perf_counter()
-    device = pick_device(args.model.device)
+    env = env or distributed.DistEnv(device=pick_device(args.model.device))
+    device = env.device
     dtype = pick_dtype(args.model.torch_dtype, device)
     start = starting_policy(args)
     tokenizer = load_policy_tokenizer(start, args)
@@ -181,11 +187,13 @@ def train_preference(args: RlhfArgs):
                           dtype=dtype, learning_rate=args.train.learning_rate)
     saved.update(command="rlhf", rlhf_type=args.rlhf.rlhf_type, adapters_start=str(start.adapter or ""))
     kto = args.rlhf.rlhf_type == "kto"
+    par = distributed.wrap(model, env)  # DDP / FSDP2 under torchrun (after the reference pass, before the optimizer)
     run = start_run(args, model, tokenizer, data, saved_args=saved, device=device,
                     loss_fn=make_preference_loss_fn(args.rlhf, fused=args.fast.fused_loss),
                     collate_fn=collate_completions if kto else collate_pairs,
                     count_fn=count_completions if kto else count_pairs, name=f"rlhf {args.rlhf.rlhf_type}",
-                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None)
+                    scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
+                    par=par)
     result = fit(run)
     return replace(result, seconds=time.perf_counter() - started)
 
@@ -199,7 +207,15 @@ def main(args: RlhfArgs) -> int:
     """`lorakit rlhf`."""
     from lorakit.train import print_summary
 
-    result = TRAINERS[args.rlhf.rlhf_type](args)
-    if result is not None:
-        print_summary(result, args)
+    trainer = TRAINERS[args.rlhf.rlhf_type]
+    if trainer is not train_preference:  # a loop of its own (grpo): one process
+        refuse_several_processes(f"--rlhf_type {args.rlhf.rlhf_type}", args.dist)
+        result = trainer(args)
+        if result is not None:
+            print_summary(result, args)
+        return 0
+    with distributed.processes(args.dist, train_type=args.lora.train_type, device=args.model.device) as env:
+        result = train_preference(args, env=env)
+        if result is not None:
+            print_summary(result, args)
     return 0
