@@ -238,7 +238,8 @@ def _shard_fsdp(model: nn.Module, wrapper: LossModule, strategy: Strategy, env: 
     for module in wrapper.modules():
         if isinstance(module, FSDPModule):  # sum over ranks, as one process would (plain SUM: gloo has no PREMUL_SUM)
             module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+            if hasattr(module, "set_force_sum_reduction_for_comms"):  # torch >= 2.8
+                module.set_force_sum_reduction_for_comms(True)
 
 
 @dataclass
