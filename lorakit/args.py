@@ -541,8 +541,14 @@ class EvalArgs:
     "JSON file for the results (default: eval.json beside the checkpoint, or ./eval.json)."
     max_batch_size: int = 32
     "Prompts generated together."
-    max_new_tokens: int = 96
-    "Most tokens generated per probe answer."
+    max_new_tokens: int = 48
+    "Most tokens generated per answer (probes and general questions; quickstart's eval uses 48, so its cached base answers are reused)."
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
+        if self.max_batch_size <= 0:
+            raise UserError(f"--max_batch_size must be positive, got {self.max_batch_size}.")
 
 
 @dataclass
@@ -625,6 +631,15 @@ class DeployArgs:
     "Requests that may wait; past it the server answers 503 with Retry-After."
     max_new_tokens: int = 512
     "Default max_tokens when a request gives none."
+
+    def __post_init__(self):
+        if self.max_concurrency <= 0 or self.max_queue < 0:
+            raise UserError(f"--max_concurrency must be positive and --max_queue >= 0, got "
+                            f"{self.max_concurrency} and {self.max_queue}.")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be in 1-65535, got {self.port}.")
 
 
 @dataclass

@@ -14,15 +14,16 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from lorakit.checkpoint import load_checkpoint
-from lorakit.data.render import render_prompt, set_chat_template
+import lorakit.model as model_lib
+from lorakit.args import EvalArgs
+from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
 from lorakit.eval.drift import DRIFT_QUESTIONS, adapter_off, drift_indices, teacher_forced_kl
 from lorakit.eval.reply_cache import ReplyCache
 from lorakit.eval.results import EvalResult, ProbeResult, RetentionResult
 from lorakit.eval.scoring import (BASE_IDENTITY_NAMES, claims_identity, identity_pass, leaks_identity, mentions,
                                   name_list, retention_correct)
-from lorakit.model import CACHE_DIR, load_model, load_tokenizer, resolve_model_path
+from lorakit.loader import open_model
 from lorakit.paths import BUILTIN_DIR
 from lorakit.replay import Reply, generate_replies
 from lorakit.report import figures_table, missed_targets, print_missed
@@ -69,34 +70,37 @@ def selected_probes(per_lang: int | None = None) -> list[dict]:
 
 
 def greedy_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], *, system,
-                   batch_size: int | None, desc: str) -> list[Reply]:
+                   batch_size: int | None, desc: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Reply]:
     """The model's greedy replies to single-turn questions, batched."""
-    return generate_replies(model, tokenizer, _prompts(tokenizer, questions, system), max_new_tokens=MAX_NEW_TOKENS,
+    return generate_replies(model, tokenizer, _prompts(tokenizer, questions, system), max_new_tokens=max_new_tokens,
                             batch_size=batch_size, desc=desc)
 
 
 def cached_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], *, system,
-                   batch_size: int | None, cache_dir: Path | None, desc: str) -> list[Reply]:
+                   batch_size: int | None, cache_dir: Path | None, desc: str,
+                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[Reply]:
     """Greedy replies; with `cache_dir`, each question's reply is cached under the model's fingerprint
     (base models only), and a later call generates only the questions not asked before."""
     if cache_dir is None:
-        return greedy_replies(model, tokenizer, questions, system=system, batch_size=batch_size, desc=desc)
-    cache = ReplyCache(cache_dir, model, tokenizer, system=system, max_new_tokens=MAX_NEW_TOKENS)
+        return greedy_replies(model, tokenizer, questions, system=system, batch_size=batch_size, desc=desc,
+                              max_new_tokens=max_new_tokens)
+    cache = ReplyCache(cache_dir, model, tokenizer, system=system, max_new_tokens=max_new_tokens)
     missing = cache.missing(questions)
     if missing:
-        cache.add(missing, greedy_replies(model, tokenizer, missing, system=system, batch_size=batch_size, desc=desc))
+        cache.add(missing, greedy_replies(model, tokenizer, missing, system=system, batch_size=batch_size, desc=desc,
+                                          max_new_tokens=max_new_tokens))
     return cache.replies(questions)
 
 
 def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system: str | None = None, is_base: bool = False,
              batch_size: int | None = None, cache_dir: Path | None = None,
-             probes_per_lang: int | None = None) -> EvalResult:
+             probes_per_lang: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> EvalResult:
     """Identity on the held-out probes, retention and leak on the general questions, and drift.
 
     `model` is a PEFT model (its adapter is switched off for the base figures) or, with
     `is_base`, a plain base model (retention is then 1 and drift 0 by definition).
     `probes_per_lang`: ask only the first N probes of each language (quickstart's baseline: a base
-    model states no new identity it was never told, so a few show it).
+    model states no new identity it was never told, so a few show it). `max_new_tokens`: the longest reply.
     """
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -110,9 +114,10 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     # one batched generation for probes and general questions (a base model's replies are cached)
     if is_base:
         replies = cached_replies(model, tokenizer, asked, system=system, batch_size=batch_size, cache_dir=cache_dir,
-                                 desc="eval: base model")
+                                 desc="eval: base model", max_new_tokens=max_new_tokens)
     else:
-        replies = greedy_replies(model, tokenizer, asked, system=system, batch_size=batch_size, desc="eval: tuned model")
+        replies = greedy_replies(model, tokenizer, asked, system=system, batch_size=batch_size, desc="eval: tuned model",
+                                 max_new_tokens=max_new_tokens)
     lap("replies")
     probe_replies, replies = replies[:len(probes)], replies[len(probes):]
     probe_results = [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
@@ -124,7 +129,8 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     else:
         with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
             base = cached_replies(model, tokenizer, [q["question"] for q in questions], system=system,
-                                  batch_size=batch_size, cache_dir=cache_dir, desc="eval: base answers")
+                                  batch_size=batch_size, cache_dir=cache_dir, desc="eval: base answers",
+                                  max_new_tokens=max_new_tokens)
         lap("base answers")
         picked = drift_indices(len(questions))
         prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
@@ -157,36 +163,24 @@ def print_result(result: EvalResult) -> None:
     print_missed(missed_targets(result))
 
 
-def _checkpoint_identity(loaded_args: dict) -> tuple[list[str], list[str]]:
-    data = loaded_args.get("data", {})
-    return (loaded_args.get("model_name") or data.get("model_name") or [],
-            loaded_args.get("model_author") or data.get("model_author") or [])
-
-
-def main(args) -> int:
+def main(args: EvalArgs) -> int:
     """`lorakit eval --adapters CKPT` (or `--model M` alone for a base model)."""
-    name, author, system = list(args.model_name), list(args.model_author), args.adapter.system
-    if args.adapter.adapters:
-        loaded = load_checkpoint(args.adapter.adapters[0], torch_dtype=args.model.torch_dtype, device=args.model.device)
-        if not hasattr(loaded.model, "disable_adapter"):
-            raise UserError(f"{loaded.path} is a full fine-tuned checkpoint: eval compares an adapter with its base. "
-                            f"Evaluate it as a base model with --model {loaded.path}.")
-        model, tokenizer, is_base = loaded.model, loaded.tokenizer, False
-        saved_name, saved_author = _checkpoint_identity(loaded.args)
-        name, author = name or saved_name, author or saved_author
-        system = system if system is not None else loaded.args.get("system")
-        out = Path(args.eval_output) if args.eval_output else loaded.path / "eval.json"
+    loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, command="eval")
+    name, author = list(args.model_name), list(args.model_author)
+    if loaded.checkpoint is not None:
+        if not loaded.is_adapter:
+            raise UserError(f"{loaded.checkpoint} is a full fine-tuned checkpoint: eval compares an adapter with its "
+                            f"base. Evaluate it as a base model with --model {loaded.checkpoint}.")
+        name, author = name or loaded.saved.model_name, author or loaded.saved.model_author
+        out = Path(args.eval_output) if args.eval_output else loaded.checkpoint / "eval.json"
     else:
-        path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
-        tokenizer = load_tokenizer(path)
-        set_chat_template(tokenizer, args.model.template)
-        model, is_base = load_model(path, torch_dtype=args.model.torch_dtype, device=args.model.device), True
         out = Path(args.eval_output or "eval.json")
     if not name or not author:
         raise UserError("eval needs the identity to look for: pass --model_name and --model_author "
                         "(a checkpoint trained on self-cognition remembers its own).")
-    result = evaluate(model, tokenizer, name=name, author=author, system=system, is_base=is_base,
-                      batch_size=args.max_batch_size, cache_dir=CACHE_DIR / "quickstart")
+    result = evaluate(loaded.model, loaded.tokenizer, name=name, author=author, system=loaded.system,
+                      is_base=loaded.checkpoint is None, batch_size=args.max_batch_size,
+                      cache_dir=model_lib.CACHE_DIR / "quickstart", max_new_tokens=args.max_new_tokens)
     print_result(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

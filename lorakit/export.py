@@ -19,10 +19,14 @@ from pathlib import Path
 
 import torch
 
-from lorakit.args import ExportArgs
-from lorakit.data.render import template_with_default_system
+from lorakit.args import ExportArgs, ModelArgs
+from lorakit.checkpoint import ADAPTER_CONFIG, read_args
+from lorakit.data.render import render_prompt, template_with_default_system
 from lorakit.errors import UserError
-from lorakit.model import DTYPES
+from lorakit.gguf_writer import check_convertible, write_gguf
+from lorakit.infer.engine import Engine, SamplingParams, end_of_turn_ids
+from lorakit.loader import LoadedModel, find_adapter, open_model, trained_on
+from lorakit.model import DTYPES, resolve_model_path
 from lorakit.quantize import quant_from_saved
 
 # Questions the merge check renders with the chat template (short answers keep it fast).
@@ -77,11 +81,9 @@ class _Reference:
 
 def main(args: ExportArgs) -> int:
     """Run `lorakit export`: merge and check, then write the requested files."""
-    from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint, read_args
-
     if not args.adapter.adapters:
         raise UserError("lorakit export needs --adapters CHECKPOINT (a checkpoint-N folder or a run folder from sft).")
-    ckpt = find_checkpoint(args.adapter.adapters[0])
+    ckpt = find_adapter(args.adapter.adapters[0])
     is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
     wants_files = bool(args.to_gguf or args.to_ollama)
     if is_adapter and not (args.adapter.merge_lora or wants_files):
@@ -91,19 +93,21 @@ def main(args: ExportArgs) -> int:
                         f"(and --to_gguf f16 / --to_ollama true / --push_to_hub REPO for more).")
     out = Path(args.output_dir or f"{ckpt}-merged").expanduser().resolve()
     refuse_non_empty(out)  # before the merge: a taken folder should cost nothing
-    system = args.adapter.system if args.adapter.system is not None else read_args(ckpt).get("system")
+    if wants_files:  # before the merge: a model the GGUF writer cannot take costs seconds, not a merge
+        check_gguf_source(ckpt, args.model, args.to_gguf or "f16")
+    loaded = open_model(args.model, [str(ckpt)], system=args.adapter.system, torch_dtype="float32",
+                        device=args.model.device, full_precision=True, command="export")
+    system = loaded.system
     if is_adapter:
-        model, tokenizer, check = merge_and_check(ckpt, args.model.torch_dtype, args.model.device, system)
+        model, tokenizer, check = merge_and_check(ckpt, args.model.torch_dtype, args.model.device, system, loaded=loaded)
     else:
-        model, tokenizer, check = _load_full(ckpt, args.model.torch_dtype, args.model.device)
+        model, tokenizer, check = _load_full(ckpt, args.model.torch_dtype, loaded)
     save_merged(model, tokenizer, out, max_shard_size=args.max_shard_size,
                 info={"checkpoint": str(ckpt), "system": system, "merge_check": asdict(check) if check else None})
     print(f"wrote {out}")
     del model
     gguf_path = None
     if args.to_gguf or args.to_ollama:
-        from lorakit.gguf_writer import write_gguf
-
         outtype = args.to_gguf or "f16"
         gguf_path = out / f"{out.name}-{outtype}.gguf"
         summary = write_gguf(out, gguf_path, outtype=outtype, name=out.name)
@@ -120,15 +124,27 @@ def main(args: ExportArgs) -> int:
 # ---------------------------------------------------------------- merge and check
 
 
-def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: str | None):
-    """Merge the adapter in float32, cast to the final dtype, and compare both with base+adapter."""
-    from lorakit.checkpoint import load_checkpoint
-    from lorakit.data.render import render_prompt
+def check_gguf_source(ckpt: Path, model_args: ModelArgs, outtype: str) -> None:
+    """Refuse --to_gguf for a model the GGUF writer cannot convert, from config.json and tokenizer files only."""
+    base = ckpt
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        base = resolve_model_path(model_args.model or trained_on(ckpt), use_hf=model_args.use_hf,
+                                  gguf_file=model_args.gguf_file)
+    tokenizer_dir = ckpt if (ckpt / "tokenizer_config.json").is_file() else base
+    check_convertible(json.loads((base / "config.json").read_text(encoding="utf-8")), base, outtype, tokenizer_dir)
 
-    # a QLoRA adapter merges into the full-precision base: the merged model is an ordinary one
-    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device, full_precision=True)
+
+def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: str | None,
+                    loaded: LoadedModel | None = None):
+    """Merge the adapter in float32, cast to the final dtype, and compare both with base+adapter.
+
+    `loaded`: the checkpoint already opened in float32 (else it is opened here)."""
+    if loaded is None:
+        # a QLoRA adapter merges into the full-precision base: the merged model is an ordinary one
+        loaded = open_model(ModelArgs(), [str(ckpt)], torch_dtype="float32", device=device, full_precision=True,
+                            command="export")
     peft_model, tokenizer = loaded.model, loaded.tokenizer
-    quant = quant_from_saved(loaded.args)
+    quant = quant_from_saved(read_args(ckpt))
     if quant is not None:
         print(f"note: {ckpt.name} was trained on a {quant.quant_bits}-bit base (args.json); it is merged into the "
               f"full-precision base, which answers like the quantized one up to the quantization error.")
@@ -186,8 +202,6 @@ def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 def greedy_answers(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
     """Greedy reply token ids through lorakit's engine (reference decoder, so paths do not differ)."""
-    from lorakit.infer.engine import Engine, SamplingParams
-
     engine = Engine(model, tokenizer, fast=False)
     params = SamplingParams(temperature=0.0, max_new_tokens=VERIFY_NEW_TOKENS)
     return [engine.generate([p], params)[0].token_ids for p in prompts]
@@ -198,10 +212,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _load_full(ckpt: Path, torch_dtype: str, device: str | None):
-    from lorakit.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(ckpt, torch_dtype="float32", device=device)
+def _load_full(ckpt: Path, torch_dtype: str, loaded: LoadedModel):
     dtype = DTYPES[torch_dtype] if torch_dtype != "auto" else saved_dtype(ckpt)
     print(f"{ckpt} holds full weights: nothing to merge, exporting them as {str(dtype).removeprefix('torch.')}")
     return loaded.model.to(dtype), loaded.tokenizer, None
@@ -212,8 +223,6 @@ def _load_full(ckpt: Path, torch_dtype: str, device: str | None):
 
 def save_merged(model, tokenizer, out: Path, *, max_shard_size: str, info: dict) -> Path:
     """A plain Hugging Face folder: sharded safetensors, config, generation_config, tokenizer + chat template."""
-    from lorakit.infer.engine import end_of_turn_ids
-
     refuse_non_empty(out)
     if info.get("system") is not None:
         tokenizer.chat_template = template_with_default_system(tokenizer.chat_template, info["system"])
@@ -322,8 +331,6 @@ def modelfile_text(gguf_name: str, pieces: ChatPieces, system: str | None, stops
 
 def write_modelfile(out: Path, gguf_path: Path, tokenizer, system: str | None) -> Path:
     """Write `out/Modelfile` next to the GGUF file."""
-    from lorakit.infer.engine import end_of_turn_ids
-
     pieces = chat_pieces(tokenizer)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in sorted(end_of_turn_ids(tokenizer))]
     path = out / "Modelfile"

@@ -72,14 +72,8 @@ def write_gguf(model_dir: Path | str, out_path: Path | str, *, outtype: str = "f
     import gguf
 
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if outtype not in OUTTYPES:
-        raise UserError(f"--to_gguf {outtype!r} is not one of {', '.join(OUTTYPES)}.")
     config = json.loads((model_dir / "config.json").read_text())
-    arch = ARCHITECTURES.get(config.get("model_type"))
-    if arch is None:
-        raise UserError(f"--to_gguf: {model_dir}/config.json has model_type {config.get('model_type')!r}; the GGUF "
-                        f"writer supports {', '.join(ARCHITECTURES)}. Use llama.cpp's convert_hf_to_gguf.py on the "
-                        f"merged folder for other architectures.")
+    arch = check_convertible(config, model_dir, outtype, model_dir)
     writer = gguf.GGUFWriter(str(out_path), arch, use_temp_file=True)
     add_model_metadata(writer, config, arch, outtype, name or model_dir.name)
     pre = add_tokenizer_metadata(writer, model_dir, int(config["vocab_size"]))
@@ -103,13 +97,45 @@ def write_gguf(model_dir: Path | str, out_path: Path | str, *, outtype: str = "f
     return GgufSummary(out_path, arch, outtype, count, int(config["vocab_size"]), pre, out_path.stat().st_size)
 
 
-def add_model_metadata(writer, config: dict, arch: str, outtype: str, name: str) -> None:
-    """Hyper-parameters under llama.cpp's key names; refuses settings llama.cpp would compute differently."""
+def check_convertible(config: dict, config_dir: Path, outtype: str, tokenizer_dir: Path) -> str:
+    """The llama.cpp architecture name, or a UserError saying why this model cannot become a GGUF file.
+
+    Reads only config.json and the tokenizer files, so `lorakit export` checks --to_gguf before it merges.
+    """
+    from transformers import AutoTokenizer
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"--to_gguf {outtype!r} is not one of {', '.join(OUTTYPES)}.")
+    arch = ARCHITECTURES.get(config.get("model_type"))
+    if arch is None:
+        raise UserError(f"--to_gguf: {config_dir}/config.json has model_type {config.get('model_type')!r}; the GGUF "
+                        f"writer supports {', '.join(ARCHITECTURES)}. Use llama.cpp's convert_hf_to_gguf.py on the "
+                        f"merged folder for other architectures.")
+    _check_rope(config)
+    spec = json.loads(AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str())
+    _check_tokenizer_spec(spec, tokenizer_dir)
+    pre_tokenizer_name(spec.get("pre_tokenizer"))
+    return arch
+
+
+def _check_rope(config: dict) -> dict:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UserError(f"--to_gguf: rope scaling {rope_type!r} in config.json is not supported by lorakit's GGUF "
                         f"writer; use llama.cpp's convert_hf_to_gguf.py on the merged folder.")
+    return rope
+
+
+def _check_tokenizer_spec(spec: dict, model_dir: Path) -> None:
+    if spec["model"]["type"] != "BPE" or not _is_byte_level(spec):
+        raise UserError(f"--to_gguf: the tokenizer in {model_dir} is not a byte-level BPE tokenizer; lorakit's GGUF "
+                        f"writer handles those (Qwen2, Llama 3, SmolLM2). Use llama.cpp's convert_hf_to_gguf.py.")
+
+
+def add_model_metadata(writer, config: dict, arch: str, outtype: str, name: str) -> None:
+    """Hyper-parameters under llama.cpp's key names; refuses settings llama.cpp would compute differently."""
+    rope = _check_rope(config)
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     heads = int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
@@ -137,9 +163,7 @@ def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or not _is_byte_level(spec):
-        raise UserError(f"--to_gguf: the tokenizer in {model_dir} is not a byte-level BPE tokenizer; lorakit's GGUF "
-                        f"writer handles those (Qwen2, Llama 3, SmolLM2). Use llama.cpp's convert_hf_to_gguf.py.")
+    _check_tokenizer_spec(spec, model_dir)
     pre = pre_tokenizer_name(spec.get("pre_tokenizer"))
     tokens, types = token_table(spec, vocab_size)
     writer.add_tokenizer_model("gpt2")

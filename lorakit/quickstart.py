@@ -21,10 +21,9 @@ import torch
 import lorakit.model as model_lib
 from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
 from lorakit.data import sources
-from lorakit.data.render import set_chat_template
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
-from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
+from lorakit.loader import LoadedModel, open_model
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS, ReplayAnswer, answers_to_samples, load_general_prompts, replay_answers
 from lorakit.report import Report, figures_table, print_missed, write_report
 from lorakit.train import train
@@ -180,14 +179,9 @@ class Stopwatch:
         self._wall, self._cpu = wall, cpu
 
 
-def load_base(args: QuickstartArgs):
-    """(model path, tokenizer, model, device) of the base model."""
-    device = pick_device(args.model.device)
-    model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
-    tokenizer = load_tokenizer(model_path)
-    set_chat_template(tokenizer, args.model.template)
-    model = load_model(model_path, torch_dtype=args.model.torch_dtype, device=device, attn_impl=args.model.attn_impl)
-    return model_path, tokenizer, model, device
+def load_base(args: QuickstartArgs) -> LoadedModel:
+    """The base model, through the loader every command uses."""
+    return open_model(args.model, command="quickstart")
 
 
 def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], list[ReplayAnswer]]:
@@ -209,7 +203,9 @@ def quickstart(args: QuickstartArgs) -> Report:
         raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
                         "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
     clock, cache = Stopwatch(), model_lib.CACHE_DIR / "quickstart"
-    model_path, tokenizer, model, device = load_base(args)
+    base = load_base(args)
+    model_path, tokenizer, model, device = base.base_path, base.tokenizer, base.model, base.model.device
+    del base  # the base weights are freed before training loads its own copy (`del model` below)
     n_params = sum(p.numel() for p in model.parameters())
     clock.lap("load base model")
 

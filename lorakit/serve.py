@@ -35,8 +35,10 @@ from fastapi import Request  # at module level: FastAPI resolves the (string) an
 from lorakit.args import DeployArgs
 from lorakit.data.render import render_prompt, strip_system_markers
 from lorakit.errors import UserError
+from lorakit.infer.engine import Engine
 from lorakit.infer.sampling import SamplingParams
 from lorakit.infer.text import TextStream
+from lorakit.loader import find_adapter, open_model, resolve_system, saved_args
 from lorakit.serve_api import (ApiError, chat_chunk, chat_response, completion_chunk, completion_response, new_id,
                                parse_chat_request, parse_completion_request, usage)
 
@@ -85,56 +87,38 @@ def _served_name(ckpt: Path) -> str:
     return ckpt.parent.name if ckpt.name.startswith("checkpoint-") else ckpt.name
 
 
-def _read_system(value: str | None) -> str | None:
-    if value and value.endswith(".txt") and Path(value).expanduser().is_file():
-        return Path(value).expanduser().read_text(encoding="utf-8").strip()
-    return value
-
-
 def public_name(path: Path) -> str:
     """'run/checkpoint-N' for a checkpoint, else the folder's own name: what /v1/models may show."""
     return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
 
 
 def load_served(args: DeployArgs) -> Served:
-    """Load the base model and every adapter; name them for the API."""
-    from lorakit.checkpoint import find_checkpoint, load_checkpoint, read_args
-    from lorakit.infer.engine import Engine
-    from lorakit.model import load_model, load_tokenizer, resolve_model_path
-
-    m = args.model
-    system = _read_system(args.adapter.system)
+    """Load the base model and every adapter (the first through lorakit.loader); name them for the API."""
+    system = resolve_system(args.adapter.system)
     specs = _adapter_specs(args.adapter.adapters)
-    base = None
-    base_path = None
-    if m.model or not specs:
-        base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
-        base = load_model(base_path, torch_dtype=m.torch_dtype, device=m.device, attn_impl=m.attn_impl)
+    merge = args.adapter.merge_lora and len(specs) == 1
+    first = open_model(args.model, [specs[0][1]] if specs else [], system=args.adapter.system, merge_lora=merge,
+                       command="deploy")
+    model, tokenizer = first.model, first.tokenizer
     models: dict[str, ServedModel] = {}
     if not specs:
-        name = args.served_model_name or base_path.name
-        models[name] = ServedModel(name, None, system, str(base_path))
-        tokenizer = load_tokenizer(base_path)
-        model = base
+        name = args.served_model_name or first.base_path.name
+        models[name] = ServedModel(name, None, system, str(first.base_path))
     else:
-        ckpts = [find_checkpoint(path) for _, path in specs]
-        merge = args.adapter.merge_lora and len(specs) == 1
-        first = load_checkpoint(ckpts[0], model=base, torch_dtype=m.torch_dtype, device=m.device, merge_lora=merge)
-        model, tokenizer = first.model, first.tokenizer
-        base_path = Path(base_path or first.args.get("model_path") or model.peft_config["default"].base_model_name_or_path)
+        base_path = first.base_path or Path(first.saved.model_path or first.checkpoint)
+        ckpts = [first.checkpoint] + [find_adapter(path) for _, path in specs[1:]]
         for i, ((name, _), ckpt) in enumerate(zip(specs, ckpts)):
-            other_base = read_args(ckpt).get("model_path")
-            if other_base and Path(other_base).resolve() != base_path.resolve():
-                raise UserError(f"--adapters {ckpt}: trained on {other_base}, but the served base is {base_path}; "
-                                f"all adapters of one server must share the base model.")
+            saved = first.saved if i == 0 else saved_args(ckpt)
+            if saved.model_path and Path(saved.model_path).resolve() != base_path.resolve():
+                raise UserError(f"--adapters {ckpt}: trained on {saved.model_path}, but the served base is "
+                                f"{base_path}; all adapters of one server must share the base model.")
             if i > 0:
                 model.load_adapter(str(ckpt), adapter_name=f"adapter_{i}")
             served = name or (args.served_model_name if len(specs) == 1 else None) or _served_name(ckpt)
             if served in models:
                 raise UserError(f"--adapters: two adapters are both named {served!r}; name them with NAME=PATH.")
-            ckpt_system = system if system is not None else read_args(ckpt).get("system")
             models[served] = ServedModel(served, None if merge else ("default" if i == 0 else f"adapter_{i}"),
-                                         ckpt_system, str(ckpt))
+                                         system if system is not None else saved.system, str(ckpt))
         if not merge:
             models.setdefault(base_path.name, ServedModel(base_path.name, None, system, str(base_path)))
     for served in models.values():  # '<|im_start|>system\nX<|im_end|>' -> 'X', with a warning
@@ -597,9 +581,6 @@ def main(args: DeployArgs) -> int:
     """Run `lorakit deploy`: load the models and serve them until interrupted."""
     import uvicorn
 
-    if args.max_concurrency <= 0 or args.max_queue < 0:
-        raise UserError(f"--max_concurrency must be positive and --max_queue >= 0, got "
-                        f"{args.max_concurrency} and {args.max_queue}.")
     served = load_served(args)
     scheduler = Scheduler(served, args.max_concurrency, args.max_queue)
     app = build_app(served, scheduler, api_key=args.api_key, default_max_tokens=args.max_new_tokens)

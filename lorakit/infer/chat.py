@@ -14,10 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from tqdm import tqdm
+
 from lorakit.args import GenerationArgs, InferArgs
-from lorakit.data.render import strip_system_markers
+from lorakit.data.loading import load_conversations
+from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine, Generation, SamplingParams
+from lorakit.infer.vllm_backend import run_vllm
+from lorakit.loader import open_model
+from lorakit.model import pick_device
 
 HELP = ("Commands: /clear forgets the conversation, /system TEXT sets the system prompt, /exit or Ctrl-D leaves.\n"
         "Ctrl-C stops an answer. End a line with \\ to continue it on the next line, or put text between \"\"\" "
@@ -25,7 +31,7 @@ HELP = ("Commands: /clear forgets the conversation, /system TEXT sets the system
 
 
 @dataclass
-class Session:
+class ChatSession:
     """A loaded model ready to answer: the engine, the system prompt, where it came from."""
 
     engine: Engine
@@ -35,11 +41,12 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
 
+Session = ChatSession  # the name before the rename (train had a Session too)
+
+
 def main(args: InferArgs) -> int:
     """Entry point of `lorakit infer`."""
     if args.infer_backend == "vllm":
-        from lorakit.infer.vllm_backend import run_vllm
-
         return run_vllm(args)
     session = load_session(args)
     for note in session.notes:
@@ -77,119 +84,28 @@ def sampling_params(g: GenerationArgs, config) -> tuple[SamplingParams, str | No
 # ---------------------------------------------------------------- loading
 
 
-def load_session(args: InferArgs) -> Session:
+def load_session(args: InferArgs) -> ChatSession:
     """Load the base model (--model) or a checkpoint (--adapters, optionally over --model)."""
-    from lorakit.data.loading import resolve_system
-    from lorakit.data.render import set_chat_template
-    from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
-
-    m = args.model
-    device = pick_device(m.device)
-    system = resolve_system(args.adapter.system)
-    notes = []
-    if not args.adapter.adapters:
-        path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
-        tokenizer = load_tokenizer(path)
-        set_chat_template(tokenizer, m.template)
-        model = load_model(path, torch_dtype=m.torch_dtype, device=device, attn_impl=m.attn_impl)
-        if args.adapter.merge_lora:
-            notes.append("--merge_lora has no effect without --adapters.")
-        return _session(model, tokenizer, system, path.name, None, notes)
-    if len(args.adapter.adapters) > 1:
-        raise UserError(f"--adapters: infer takes one checkpoint, got {len(args.adapter.adapters)}: "
-                        f"{' '.join(args.adapter.adapters)}.")
-    from lorakit.checkpoint import load_checkpoint
-
-    ckpt = find_adapter(args.adapter.adapters[0])
-    base = None
-    if m.model:
-        base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
-        check_adapter_fits(ckpt, base_path)
-        base = load_model(base_path, torch_dtype=m.torch_dtype, device=device, attn_impl=m.attn_impl)
+    device = pick_device(args.model.device)
     # On a GPU the fast decoder needs plain weights: merge in memory (the files are untouched).
-    merge = args.adapter.merge_lora or device.type == "cuda"
+    merge = bool(args.adapter.adapters) and (args.adapter.merge_lora or device.type == "cuda")
+    loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, merge_lora=merge,
+                        device=device, command="infer")
+    notes = list(loaded.notes)
     if merge and not args.adapter.merge_lora:
         notes.append("merged the adapter into the weights in memory for the fast GPU decoder.")
-    try:
-        loaded = load_checkpoint(ckpt, model=base, torch_dtype=m.torch_dtype, device=device, merge_lora=merge)
-    except (RuntimeError, ValueError) as exc:
-        if base is None:
-            raise
-        raise UserError(f"The adapter {ckpt} does not fit --model {m.model}: {str(exc).splitlines()[0]} "
-                        "Use the base model it was trained on (drop --model to take it from args.json).") from exc
-    if m.template:
-        set_chat_template(loaded.tokenizer, m.template)
-    elif loaded.args.get("chat_template") and not getattr(loaded.tokenizer, "chat_template", None):
-        loaded.tokenizer.chat_template = loaded.args["chat_template"]
-    system = system if system is not None else loaded.args.get("system")
-    return _session(loaded.model, loaded.tokenizer, system, f"{ckpt.parent.name}/{ckpt.name}", ckpt, notes)
-
-
-def _session(model, tokenizer, system, label, checkpoint, notes) -> Session:
-    system = strip_system_markers(tokenizer, system)  # '<|im_start|>system\nX<|im_end|>' -> 'X', with a warning
-    engine = Engine(model, tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer)
     if engine.device.type == "cuda" and not engine.uses_fast_path:
         notes.append(f"the fast GPU decoder is off ({engine.fast_note}); answers are slower.")
-    return Session(engine, system, label, checkpoint, notes)
-
-
-def find_adapter(spec: str) -> Path:
-    """The checkpoint --adapters means; when there is none, say which folder lacks what and list
-    the checkpoints that do exist beside it."""
-    import re
-
-    from lorakit.checkpoint import find_checkpoint, list_checkpoints
-
-    try:
-        return find_checkpoint(spec)
-    except UserError:
-        path = Path(spec).expanduser().resolve()
-        if not path.is_dir():
-            raise
-        if re.fullmatch(r"checkpoint-\d+", path.name):
-            others = ", ".join(p.name for p in list_checkpoints(path.parent)) or "none"
-            raise UserError(f"--adapters {spec}: {path} has no adapter_config.json (a LoRA adapter) and no "
-                            f"config.json + *.safetensors (full weights). Checkpoints in {path.parent}: {others}. "
-                            "Pass one of them, or the run folder for its last checkpoint.") from None
-        if not list_checkpoints(path) and not (path / "adapter_config.json").exists():
-            raise UserError(f"--adapters {spec}: {path} has no checkpoint: no adapter_config.json and no "
-                            "checkpoint-N folder inside. A run writes one every --save_steps and at its end; "
-                            "pass a run folder that finished, or a checkpoint-N folder.") from None
-        raise
-
-
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "intermediate_size")
-
-
-def check_adapter_fits(checkpoint: Path, base_path: Path) -> None:
-    """An adapter on another architecture or size is an error (not garbage output): compare the
-    config of the base it was trained on (from args.json / adapter_config.json) with --model's."""
-    from lorakit.checkpoint import read_args
-
-    trained_on = read_args(checkpoint).get("model_path")
-    adapter_config = checkpoint / "adapter_config.json"
-    if not trained_on and adapter_config.is_file():
-        trained_on = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not trained_on or not (Path(trained_on) / "config.json").is_file() or not (base_path / "config.json").is_file():
-        return  # nothing to compare here; a mismatch still fails when the weights load
-    want = json.loads((Path(trained_on) / "config.json").read_text(encoding="utf-8"))
-    have = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-    differ = [f"{k} {want.get(k)} vs {have.get(k)}" for k in ARCHITECTURE_KEYS if want.get(k) != have.get(k)]
-    if differ:
-        raise UserError(f"The adapter {checkpoint} was trained on {trained_on}, which differs from --model "
-                        f"{base_path} ({'; '.join(differ)}). Use the base model it was trained on, or drop "
-                        "--model to take it from the checkpoint's args.json.")
+    return ChatSession(engine, loaded.system, loaded.label, loaded.checkpoint, notes)
 
 
 # ---------------------------------------------------------------- answering
 
 
-def fit_prompt(session: Session, messages: list[dict], params: SamplingParams,
+def fit_prompt(session: ChatSession, messages: list[dict], params: SamplingParams,
                warn: Callable[[str], None]) -> tuple[list[int], list[dict]]:
     """Render `messages`; if too long for the context, drop the oldest turns, then cut the start."""
-    from lorakit.data.render import render_prompt
-
     engine = session.engine
     allowed = engine.context - min(params.max_new_tokens, engine.context // 2)
     prompt = render_prompt(engine.tokenizer, messages, system=session.system)
@@ -212,7 +128,7 @@ def _stderr(text: str) -> None:
     print(f"note: {text}", file=sys.stderr, flush=True)
 
 
-def answer(session: Session, messages: list[dict], params: SamplingParams, *, stream: bool,
+def answer(session: ChatSession, messages: list[dict], params: SamplingParams, *, stream: bool,
            out: TextIO) -> tuple[str, Generation | None]:
     """Print the model's reply to `messages` (streamed or whole); Ctrl-C stops it, keeping what came."""
     prompt, _ = fit_prompt(session, messages, params, _stderr)
@@ -262,7 +178,7 @@ def read_message(read: Callable[[str], str]) -> str:
     return "\n".join(lines + [line])
 
 
-def run_repl(session: Session, params: SamplingParams, *, stream: bool, read: Callable[[str], str] = input,
+def run_repl(session: ChatSession, params: SamplingParams, *, stream: bool, read: Callable[[str], str] = input,
              out: TextIO = sys.stdout) -> int:
     """Chat until /exit or Ctrl-D; history is kept across turns."""
     if read is input:
@@ -300,7 +216,7 @@ def run_repl(session: Session, params: SamplingParams, *, stream: bool, read: Ca
             out.write(f"[unknown command {command.split()[0]}] {HELP}\n")
             continue
         messages = history + [{"role": "user", "content": text}]
-        turn = Session(session.engine, system, session.label, session.checkpoint)
+        turn = ChatSession(session.engine, system, session.label, session.checkpoint)
         try:
             reply, _ = answer(turn, messages, params, stream=stream, out=out)
         except KeyboardInterrupt:  # Ctrl-C before the first token: forget this question
@@ -317,12 +233,8 @@ def default_result_path(checkpoint: Path | None) -> Path:
     return (checkpoint or Path.cwd()) / "infer_result" / f"{stamp}.jsonl"
 
 
-def run_batch(session: Session, args: InferArgs, params: SamplingParams) -> int:
+def run_batch(session: ChatSession, args: InferArgs, params: SamplingParams) -> int:
     """Answer every row of --val_dataset; one JSON line per row in --result_path."""
-    from tqdm import tqdm
-
-    from lorakit.data.loading import load_conversations
-
     parts = load_conversations(args.val_dataset, seed=args.generation.seed, use_hf=args.model.use_hf,
                                require_answer=False, log=lambda msg: print(msg, file=sys.stderr))
     rows = []

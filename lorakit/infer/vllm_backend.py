@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 
 from lorakit.args import InferArgs
+from lorakit.data.loading import load_conversations
+from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
+from lorakit.loader import open_tokenizer
 
 INSTALL_HINT = ("--infer_backend vllm needs the vllm package, which is not installed here. Install it on a Linux "
                 "machine with an NVIDIA GPU (`pip install vllm`), or use --infer_backend pt, lorakit's own engine "
@@ -25,19 +28,11 @@ def run_vllm(args: InferArgs) -> int:
         from vllm.lora.request import LoRARequest
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    from lorakit.checkpoint import find_checkpoint, read_args
-    from lorakit.data.loading import load_conversations
-    from lorakit.data.render import render_prompt
-    from lorakit.model import load_tokenizer, resolve_model_path
-
     if args.query is None and not args.val_dataset:
         raise UserError("--infer_backend vllm answers --query or --val_dataset; the interactive chat uses "
                         "--infer_backend pt.")
-    ckpt = find_checkpoint(args.adapter.adapters[0]) if args.adapter.adapters else None
-    saved = read_args(ckpt) if ckpt else {}
-    base = resolve_model_path(args.model.model or saved.get("model_path"), use_hf=args.model.use_hf)
-    tokenizer = load_tokenizer(ckpt if ckpt and (ckpt / "tokenizer_config.json").is_file() else base)
-    system = args.adapter.system or saved.get("system")
+    opened = open_tokenizer(args.model, args.adapter.adapters, system=args.adapter.system, command="infer")
+    ckpt, base, tokenizer, system = opened.checkpoint, opened.base_path, opened.tokenizer, opened.system
     llm = vllm.LLM(model=str(base), enable_lora=ckpt is not None, seed=args.generation.seed,
                    max_model_len=args.vllm_max_model_len)
     lora = LoRARequest("adapter", 1, str(ckpt)) if ckpt else None
