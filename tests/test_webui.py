@@ -252,3 +252,13 @@ def test_grpo_rewards_and_its_progress_bar(tmp_path):
     p = progress.read_progress(log)
     assert (p.step, p.total, p.eta_s) == (2, 4, 6.0)
     assert p.reward == [(1, 0.25), (2, 0.5)] and p.eval_reward == [(2, 0.4)]
+
+
+def test_curves_keep_numeric_columns_when_empty():
+    """The first frame a plot gets is often empty: its columns must still be numbers, or the axis turns categorical."""
+    from lorakit.webui.train_tab import loss_frame
+
+    empty = loss_frame(progress.Progress())
+    assert (str(empty["step"].dtype), str(empty["value"].dtype)) == ("int64", "float64")
+    frame = loss_frame(progress.Progress(loss=[(1, 2.123456)], eval_loss=[(1, 2.0)]))
+    assert frame.values.tolist() == [[1, 2.1235, "loss"], [1, 2.0, "eval_loss"]]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import gradio as gr
+import httpx
+from gradio import networking
 
 from lorakit.args import WebUIArgs
 from lorakit.webui import chat_tab, eval_tab, export_tab, train_tab
@@ -48,6 +51,19 @@ def build_app(args: WebUIArgs, cwd: Path | None = None) -> gr.Blocks:
     return demo
 
 
+def page_answers(url: str) -> bool:
+    """Gradio's start-up check that its own page answers, with patience: gradio's own makes one 3-second
+    request and refuses to start when a busy machine renders the first page slower than that."""
+    for _ in range(10):
+        try:
+            if httpx.head(url, timeout=30, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
+
+
 def main(args: WebUIArgs) -> int:
     """Serve the page until Ctrl-C; jobs started from it keep running in their own processes."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -55,6 +71,7 @@ def main(args: WebUIArgs) -> int:
     if warning:
         print(warning.replace("**", ""), file=sys.stderr)
     demo = build_app(args)
+    networking.url_ok = page_answers
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     print(f"lorakit web-ui: http://{'localhost' if args.host in LOCAL_HOSTS else args.host}:{args.port}",
           file=sys.stderr)

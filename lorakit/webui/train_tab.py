@@ -51,15 +51,20 @@ def run_choices(ctx: Context) -> list[tuple[str, str]]:
     return [(ctx.t("latest"), "")] + [(r.label(), str(r.path)) for r in runs]
 
 
+def curve_frame(series: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
+    """(step, value, series) rows with fixed dtypes: an empty first frame must not make the plot's axis categorical."""
+    rows = [(step, value, name) for name, points in series.items() for step, value in points]
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "value": pd.Series([round(r[1], 4) for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="object")})
+
+
 def loss_frame(p) -> pd.DataFrame:
-    rows = [(s, round(v, 4), "loss") for s, v in p.loss] + [(s, round(v, 4), "eval_loss") for s, v in p.eval_loss]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_frame({"loss": p.loss, "eval_loss": p.eval_loss})
 
 
 def reward_frame(p) -> pd.DataFrame:
-    rows = [(s, round(v, 4), "reward") for s, v in p.reward]
-    rows += [(s, round(v, 4), "eval_reward") for s, v in p.eval_reward]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    return curve_frame({"reward": p.reward, "eval_reward": p.eval_reward})
 
 
 def show(ctx: Context, viewing: str, last: tuple):
