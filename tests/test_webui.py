@@ -255,7 +255,7 @@ def test_grpo_rewards_and_its_progress_bar(tmp_path):
 
 
 def test_curves_keep_numeric_columns_when_empty():
-    """The first frame a plot gets is often empty: its columns must still be numbers, or the axis turns categorical."""
+    """A frame's columns stay numbers whatever the rows (object columns make a plot's axis categorical)."""
     from lorakit.webui.train_tab import loss_frame
 
     empty = loss_frame(progress.Progress())

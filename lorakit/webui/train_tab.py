@@ -52,7 +52,7 @@ def run_choices(ctx: Context) -> list[tuple[str, str]]:
 
 
 def curve_frame(series: dict[str, list[tuple[int, float]]]) -> pd.DataFrame:
-    """(step, value, series) rows with fixed dtypes: an empty first frame must not make the plot's axis categorical."""
+    """(step, value, series) rows with fixed dtypes (numeric axes whatever the rows)."""
     rows = [(step, value, name) for name, points in series.items() for step, value in points]
     return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
                          "value": pd.Series([round(r[1], 4) for r in rows], dtype="float64"),
@@ -89,7 +89,8 @@ def show(ctx: Context, viewing: str, last: tuple):
                  len(progress.reward) + len(progress.eval_reward) if progress else 0)
     changed = [gr.skip(), gr.skip(), gr.skip()]  # redraw plots and the run list only when something changed
     if signature != last:
-        changed = [loss_frame(progress) if progress else None,
+        # no points yet: None, not an empty frame (a plot whose first frame was empty never draws its line)
+        changed = [loss_frame(progress) if progress and (progress.loss or progress.eval_loss) else None,
                    gr.update(value=reward_frame(progress), visible=True) if progress and progress.reward
                    else gr.update(visible=False),
                    gr.update(choices=run_choices(ctx)) if last and signature[:3] != last[:3] else gr.skip()]
