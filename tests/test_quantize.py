@@ -211,6 +211,15 @@ def test_adapter_reloads_on_the_4bit_base_and_on_the_full_precision_base(qlora_r
         assert torch.nn.functional.cosine_similarity(effect, effect4, dim=0) > 0.9
 
 
+def test_infer_loads_the_base_4bit_as_trained(qlora_run, capsys):
+    """`lorakit infer --adapters RUN`: the base comes back quantized (args.json), and a note says so."""
+    assert cli_main(["infer", "--adapters", str(qlora_run.run_dir), "--query", "Who are you?", "--max_new_tokens", "2",
+                     "--device", "cpu", "--stream", "false"]) == 0
+    captured = capsys.readouterr()
+    assert f"the base of {qlora_run.last_checkpoint.name} loads 4-bit, as it was trained" in captured.err
+    assert captured.out.strip()
+
+
 def test_export_merges_into_the_full_precision_base(qlora_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -295,4 +304,4 @@ def test_smollm2_qlora_sft_then_infer_on_the_4bit_base(smollm2_dir, tmp_path, cl
     assert losses[2] < losses[0] * 0.8, losses
     proc = cli("infer", "--adapters", str(run), "--query", "Who are you?", "--max_new_tokens", "8", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip()
+    assert "loads 4-bit, as it was trained" in proc.stderr and proc.stdout.strip()
