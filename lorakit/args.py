@@ -416,6 +416,18 @@ class DistArgs:
             _check_choice("ddp_backend", self.ddp_backend, ("nccl", "gloo"))
 
 
+def refuse_quant_combinations(quant: QuantArgs, lora: LoraArgs, dist: DistArgs) -> None:
+    """Quantized bases train LoRA only, and not under FSDP (sft and rlhf share the rule)."""
+    if quant.enabled and lora.train_type == "full":
+        raise UserError(f"--quant_bits {quant.quant_bits} with --train_type full: quantized weights cannot be "
+                        f"trained. Use --train_type lora (QLoRA), or drop --quant_bits to fine-tune in full.")
+    if quant.enabled and (dist.fsdp or dist.deepspeed):
+        flag = f"--fsdp {' '.join(dist.fsdp)}" if dist.fsdp else f"--deepspeed {dist.deepspeed}"
+        raise UserError(f"--quant_bits {quant.quant_bits} with {flag}: FSDP cannot shard bitsandbytes' quantized "
+                        f"weights. Drop {flag.split()[0]} (QLoRA runs on one GPU, or one copy per GPU with "
+                        f"NPROC_PER_NODE), or drop --quant_bits.")
+
+
 @dataclass
 class SftArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -427,14 +439,7 @@ class SftArgs:
     quant: QuantArgs = field(default_factory=QuantArgs)
 
     def __post_init__(self):  # flags of two groups that cannot go together, refused before any weights load
-        if self.quant.enabled and self.lora.train_type == "full":
-            raise UserError(f"--quant_bits {self.quant.quant_bits} with --train_type full: quantized weights cannot be "
-                            f"trained. Use --train_type lora (QLoRA), or drop --quant_bits to fine-tune in full.")
-        if self.quant.enabled and (self.dist.fsdp or self.dist.deepspeed):
-            flag = f"--fsdp {' '.join(self.dist.fsdp)}" if self.dist.fsdp else f"--deepspeed {self.dist.deepspeed}"
-            raise UserError(f"--quant_bits {self.quant.quant_bits} with {flag}: FSDP cannot shard bitsandbytes' "
-                            f"quantized weights. Drop {flag.split()[0]} (QLoRA runs on one GPU, or one copy per GPU "
-                            f"with NPROC_PER_NODE), or drop --quant_bits.")
+        refuse_quant_combinations(self.quant, self.lora, self.dist)
 
 
 RLHF_TYPES = ("dpo", "orpo", "simpo", "kto", "cpo")
@@ -513,8 +518,10 @@ class RlhfArgs:
     fast: FastArgs = field(default_factory=FastArgs)
     rlhf: RlhfGroup = field(default_factory=RlhfGroup)
     dist: DistArgs = field(default_factory=DistArgs)
+    quant: QuantArgs = field(default_factory=QuantArgs)
 
     def __post_init__(self):
+        refuse_quant_combinations(self.quant, self.lora, self.dist)
         if self.data.packing:
             raise UserError("--packing does not apply to rlhf: the chosen and rejected answers of a pair already run "
                             "in one forward; drop --packing.")

@@ -175,7 +175,7 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
 
     seed_everything(args.data.seed)
     model = load_model(start.model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
-                       attn_impl=args.model.attn_impl)
+                       attn_impl=args.model.attn_impl, quant=args.quant)
     model = prepare_policy(model, start, args, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,

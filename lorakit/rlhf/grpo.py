@@ -245,7 +245,7 @@ def train_grpo(args) -> loop.TrainResult:
         return loop.TrainResult(None, None, None, None, None)
     sft.seed_everything(args.data.seed)
     model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
-                       attn_impl=args.model.attn_impl)
+                       attn_impl=args.model.attn_impl, quant=args.quant)
     model = start_policy(model, args, device)
     s = new_session(args, model, tokenizer, prompts, val, model_path=model_path, device=device, dtype=dtype,
                     system=system)
