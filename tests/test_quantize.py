@@ -57,6 +57,15 @@ def test_bad_combinations_are_refused_at_parse_time(argv, message):
         sft_args(argv)
 
 
+def test_rlhf_shares_the_quantization_flags():
+    from lorakit.args import RlhfArgs
+
+    args = build_args(RlhfArgs, parse_argv("rlhf", ["--quantization_bit", "4"]))
+    assert (args.quant.quant_method, args.quant.quant_bits, args.quant.bnb_4bit_quant_type) == ("bnb", 4, "nf4")
+    with pytest.raises(UserError, match="^--quant_bits 8 with --train_type full"):
+        build_args(RlhfArgs, parse_argv("rlhf", ["--quant_bits", "8", "--train_type", "full"]))
+
+
 def test_cli_refuses_before_loading_anything(tmp_path, capsys):
     """Exit 2 with the message, although --model does not even exist: nothing was opened."""
     assert cli_main(["sft", "--model", str(tmp_path / "none"), "--quantization_bit", "4", "--train_type", "full"]) == 2
