@@ -17,13 +17,13 @@ from typing import Callable, TextIO
 from tqdm import tqdm
 
 from lorakit.args import GenerationArgs, InferArgs
-from lorakit.checkpoint import find_checkpoint, read_args
+from lorakit.checkpoint import read_args
 from lorakit.data.loading import load_conversations
 from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine, Generation, SamplingParams
 from lorakit.infer.vllm_backend import run_vllm
-from lorakit.loader import open_model
+from lorakit.loader import find_adapter, open_model
 from lorakit.model import pick_device
 from lorakit.quantize import quant_from_saved
 
@@ -91,7 +91,7 @@ def load_session(args: InferArgs) -> ChatSession:
     device = pick_device(args.model.device)
     # On a GPU the fast decoder needs plain weights: merge in memory (the files are untouched). Not over a base
     # quantized as trained (QLoRA): merging needs the full-precision base, the memory the user saved.
-    quantized = bool(args.adapter.adapters) and quant_from_saved(read_args(find_checkpoint(args.adapter.adapters[0])))
+    quantized = bool(args.adapter.adapters) and quant_from_saved(read_args(find_adapter(args.adapter.adapters[0])))
     merge = bool(args.adapter.adapters) and (args.adapter.merge_lora or (device.type == "cuda" and not quantized))
     loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, merge_lora=merge,
                         device=device, command="infer")
