@@ -31,10 +31,10 @@ class Sessions:
     """Loaded models by (model, adapters), the least recently used dropped past MAX_LOADED."""
 
     def __init__(self):
-        self._loaded: OrderedDict[tuple, chat.Session] = OrderedDict()
+        self._loaded: OrderedDict[tuple, chat.ChatSession] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, args) -> chat.Session:
+    def get(self, args) -> chat.ChatSession:
         key = (args.model.model, tuple(args.adapter.adapters))
         with self._lock:
             if key not in self._loaded:
@@ -78,10 +78,10 @@ def chat_command(ctx: Context, spec: str, system: str, sampling: dict[str, str],
     return cmd, cli.build_args(cli.COMMANDS["infer"][1], cli.parse_argv("infer", cmd.flags))
 
 
-def reply_stream(session: chat.Session, args, history: list[dict]) -> Iterator[str]:
+def reply_stream(session: chat.ChatSession, args, history: list[dict]) -> Iterator[str]:
     """The reply so far, after each streamed piece."""
     system = resolve_system(args.adapter.system)
-    turn = chat.Session(session.engine, system if system is not None else session.system, session.label)
+    turn = chat.ChatSession(session.engine, system if system is not None else session.system, session.label)
     params, _ = chat.sampling_params(args.generation, session.engine.model.generation_config)
     prompt, _ = chat.fit_prompt(turn, history, params, lambda note: None)
     text = ""
