@@ -25,7 +25,8 @@ from lorakit.eval.scoring import (BASE_IDENTITY_NAMES, claims_identity, identity
                                   name_list, retention_correct)
 from lorakit.loader import open_model
 from lorakit.paths import BUILTIN_DIR
-from lorakit.replay import Reply, generate_replies
+from lorakit.infer.replies import Reply
+from lorakit.infer.replies import greedy_replies as generate_greedy_replies
 from lorakit.report import figures_table, missed_targets, print_missed
 
 __all__ = [  # the eval's parts, importable from here as before they moved to lorakit/eval/ and report.py
@@ -72,8 +73,8 @@ def selected_probes(per_lang: int | None = None) -> list[dict]:
 def greedy_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], *, system,
                    batch_size: int | None, desc: str, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Reply]:
     """The model's greedy replies to single-turn questions, batched."""
-    return generate_replies(model, tokenizer, _prompts(tokenizer, questions, system), max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, desc=desc)
+    return generate_greedy_replies(model, tokenizer, _prompts(tokenizer, questions, system),
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
 
 
 def cached_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], *, system,

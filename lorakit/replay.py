@@ -19,8 +19,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorakit.data.render import IGNORE_INDEX, Rendered
+from lorakit.data.cache import write_text_atomic
+from lorakit.data.render import IGNORE_INDEX, Rendered, render_prompt
 from lorakit.errors import UserError
+from lorakit.infer.replies import Reply, generate_replies, generation_batch_size  # noqa: F401  (were here)
 from lorakit.paths import BUILTIN_DIR
 
 REPLAY_MAX_NEW_TOKENS = 24
@@ -31,15 +33,6 @@ REPLAY_TOP_K = 20  # the base's most likely tokens kept per answer position
 # Chinese answers (5-8%), where the base is unsure (top-20 mass ~50%) and so holds nothing in place;
 # 0.5 brings the leak to 2-4% and keeps drift at 0.13-0.16; 0.8 loses retention (86-89%).
 REPLAY_PICK_WEIGHT = 0.5
-
-
-@dataclass
-class Reply:
-    """One greedy answer: its text, token ids (stop token excluded), and whether it ended on its own."""
-
-    text: str
-    token_ids: list[int]
-    finished: bool
 
 
 def load_general_prompts() -> list[dict]:
@@ -56,40 +49,6 @@ def pick_prompts(n: int, *, seed: int = 0) -> list[str]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i]["prompt"] for i in order[:n]]
-
-
-def generation_batch_size(model, requested: int | None = None) -> int:
-    """Prompts decoded together. CPU: 128 (bench/decode_cpu.py, SmolLM2-135M float32, 2 cores, 300
-    prompts x 32 new tokens: 70 s at 64, 58 s at 128, 53-61 s at 192, 54-62 s at 300; a decode step
-    costs 4.9 ms per row at 64, 3.3 at 128, 2.6 at 300, but larger batches gained little end to end
-    and were erratic on a shared CPU). GPU: 256, since a decode step reads every weight once whatever
-    the batch (Qwen2.5-7B: 310 replay prompts in 2 waves, not 5)."""
-    if requested:
-        return requested
-    return 256 if next(model.parameters()).is_cuda else 128
-
-
-def generate_replies(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int | list[int],
-                     batch_size: int | None = None, desc: str = "generating", logprobs: int = 0) -> list:
-    """Greedy replies to tokenised prompts, batched through the inference engine, with a progress bar
-    (`max_new_tokens`: one for all, or one per prompt). With `logprobs` = k: the engine's Generations
-    (each step's top-k log-probabilities included) instead of Replies."""
-    batch_size = generation_batch_size(model, batch_size)
-    from tqdm import tqdm
-
-    from lorakit.infer.engine import Engine, SamplingParams
-
-    # The reference decoder: the static-cache fast path compiles first (a minute on a 7B model), which
-    # a one-shot batch of short answers never wins back; a LoRA model is unmerged and uses it anyway.
-    engine = Engine(model, tokenizer, max_batch_size=batch_size, fast=False)
-    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    params = [SamplingParams(temperature=0.0, max_new_tokens=n, logprobs=logprobs) for n in budgets]
-    # One generate call: a finished reply's row goes at once to the next waiting prompt.
-    with tqdm(total=len(prompts), desc=desc, unit="prompt", file=sys.stderr, leave=False) as bar:
-        gens = engine.generate(prompts, params, progress=bar.update)
-    if logprobs:
-        return gens
-    return [Reply(gen.text.strip(), gen.token_ids, gen.finish_reason == "stop") for gen in gens]
 
 
 def model_fingerprint(model) -> str:
@@ -177,8 +136,6 @@ def read_answers(path: Path) -> list[ReplayAnswer]:
 
 def write_answers(path: Path, answers: list[ReplayAnswer]) -> None:
     """Atomically: a killed run leaves either the whole cache file or none."""
-    from lorakit.data.cache import write_text_atomic
-
     write_text_atomic(path, "".join(json.dumps(asdict(answer), ensure_ascii=False) + "\n" for answer in answers))
 
 
@@ -190,8 +147,6 @@ def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: P
     Generated once; a later call with the same model, template, system, N, length and k reads the cache.
     `model` must be the base model (no adapter): its answers are the targets.
     """
-    from lorakit.data.render import render_prompt
-
     if n <= 0:
         raise UserError(f"--replay must be positive to build replay rows, got {n}.")
     prompts = pick_prompts(n)

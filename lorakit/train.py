@@ -99,10 +99,7 @@ def prepare_model(model, args: SftArgs, device: torch.device):
     """Attach the tuner, then GPU fast paths (or plain gradient checkpointing); prints the trainable share."""
     wanted = args.train.gradient_checkpointing
     model.config.use_cache = False
-    fast = args.fast
-    opts = FastOptions(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
-                       compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
-                       memory_limit_gib=fast.gpu_memory_limit)
+    opts = FastOptions.from_args(args.fast, wanted)
     if args.quant.enabled:
         model = prepare_kbit_training(model)
     if device.type == "cuda":

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
+from lorakit.args import FastArgs
 from lorakit.fast import attention
 from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
 from lorakit.kv_cache import CACHE_ARG
@@ -54,6 +55,16 @@ class FastOptions:
     def __post_init__(self):
         if self.checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {self.checkpointing!r}")
+
+    @classmethod
+    def from_args(cls, fast: FastArgs, gradient_checkpointing: bool | None = None) -> FastOptions:
+        """The settings the --fused_loss/--fused_lora/--packed_attention/--torch_compile/--gpu_memory_limit
+        flags (FastArgs) and --gradient_checkpointing (empty: 'auto', true: 'full', false: 'none') ask for.
+        FastArgs names the flags; this is the one place they become the runtime settings."""
+        return cls(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
+                   compile=fast.torch_compile,
+                   checkpointing={None: "auto", True: "full", False: "none"}[gradient_checkpointing],
+                   memory_limit_gib=fast.gpu_memory_limit)
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> FastOptions:

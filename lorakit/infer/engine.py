@@ -62,6 +62,11 @@ class Generation:
     logprobs: list[tuple[list[int], list[float]]] | None = None
     "With SamplingParams.logprobs = k: per generated token (the stop token included), the top-k (ids, log-probs)."
 
+    @property
+    def finished(self) -> bool:
+        """The reply ended on its own (a stop token came), not cut by a length limit."""
+        return self.finish_reason == "stop"
+
 
 class Engine:
     """Batched generation over a transformers causal LM and its tokenizer.

@@ -99,11 +99,7 @@ def start_policy(model, args, device: torch.device):
     if device.type == "cuda":
         from lorakit.fast import FastOptions, prepare_for_training
 
-        mode = {None: "auto", True: "full", False: "none"}[args.train.gradient_checkpointing]
-        f = args.fast
-        model = prepare_for_training(model, FastOptions(fused_loss=f.fused_loss, fused_lora=f.fused_lora,
-                                                        packed_attention=f.packed_attention, compile=f.torch_compile,
-                                                        checkpointing=mode, memory_limit_gib=f.gpu_memory_limit))
+        model = prepare_for_training(model, FastOptions.from_args(args.fast, args.train.gradient_checkpointing))
     print(f"{summarize(model, []).line()}: continuing the adapter of {ckpt}", file=sys.stderr)
     return model
 
