@@ -41,6 +41,7 @@ from lorakit.tuners import attach_tuner, summarize
 # the preferred answers' first words (tests/test_rlhf_acceptance.py; README's rlhf table).
 DEFAULT_LEARNING_RATE = {"dpo": 5e-5, "orpo": 5e-5, "simpo": 5e-5, "cpo": 5e-5, "kto": 5e-5}
 FULL_FT_LR_FACTOR = 0.1
+NEEDS_REFERENCE = ("dpo", "kto")  # ORPO, SimPO and CPO are reference-free
 REFERENCE_BATCH = 8  # pairs per no-grad reference forward (no activations kept: wider is faster)
 
 
@@ -178,10 +179,11 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
                        attn_impl=args.model.attn_impl, quant=args.quant)
     model = prepare_policy(model, start, args, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,
-                             batch_size=max(args.train.per_device_eval_batch_size, REFERENCE_BATCH))
-    print(f"reference log-probs of {len(data.train) + len(data.val)} examples precomputed in {seconds:.1f}s",
-          file=sys.stderr)
+    if args.rlhf.rlhf_type in NEEDS_REFERENCE:
+        seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,
+                                 batch_size=max(args.train.per_device_eval_batch_size, REFERENCE_BATCH))
+        print(f"reference log-probs of {len(data.train) + len(data.val)} examples precomputed in {seconds:.1f}s",
+              file=sys.stderr)
     args.train.learning_rate = learning_rate_for(args)
     saved = resolved_args(args, model_path=start.model_path, tokenizer=tokenizer, system=data.system, device=device,
                           dtype=dtype, learning_rate=args.train.learning_rate)
