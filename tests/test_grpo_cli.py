@@ -10,13 +10,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import lorakit.args
-
-# Until `lorakit rlhf` dispatches --rlhf_type grpo (the command lands with preference training).
-pytestmark = pytest.mark.skipif(not hasattr(lorakit.args, "RlhfArgs")
-                                or "grpo" not in getattr(lorakit.args, "RLHF_TYPES", ("grpo",)),
-                                reason="the rlhf command has no grpo type yet")
-
 NUMINA = Path(__file__).parent / "fixtures" / "grpo" / "numina_tir_mini.jsonl"
 PLUGIN = textwrap.dedent("""
     def short(completions, solution, **kwargs):

@@ -1,4 +1,4 @@
-"""`lorakit rlhf`: preference training (DPO, ORPO, SimPO, KTO, CPO) on the sft loop.
+"""`lorakit rlhf`: preference training (DPO, ORPO, SimPO, KTO, CPO) on the sft loop; GRPO (lorakit.rlhf.grpo).
 
 train_preference() = the starting policy (--adapters, else a fresh LoRA on --model) -> tokenizer ->
 preference data and its report (before any weights load) -> weights -> the reference log-probs of
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
 from lorakit import distributed
 from lorakit.args import RlhfArgs
-from lorakit.checkpoint import find_checkpoint, read_args
-from lorakit.data.render import set_chat_template
-from lorakit.errors import UserError
 from lorakit.launch import refuse_several_processes
-from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
+from lorakit.model import load_model, pick_device, pick_dtype
 from lorakit.rlhf.check import format_preference_report
 from lorakit.rlhf.data import (
     PreferenceData,
@@ -33,9 +29,10 @@ from lorakit.rlhf.data import (
     count_pairs,
     load_preference_data,
 )
+from lorakit.rlhf.grpo import train_grpo
 from lorakit.rlhf.objective import make_preference_loss_fn
+from lorakit.rlhf.policy import load_policy_tokenizer, prepare_policy, starting_policy
 from lorakit.rlhf.reference import precompute_reference_logps, sequence_logps
-from lorakit.tuners import attach_tuner, summarize
 
 # Learning rates that learn a preference set in one to three epochs on LoRA without collapsing into
 # the preferred answers' first words (tests/test_rlhf_acceptance.py; README's rlhf table).
@@ -43,78 +40,6 @@ DEFAULT_LEARNING_RATE = {"dpo": 5e-5, "orpo": 5e-5, "simpo": 5e-5, "cpo": 5e-5, 
 FULL_FT_LR_FACTOR = 0.1
 NEEDS_REFERENCE = ("dpo", "kto")  # ORPO, SimPO and CPO are reference-free
 REFERENCE_BATCH = 8  # pairs per no-grad reference forward (no activations kept: wider is faster)
-
-
-@dataclass
-class StartingPolicy:
-    """Where training starts: the base model, and the SFT adapter continued (None: a fresh LoRA)."""
-
-    model_path: Path
-    adapter: Path | None
-    adapter_args: dict
-
-
-def starting_policy(args: RlhfArgs) -> StartingPolicy:
-    """Resolve --adapters (an SFT checkpoint or run folder) and the base model under it (or --model)."""
-    adapters = args.rlhf.adapters
-    if len(adapters) > 1:
-        raise UserError(f"--adapters: rlhf continues one SFT checkpoint, got {len(adapters)}: {' '.join(adapters)}")
-    if not adapters:
-        return StartingPolicy(resolve_model_path(args.model.model, use_hf=args.model.use_hf,
-                                                 gguf_file=args.model.gguf_file), None, {})
-    ckpt = find_checkpoint(adapters[0])
-    if not (ckpt / "adapter_config.json").is_file():
-        raise UserError(f"--adapters {adapters[0]}: {ckpt} holds full weights, not a LoRA adapter; pass it as "
-                        f"--model to preference-train it (a fresh LoRA on top), or give an adapter checkpoint.")
-    if args.lora.train_type != "lora":
-        raise UserError("--adapters continues a LoRA adapter: use --train_type lora (the default).")
-    saved = read_args(ckpt)
-    base = args.model.model or saved.get("model_path")
-    if not base:
-        import json
-
-        base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"--adapters {ckpt}: its args.json names no base model; pass --model.")
-    return StartingPolicy(resolve_model_path(base, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file), ckpt, saved)
-
-
-def load_policy_tokenizer(start: StartingPolicy, args: RlhfArgs):
-    """The adapter's own tokenizer (its chat template as SFT trained it), else the base model's; --template applies."""
-    source = start.adapter if start.adapter and (start.adapter / "tokenizer_config.json").is_file() else start.model_path
-    tokenizer = load_tokenizer(source)
-    set_chat_template(tokenizer, args.model.template)
-    return tokenizer
-
-
-def attach_policy(model, start: StartingPolicy, args: RlhfArgs):
-    """The model to train: the SFT adapter loaded trainable, or a fresh tuner as sft attaches it."""
-    if start.adapter is None:
-        return attach_tuner(model, args.lora)
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
-    return peft_model, summarize(peft_model, sorted(peft_model.peft_config["default"].target_modules))
-
-
-def prepare_policy(model, start: StartingPolicy, args: RlhfArgs, device: torch.device):
-    """Attach the policy's adapter, then the same GPU fast paths as sft (plain computation on the CPU)."""
-    from lorakit.fast import FastOptions, prepare_for_training
-
-    wanted = args.train.gradient_checkpointing
-    model.config.use_cache = False
-    if device.type != "cuda" and wanted:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, summary = attach_policy(model, start, args)
-    if device.type == "cuda":
-        fast = args.fast
-        model = prepare_for_training(model, FastOptions(
-            fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
-            compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
-            memory_limit_gib=fast.gpu_memory_limit))
-    start_note = f"continuing the SFT adapter {start.adapter}" if start.adapter else "a fresh LoRA on the base model"
-    print(f"{summary.line()}\nstarting policy and reference: {start_note}", file=sys.stderr)
-    return model
 
 
 def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.device, batch_size: int,
@@ -202,7 +127,7 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
 
 # --rlhf_type -> the function that trains it (grpo adds its own entry)
 TRAINERS = {"dpo": train_preference, "orpo": train_preference, "simpo": train_preference, "cpo": train_preference,
-            "kto": train_preference}
+            "kto": train_preference, "grpo": train_grpo}
 
 
 def main(args: RlhfArgs) -> int:

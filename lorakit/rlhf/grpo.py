@@ -22,14 +22,18 @@ from tqdm import tqdm
 
 from lorakit import loop
 from lorakit import train as sft
+from lorakit.args import RlhfArgs
+from lorakit.data.loading import resolve_system
 from lorakit.errors import UserError
 from lorakit.infer.engine import SamplingParams
+from lorakit.model import load_model, pick_device, pick_dtype
 from lorakit.rlhf import grpo_log
 from lorakit.rlhf.grpo_data import PromptSet
 from lorakit.rlhf.grpo_logps import RolloutBatch, completion_logps, pad_rollouts
 from lorakit.rlhf.grpo_loss import group_advantages, grpo_loss
 from lorakit.rlhf.grpo_rollout import Rollout, SamplingSettings, generate_rollouts
-from lorakit.rlhf.grpo_session import Session, load_prompts, new_session, start_policy
+from lorakit.rlhf.grpo_session import Session, load_prompts, new_session
+from lorakit.rlhf.policy import load_policy_tokenizer, prepare_policy, starting_policy
 from lorakit.rlhf.rewards import RewardInputs, compute_rewards
 from lorakit.schedule import lr_factor
 from lorakit.tuners import trainable_parameters
@@ -223,31 +227,28 @@ def held_out_reward(s: Session, bar=None) -> float:
     return record["eval_reward"]
 
 
-def train_grpo(args) -> loop.TrainResult:
-    """Run GRPO as `args` says; returns where the checkpoints are and the trained model."""
-    from lorakit.data.loading import resolve_system
-    from lorakit.data.render import set_chat_template
-    from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
-
+def train_grpo(args: RlhfArgs) -> loop.TrainResult | None:
+    """Run GRPO as `args` says; returns where the checkpoints are and the trained model (None after --dry_run)."""
     started = time.perf_counter()
     if args.grpo.use_vllm or args.grpo.vllm_mode:
         print("--use_vllm: rollouts run on lorakit's own engine in the training process (the live adapter, no "
               "weight sync, no second copy of the model); vLLM is not used.", file=sys.stderr)
     device = pick_device(args.model.device)
     dtype = pick_dtype(args.model.torch_dtype, device)
-    model_path = resolve_model_path(args.model.model, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file)
-    tokenizer = load_tokenizer(model_path)
-    set_chat_template(tokenizer, args.model.template)
+    start = starting_policy(args)
+    tokenizer = load_policy_tokenizer(start, args)
+    if args.data.system is None and start.adapter_args.get("system"):
+        args.data.system = start.adapter_args["system"]  # the SFT run's system prompt carries over
     system = resolve_system(args.data.system)
     prompts, val = load_prompts(args, tokenizer, system)  # before any weights load
     if args.train.dry_run:
         print("--dry_run: prompts checked, stopping before loading weights.", file=sys.stderr)
-        return loop.TrainResult(None, None, None, None, None)
+        return None
     sft.seed_everything(args.data.seed)
-    model = load_model(model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
+    model = load_model(start.model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
                        attn_impl=args.model.attn_impl, quant=args.quant)
-    model = start_policy(model, args, device)
-    s = new_session(args, model, tokenizer, prompts, val, model_path=model_path, device=device, dtype=dtype,
+    model = prepare_policy(model, start, args, device)
+    s = new_session(args, model, tokenizer, prompts, val, model_path=start.model_path, device=device, dtype=dtype,
                     system=system)
     if args.train.resume_from_checkpoint:
         loop.resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
@@ -266,20 +267,18 @@ def train_grpo(args) -> loop.TrainResult:
     finally:
         s.log.close()
         grpo_log.plot_rewards(s.log.history, s.log.run_dir / "images" / "reward.png")
+    print_reward_summary(s.log.history)
     return loop.TrainResult(run_dir=s.log.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
-                           train_loss=s.log.last("loss"),
-                           eval_loss=None, steps=s.step, seconds=time.perf_counter() - started,
-                           log_history=s.log.history, model=s.model.eval(), tokenizer=tokenizer)
+                            train_loss=s.log.last("loss"), eval_loss=None, steps=s.step,
+                            seconds=time.perf_counter() - started, log_history=s.log.history, model=s.model.eval(),
+                            tokenizer=tokenizer)
 
 
-def main(args) -> int:
-    """`lorakit rlhf --rlhf_type grpo`."""
-    result = train_grpo(args)
-    sft.print_summary(result, args)
-    rewards = [r["reward"] for r in result.log_history if "reward" in r]
-    held = [r["eval_reward"] for r in result.log_history if "eval_reward" in r]
+def print_reward_summary(history: list[dict[str, Any]]) -> None:
+    """Mean reward of the first and last logged rounds, and the held-out reward before and after."""
+    rewards = [r["reward"] for r in history if "reward" in r]
+    held = [r["eval_reward"] for r in history if "eval_reward" in r]
     if rewards:
-        print(f"  train reward: {rewards[0]:.3f} (first log) -> {rewards[-1]:.3f} (last)")
+        print(f"GRPO: train reward {rewards[0]:.3f} (first logged round) -> {rewards[-1]:.3f} (last)")
     if len(held) > 1:
-        print(f"  held-out reward (greedy): {held[0]:.3f} before -> {held[-1]:.3f} after")
-    return 0
+        print(f"GRPO: held-out reward (greedy) {held[0]:.3f} before -> {held[-1]:.3f} after")

@@ -3,7 +3,6 @@ reward functions, the reference, the engine that samples rollouts, the optimizer
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,9 +11,8 @@ from typing import Any
 
 import torch
 
-from lorakit import loop
+from lorakit import distributed, loop
 from lorakit import train as sft
-from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint
 from lorakit.data.loading import AUTO_SPLIT_MIN_ROWS, split_val
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine
@@ -22,10 +20,10 @@ from lorakit.rlhf import grpo_log
 from lorakit.rlhf.grpo_data import PromptSet, build_prompt_set, load_prompt_rows
 from lorakit.rlhf.grpo_plan import GrpoPlan, plan_grpo
 from lorakit.rlhf.grpo_rollout import end_of_turn_id
-from lorakit.run_log import RunLog
+from lorakit.rlhf.reference import ReferencePolicy
 from lorakit.rlhf.rewards import RewardFunction, RewardSettings, resolve_reward_funcs
+from lorakit.run_log import RunLog
 from lorakit.schedule import warmup_steps_for
-from lorakit.tuners import summarize
 
 DEFAULT_LR = 5e-5  # LoRA; see README "GRPO" for the runs behind it
 
@@ -48,60 +46,15 @@ class Session:
     engine: Engine
     funcs: list[RewardFunction]
     weights: torch.Tensor
-    reference: Any  # lorakit.rlhf.reference.ReferencePolicy or None (beta 0)
+    reference: ReferencePolicy | None  # the starting policy's LoRA tensors, swapped in (None with beta 0)
     end_of_turn: int | None
     step: int = 0
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
     watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
     window: list[dict[str, float]] = field(default_factory=list)
+    par: distributed.Parallel = field(default_factory=distributed.Parallel)  # one process (loop.save reads it)
     started: float = field(default_factory=time.perf_counter)
-
-
-class InitialPolicy:
-    """The reference: the trainable (LoRA) tensors as training started, swapped in on demand (no second model)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.initial = [p.detach().clone() for p in self.params]
-
-    @contextlib.contextmanager
-    def active(self):
-        current = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, init in zip(self.params, self.initial):
-                    p.copy_(init)
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for p, now in zip(self.params, current):
-                    p.copy_(now)
-
-
-def start_policy(model, args, device: torch.device):
-    """A fresh LoRA (sft's prepare_model), or the --adapters SFT adapter, trained further."""
-    if not args.rlhf.adapters:
-        return sft.prepare_model(model, args, device)
-    if len(args.rlhf.adapters) > 1:
-        raise UserError(f"--adapters takes one SFT checkpoint for rlhf, got {len(args.rlhf.adapters)}.")
-    from peft import PeftModel
-
-    ckpt = find_checkpoint(args.rlhf.adapters[0])
-    if not (ckpt / ADAPTER_CONFIG).is_file():
-        raise UserError(f"--adapters {ckpt}: not a LoRA checkpoint (no {ADAPTER_CONFIG}); a fully fine-tuned "
-                        f"checkpoint is a model: pass it as --model.")
-    model.config.use_cache = False
-    if device.type != "cuda" and args.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = PeftModel.from_pretrained(model, str(ckpt), is_trainable=True)
-    if device.type == "cuda":
-        from lorakit.fast import FastOptions, prepare_for_training
-
-        model = prepare_for_training(model, FastOptions.from_args(args.fast, args.train.gradient_checkpointing))
-    print(f"{summarize(model, []).line()}: continuing the adapter of {ckpt}", file=sys.stderr)
-    return model
 
 
 def reward_functions(args, prompts: PromptSet) -> tuple[list[RewardFunction], torch.Tensor]:
@@ -176,4 +129,4 @@ def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, 
                    device=device, learning_rate=learning_rate,
                    warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
                    engine=engine, funcs=funcs, weights=weights,
-                   reference=InitialPolicy(model) if args.rlhf.beta != 0 else None, end_of_turn=end_of_turn_id(tokenizer))
+                   reference=ReferencePolicy(model) if args.rlhf.beta != 0 else None, end_of_turn=end_of_turn_id(tokenizer))
