@@ -25,7 +25,6 @@ from lorakit import train as sft
 from lorakit.args import RlhfArgs
 from lorakit.data.loading import resolve_system
 from lorakit.errors import UserError
-from lorakit.infer.engine import SamplingParams
 from lorakit.model import load_model, pick_device, pick_dtype
 from lorakit.rlhf import grpo_log
 from lorakit.rlhf.grpo_data import PromptSet
@@ -200,29 +199,32 @@ def after_round(s: Session, bar) -> None:
 # ---------------------------------------------------------------- held-out reward
 
 
+EVAL_SAMPLES = 4  # completions per held-out prompt
+EVAL_ROUND = -1  # the held-out completions' seeds: the same at every evaluation, apart from every training round's
+
+
 def held_out_reward(s: Session, bar=None) -> float:
-    """Mean reward of one greedy completion per held-out prompt (logged as eval_reward, per function too)."""
-    val = s.val
-    params = SamplingParams(temperature=0.0, max_new_tokens=s.args.grpo.max_completion_length)
-    s.engine.refresh_adapter()
-    was_training = s.model.training
-    s.model.eval()
-    try:
-        with torch.no_grad():
-            gens = s.engine.generate(val.prompt_ids, params)
-    finally:
-        s.model.train(was_training)
-    rollouts = [Rollout(i, val.prompt_ids[i], list(gn.token_ids), gn.text, gn.finish_reason != "stop")
-                for i, gn in enumerate(gens)]
-    rewards = compute_rewards(s.funcs, reward_inputs(s, val, list(range(len(rollouts))), rollouts))
-    total = (rewards * s.weights.unsqueeze(0)).nansum(dim=1)
-    record: dict[str, Any] = {"step": s.step, "epoch": round(s.plan.epoch_of(s.step), 4),
-                              "eval_reward": float(total.mean())}
-    for j, f in enumerate(s.funcs):
-        if not torch.isnan(rewards[:, j]).all():
-            record[f"eval_rewards/{f.name}/mean"] = float(torch.nanmean(rewards[:, j]))
+    """Mean reward on the held-out prompts: EVAL_SAMPLES completions each, sampled as the rollouts are, with the
+    same seeds at every evaluation (the expected reward GRPO raises, as TRL's eval measures it); the greedy
+    completion's reward beside it. Logged as eval_reward, eval_reward_greedy and per function."""
+    val, g = s.val, s.args.grpo
+    rollouts = generate_rollouts(s.engine, val.prompt_ids, num_generations=min(EVAL_SAMPLES, g.num_generations),
+                                 sampling=sampling(s.args), seed=s.plan.seed, round_index=EVAL_ROUND,
+                                 end_of_turn=s.end_of_turn)
+    greedy = SamplingSettings(g.max_completion_length, 0.0, 1.0, 0, g.repetition_penalty)
+    firsts = generate_rollouts(s.engine, val.prompt_ids, num_generations=1, sampling=greedy, seed=s.plan.seed,
+                               round_index=EVAL_ROUND, end_of_turn=s.end_of_turn)
+    record: dict[str, Any] = {"step": s.step, "epoch": round(s.plan.epoch_of(s.step), 4)}
+    for key, group in (("eval_reward", rollouts), ("eval_reward_greedy", firsts)):
+        rewards = compute_rewards(s.funcs, reward_inputs(s, val, list(range(len(val.prompt_ids))), group))
+        record[key] = float((rewards * s.weights.unsqueeze(0)).nansum(dim=1).mean())
+        if key == "eval_reward":
+            for j, f in enumerate(s.funcs):
+                if not torch.isnan(rewards[:, j]).all():
+                    record[f"eval_rewards/{f.name}/mean"] = float(torch.nanmean(rewards[:, j]))
     s.log.record(record)
-    line = f"step {s.step}: held-out reward {record['eval_reward']:.3f} ({len(rollouts)} prompts, greedy)"
+    line = (f"step {s.step}: held-out reward {record['eval_reward']:.3f} ({len(val.prompt_ids)} prompts x "
+            f"{len(rollouts) // len(val.prompt_ids)} samples), greedy {record['eval_reward_greedy']:.3f}")
     (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(line)
     return record["eval_reward"]
 
@@ -281,4 +283,4 @@ def print_reward_summary(history: list[dict[str, Any]]) -> None:
     if rewards:
         print(f"GRPO: train reward {rewards[0]:.3f} (first logged round) -> {rewards[-1]:.3f} (last)")
     if len(held) > 1:
-        print(f"GRPO: held-out reward (greedy) {held[0]:.3f} before -> {held[-1]:.3f} after")
+        print(f"GRPO: held-out reward {held[0]:.3f} before -> {held[-1]:.3f} after (sampled as the rollouts)")
