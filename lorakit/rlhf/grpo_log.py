@@ -102,9 +102,10 @@ def write_completions(path: Path, step: int, prompts: list[str], rollouts: list[
 
 
 def plot_rewards(log_history: list[dict[str, Any]], out_path: Path) -> Path | None:
-    """images/reward.png: mean reward (and each function's) per step, held-out reward as markers."""
+    """images/reward.png: mean reward (and each function's) per step, held-out rewards (sampled, greedy) as markers."""
     train = [(r["step"], r["reward"]) for r in log_history if "reward" in r]
     evals = [(r["step"], r["eval_reward"]) for r in log_history if "eval_reward" in r]
+    greedy = [(r["step"], r["eval_reward_greedy"]) for r in log_history if "eval_reward_greedy" in r]
     if not train and not evals:
         return None
     try:
@@ -124,7 +125,9 @@ def plot_rewards(log_history: list[dict[str, Any]], out_path: Path) -> Path | No
             points = [(r["step"], r[f"rewards/{name}/mean"]) for r in log_history if f"rewards/{name}/mean" in r]
             ax.plot(*zip(*points), linestyle="--", alpha=0.7, label=name)
     if evals:
-        ax.plot(*zip(*evals), marker="o", label="held-out reward (greedy)")
+        ax.plot(*zip(*evals), marker="o", label="held-out reward (sampled)")
+    if greedy:
+        ax.plot(*zip(*greedy), marker="s", linestyle=":", label="held-out reward (greedy)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean reward")
     ax.grid(alpha=0.3)

@@ -25,7 +25,7 @@ from lorakit.rlhf.rewards import RewardFunction, RewardSettings, resolve_reward_
 from lorakit.run_log import RunLog
 from lorakit.schedule import warmup_steps_for
 
-DEFAULT_LR = 5e-5  # LoRA; see README "GRPO" for the runs behind it
+DEFAULT_LR = 1e-3  # LoRA: single-digit sums, SmolLM2-135M, held-out reward 0.17 -> 0.83 in 6 steps (experiments/grpo)
 
 
 @dataclass
