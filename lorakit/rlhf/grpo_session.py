@@ -113,8 +113,13 @@ def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, 
                               dtype=dtype, learning_rate=learning_rate)
     run_log = RunLog.create(t.output_dir, t.add_version, saved)
     funcs, weights = reward_functions(args, prompts)
-    engine = Engine(model, tokenizer, live_adapter=True,
-                    max_batch_size=min(256, plan.batch_size * plan.steps_per_generation))
+    capacity = min(256, plan.batch_size * plan.steps_per_generation)
+    try:
+        engine = Engine(model, tokenizer, live_adapter=True, max_batch_size=capacity)
+    except Exception as exc:  # the GPU fast decoder could not be built over this model: the reference decoder serves
+        say(f"note: the fast decoder could not take the live adapter ({type(exc).__name__}: {exc}); rollouts use "
+            f"the reference decoder.")
+        engine = Engine(model, tokenizer, fast=False, max_batch_size=capacity)
     model.train()
     say("rollouts: lorakit's engine, " + ("fast decoder (static KV cache, CUDA graphs) reading the live adapter"
                                            if engine.uses_fast_path else
