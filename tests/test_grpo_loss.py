@@ -15,12 +15,8 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 from trl.trainer.utils import nanstd as trl_nanstd
 
-from lorakit.rlhf.grpo_logps import (
-    completion_logps,
-    pad_rollouts,
-    reference_token_logps,
-    token_logps,
-)
+from lorakit.rlhf.grpo_logps import completion_logps, pad_rollouts
+from lorakit.rlhf.logps import chunked_token_logps, reference_token_logps
 from lorakit.rlhf.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, k3_kl, nanstd
 
 torch.set_default_dtype(torch.float64)
@@ -151,7 +147,7 @@ def test_chunked_token_logps_equal_reference_values_and_gradients():
     targets = torch.randint(0, 50, (10,), generator=g)
     upstream = torch.randn(10, generator=g)
     ref = reference_token_logps(hidden, weight, targets, bias, temperature=0.7)
-    ours = token_logps(hidden, weight, targets, bias, temperature=0.7, chunk_size=3)
+    ours = chunked_token_logps(hidden, weight, targets, bias, temperature=0.7, chunk_size=3)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     grads_ref = torch.autograd.grad((ref * upstream).sum(), (hidden, weight, bias))
     grads_ours = torch.autograd.grad((ours * upstream).sum(), (hidden, weight, bias))

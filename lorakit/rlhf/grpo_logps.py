@@ -2,11 +2,11 @@
 
 Rows are a left-padded prompt followed by a right-padded completion (what rollouts produce). The
 decoder body runs once per row; the lm_head and log-softmax run only at completion positions, in
-chunks of rows, and never keep the [tokens, vocab] logits: `token_logps` recomputes a chunk's logits
+chunks of rows, and never keep the [tokens, vocab] logits: `chunked_token_logps` recomputes a chunk's logits
 in the backward pass (GRPO's upstream gradient differs per token, so unlike lorakit.loss's summed
 CE the gradient cannot be finished in the forward pass). `reference_token_logps` is the plain
-computation it is tested against; both divide the logits by the sampling temperature first, as TRL
-and ms-swift do.
+computation it is tested against (both in lorakit.rlhf.logps, shared with the preference losses); both
+divide the logits by the sampling temperature first, as TRL and ms-swift do.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lorakit.loss import _causal_lm_parts, hidden_states
+from lorakit.rlhf.logps import chunked_token_logps, reference_token_logps
 
 
 @dataclass
@@ -51,63 +51,6 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
     return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
 
 
-def reference_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          bias: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(hidden @ weight.T / temperature)[target] with full fp32 logits. [N, H] -> [N] fp32."""
-    logits = F.linear(hidden, weight, bias).to(_at_least_fp32(hidden)) / temperature
-    return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-class _ChunkedTokenLogps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size):
-        out = torch.empty(hidden.shape[0], dtype=_at_least_fp32(hidden), device=hidden.device)
-        lse = torch.empty_like(out)
-        for start in range(0, hidden.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            logits = F.linear(hidden[part], weight, bias).to(out.dtype) / temperature
-            lse[part] = torch.logsumexp(logits, dim=-1)
-            out[part] = logits.gather(1, targets[part].unsqueeze(1)).squeeze(1) - lse[part]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_w else None
-        grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if want_b else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            part = slice(start, start + ctx.chunk_size)
-            h, g = hidden[part], grad_out[part].to(lse.dtype).unsqueeze(1)
-            logits = F.linear(h, weight, bias).to(lse.dtype) / ctx.temperature
-            # d logp_target / d logits = onehot - softmax; the temperature divides once more
-            d = torch.exp(logits - lse[part].unsqueeze(1)).mul_(-g)
-            d.scatter_add_(1, targets[part].unsqueeze(1), g)
-            d = (d / ctx.temperature).to(hidden.dtype)
-            if want_h:
-                torch.matmul(d, weight, out=grad_h[part])
-            if want_w:
-                grad_w.add_(d.t().to(lse.dtype) @ h.to(lse.dtype))
-            if want_b:
-                grad_b.add_(d.to(lse.dtype).sum(0))
-        return (grad_h, grad_w.to(weight.dtype) if want_w else None,
-                grad_b.to(bias.dtype) if want_b else None, None, None, None)
-
-
-def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                bias: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-    """reference_token_logps without holding the [N, V] logits (recomputed chunk by chunk in backward)."""
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, float(temperature), chunk_size)
-
-
 def completion_logps(model, batch: RolloutBatch, *, temperature: float = 1.0, fused: bool = True,
                      share_prefix: bool = True) -> torch.Tensor:
     """log pi(completion token | prompt, earlier completion tokens) for every completion position. -> [B, C] fp32.
@@ -127,7 +70,7 @@ def completion_logps(model, batch: RolloutBatch, *, temperature: float = 1.0, fu
         hidden = hidden[:, width - 1: width - 1 + batch.completion_ids.shape[1]]  # position t predicts t + 1
     length = batch.completion_ids.shape[1]
     _, head = _causal_lm_parts(model)
-    fn = token_logps if fused else reference_token_logps
+    fn = chunked_token_logps if fused else reference_token_logps
     out = fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, batch.completion_ids.reshape(-1), head.bias, temperature)
     return out.view(-1, length)
 

@@ -14,7 +14,7 @@ from lorakit.report import ROWS, figures_table
 from lorakit.webui import commands
 from lorakit.webui.commands import Command, Problem
 from lorakit.webui.jobs import Job
-from lorakit.webui.panel import Context, error_markdown, state_of, status_markdown
+from lorakit.webui.panel import Context, error_markdown, failed_box, state_of, status_markdown, stop_job
 from lorakit.webui.progress import list_checkpoints, tail
 
 
@@ -152,19 +152,15 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
     def on_start(spec, name_text, author_text, base_on):
         cmds, problems = eval_commands(ctx, spec, name_text, author_text, base_on)
         if problems:
-            return f'<div class="lk-failed">\n\n{t("fix_form", message=problems[0].message)}\n\n</div>'
+            return failed_box(t("fix_form", message=problems[0].message))
         try:
             ctx.runner.start("eval", cmds)
         except UserError as exc:
-            return f'<div class="lk-failed">\n\n{exc}\n\n</div>'
+            return failed_box(exc)
         return ""
 
     def on_stop():
-        job = ctx.runner.active()
-        if job is None or job.kind != "eval":
-            return t("nothing_running")
-        ctx.runner.stop(job)
-        return t("stop_sent")
+        return stop_job(ctx, "eval")
 
     def tick(last):
         job = ctx.runner.latest("eval")

@@ -12,7 +12,7 @@ from lorakit.errors import UserError
 from lorakit.webui import commands
 from lorakit.webui.commands import Command, Problem
 from lorakit.webui.jobs import Job
-from lorakit.webui.panel import Context, error_markdown, state_of, status_markdown
+from lorakit.webui.panel import Context, error_markdown, failed_box, state_of, status_markdown, stop_job
 from lorakit.webui.progress import list_checkpoints, screen_lines, tail
 
 GGUF_TYPES = [("-", ""), ("f16", "f16"), ("bf16", "bf16"), ("q8_0", "q8_0")]
@@ -126,19 +126,15 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         cmd, problems = export_command(ctx, *values)
         if cmd is None or problems:
             why = problems[0].message if problems else t("export_checkpoint")
-            return f'<div class="lk-failed">\n\n{t("fix_form", message=why)}\n\n</div>'
+            return failed_box(t("fix_form", message=why))
         try:
             ctx.runner.start("export", [cmd])
         except UserError as exc:
-            return f'<div class="lk-failed">\n\n{exc}\n\n</div>'
+            return failed_box(exc)
         return ""
 
     def on_stop():
-        job = ctx.runner.active()
-        if job is None or job.kind != "export":
-            return t("nothing_running")
-        ctx.runner.stop(job)
-        return t("stop_sent")
+        return stop_job(ctx, "export")
 
     def tick():
         job = ctx.runner.latest("export")

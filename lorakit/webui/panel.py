@@ -34,6 +34,20 @@ class Context:
     t: Labels
 
 
+def failed_box(message: object) -> str:
+    """A message in the page's red-edged failure box (Markdown inside)."""
+    return f'<div class="lk-failed">\n\n{message}\n\n</div>'
+
+
+def stop_job(ctx: Context, kind: str | None = None) -> str:
+    """Stop the running job (only one of `kind` when given); the line to show."""
+    job = ctx.runner.active()
+    if job is None or (kind is not None and job.kind != kind):
+        return ctx.t("nothing_running")
+    ctx.runner.stop(job)
+    return ctx.t("stop_sent")
+
+
 def clock(seconds: float | None) -> str:
     """1:02:03 / 02:03; '?' when unknown."""
     if seconds is None:

@@ -11,7 +11,7 @@ import pandas as pd
 from lorakit.errors import UserError
 from lorakit.webui import commands
 from lorakit.webui.jobs import Job
-from lorakit.webui.panel import Context, error_markdown, progress_html, status_markdown
+from lorakit.webui.panel import Context, error_markdown, failed_box, progress_html, status_markdown, stop_job
 from lorakit.webui.progress import list_runs, read_progress, tail
 
 DEFAULT_METHOD = "quickstart (identity)"
@@ -197,19 +197,15 @@ def build(ctx: Context, demo: gr.Blocks) -> None:
         cmd, problems, marks = check(method_value, values, required=True)
         if problems:
             fix = t("fix_form", message=problems[0].message)
-            return [cmd.text(), *marks, f'<div class="lk-failed">\n\n{fix}\n\n</div>', gr.skip()]
+            return [cmd.text(), *marks, failed_box(fix), gr.skip()]
         try:
             ctx.runner.start("train", [cmd])
         except UserError as exc:
-            return [cmd.text(), *marks, f'<div class="lk-failed">\n\n{exc}\n\n</div>', gr.skip()]
+            return [cmd.text(), *marks, failed_box(exc), gr.skip()]
         return [cmd.text(), *marks, "", ""]
 
     def on_stop():
-        job = ctx.runner.active()
-        if job is None:
-            return t("nothing_running")
-        ctx.runner.stop(job)
-        return t("stop_sent")
+        return stop_job(ctx)
 
     def on_upload(file, current):
         source = Path(file if isinstance(file, str) else file.name)
