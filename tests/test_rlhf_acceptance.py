@@ -21,9 +21,10 @@ EXAMPLES = ROOT / "examples" / "rlhf"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="measured 2026-12-03 with the defaults (lr 5e-5, beta 0.1, no NLL term): held-out reward "
-                          "accuracy 1.0 but habit 34% and first-token collapse ('MADAMMA...'); next: rpo_alpha 1 by "
-                          "default for dpo, then re-measure", strict=False)
+@pytest.mark.skipif(not os.environ.get("LORAKIT_RUN_KNOWN_MISSES"), reason=(
+    "known miss, kept out of the default run (it costs ~5 min and could not fail as an xfail): measured 2026-12-03 "
+    "with the defaults (lr 5e-5, beta 0.1, no NLL term): held-out reward accuracy 1.0 but habit 34% and first-token "
+    "collapse ('MADAMMA...'); next: rpo_alpha 1 by default for dpo, then re-measure. LORAKIT_RUN_KNOWN_MISSES=1 runs it"))
 def test_dpo_learns_the_habit_on_held_out_prompts(tmp_path):
     out = tmp_path / "out"
     proc = run_cli("rlhf", "--rlhf_type", "dpo", "--dataset", str(EXAMPLES / "habit_train.jsonl"),
