@@ -248,8 +248,7 @@ def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     cpu_batches = [s.collate_fn([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
     real = [(idx, b) for idx, b, w in zip(mine, cpu_batches, weights) if w]
     n_tokens = sum(s.count_fn(b) for _, b in real)
-    seen = sum(len(idx) * b["prefix_ids"].shape[1] if "prefix_ids" in b else 0 for idx, b in real)
-    seen += sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for _, b in real)
+    seen = sum(sample_length(s.train_samples[i]) for idx, _ in real for i in idx)  # real tokens, never padding
     n_tokens, seen = map(int, distributed.all_sum(s.par.env, [n_tokens, seen]))  # the WHOLE step's loss tokens
     batches = [to_device(b, s.device) for b in cpu_batches]
     loss_fn = s.par.loss_fn(inject_nan_at(s.step + 1, s.loss_fn), weights)

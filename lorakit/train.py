@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sys
+import functools
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from lorakit import __version__, distributed
 from lorakit.args import SftArgs
 from lorakit.data.check import format_report
 from lorakit.data.loading import TrainData, build_datasets
+from lorakit.data.packing import collate
 from lorakit.data.render import Rendered, set_chat_template
 from lorakit.errors import UserError
 from lorakit.fast import FastOptions, describe_fast_paths, prepare_for_training
@@ -168,9 +170,11 @@ def train(args: SftArgs, *, replay: list[Rendered] | None = None,
     saved = resolved_args(args, model_path=model_path, tokenizer=tokenizer, system=data.system, device=device,
                           dtype=dtype, learning_rate=default_learning_rate(args))
     par = distributed.wrap(model, env)  # DDP / FSDP2 under torchrun; before the optimizer (FSDP2 swaps parameters)
+    # packed rows on a GPU: one shape for every step, so the compiled layers compile once
+    static = args.data.packing and device.type == "cuda"
     run = start_run(args, model, tokenizer, data, saved_args=saved, device=device, loss_fn=make_loss_fn(device, args),
                     scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
-                    par=par)
+                    par=par, collate_fn=functools.partial(collate, width=args.data.max_length) if static else collate)
     result = fit(run)
     return replace(result, seconds=time.perf_counter() - started)
 

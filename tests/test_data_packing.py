@@ -98,3 +98,19 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, attn):
         leaky.pop("position_ids")
         loss, _ = summed_loss(tiny_model, leaky)
         assert abs(loss.item() / n - unpacked) > 1e-3
+
+
+def test_packed_rows_padded_to_a_fixed_width_keep_the_loss(tiny_model):
+    """collate(width=...) (packed rows on a GPU: one compiled shape): same loss and loss tokens, padding unlabelled."""
+    tiny_model.config._attn_implementation = "sdpa"
+    rows = pack_sequences(make_samples([30, 17, 25, 9, 40, 12, 5], seed=2), 64)
+    natural, fixed = collate(rows, pad_token_id=0), collate(rows, pad_token_id=0, width=80)
+    assert natural["input_ids"].shape[1] < 80 and fixed["input_ids"].shape == (len(rows), 80)
+    w = natural["input_ids"].shape[1]
+    assert fixed["labels"][:, w:].eq(X).all() and fixed["input_ids"][:, w:].eq(0).all()
+    n = len(rows[0].input_ids)
+    assert fixed["position_ids"][0, n:].tolist() == list(range(80 - n))  # the padding is a segment of its own
+    with torch.no_grad():
+        (a, n), (b, m) = summed_loss(tiny_model, natural), summed_loss(tiny_model, fixed)
+    assert n == m and abs(a.item() - b.item()) < 1e-4 * n
+    assert collate(rows, pad_token_id=0, width=8)["input_ids"].shape == natural["input_ids"].shape  # never cuts
