@@ -193,6 +193,7 @@ def main() -> None:
     p.add_argument("--full-steps", type=int, default=5, help="timed steps of each full fine-tuning config")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--skip-full", action="store_true", help="only the LoRA DDP measurement")
+    p.add_argument("--skip-lora", action="store_true", help="only the full fine-tuning measurement")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     if not distributed.under_launcher():
@@ -206,7 +207,8 @@ def main() -> None:
     print(f"world {env.world_size}, backend {torch.distributed.get_backend()}, device {env.device}, seq {seq}", flush=True)
     results = {"device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
                "world_size": env.world_size, "seq": seq}
-    results.update(lora_ddp(lora_arch, env, seq, steps, warmup, fast))
+    if not a.skip_lora:
+        results.update(lora_ddp(lora_arch, env, seq, steps, warmup, fast))
     if not a.skip_full:
         full_steps, full_warmup = (steps, warmup) if a.smoke else (a.full_steps, 2)
         results["full"] = full_fsdp(full_arch, env, seq, full_steps, full_warmup, fast, offload=True)

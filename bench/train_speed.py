@@ -268,6 +268,7 @@ def check_kernels() -> list[str]:
 def run_all(args) -> list[Result]:
     results: list[Result] = []
     s, w = args.steps, args.warmup
+    parts = set(args.parts.split(","))  # t1fast alone: the step benchmark `bench/sft_gpu.py` compares with
 
     def add(r: Result, model=None) -> None:
         if model is not None:
@@ -309,12 +310,17 @@ def run_all(args) -> list[Result]:
     state = lora_state(model)
     div = 8 if args.tiny else 1  # sequence lengths shrink with the toy model
     t1 = fixed_batch(1, 4096 // div, vocab, 10)
-    reference("T1 r16 seq4096 bs1", model, t1, ckpt=True)
+    if "t1" in parts:
+        reference("T1 r16 seq4096 bs1", model, t1, ckpt=True)
     prepare_for_training(model, FastOptions(compile=fast_opts["compile"]))
     fast("T1 r16 seq4096 bs1", model, t1, state)
-    fast("T1 r16 seq4096 bs2", model, fixed_batch(2, 4096 // div, vocab, 10), state)
-    fast("packed 50-1500 -> 4096 bs2", model, packed_batch(2, 4096 // div, vocab, 11, 50 // div, 1500 // div)[0], state)
+    if "t1" in parts:
+        fast("T1 r16 seq4096 bs2", model, fixed_batch(2, 4096 // div, vocab, 10), state)
+        fast("packed 50-1500 -> 4096 bs2", model, packed_batch(2, 4096 // div, vocab, 11, 50 // div, 1500 // div)[0],
+             state)
     del model, state
+    if "t2" not in parts:
+        return results
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -324,12 +330,15 @@ def run_all(args) -> list[Result]:
     state = lora_state(model)
     t2, t3 = fixed_batch(1, 2048 // div, vocab, 12), fixed_batch(1, 16384 // div, vocab, 13)
     reference("T2 r8 seq2048 bs1", model, t2, ckpt=True)
-    reference("T2 r8 seq2048 bs1", model, t2, ckpt=False)
-    if not args.skip_t3_ref:
+    if "t3" in parts:
+        reference("T2 r8 seq2048 bs1", model, t2, ckpt=False)
+    if "t3" in parts and not args.skip_t3_ref:
         reference("T3 r8 seq16384", model, t3, ckpt=True)
     opts = FastOptions(memory_limit_gib=args.t2_limit, compile=fast_opts["compile"])
     prepare_for_training(model, opts)
     fast("T2 r8 seq2048 bs1", model, t2, state, opts=opts)
+    if "t3" not in parts:
+        return results
     opts = replace(opts, memory_limit_gib=args.t3_limit, compile=fast_opts["compile"])
     prepare_for_training(model, opts)
     fast("T3 r8 seq16384", model, t3, state, max(2, s // 2), 2, opts=opts)
@@ -365,6 +374,8 @@ def main() -> None:
     p.add_argument("--t3-limit", type=float, default=38.5, help="memory_limit_gib for T3 (target: peak <= 40 GiB)")
     p.add_argument("--skip-t3-ref", action="store_true", help="skip the slow HF+PEFT 16k reference")
     p.add_argument("--json", type=Path, help="also write every result here")
+    p.add_argument("--parts", default="t1,t2,t3", help="t1: T1 with its reference, bs2 and packed; t2: the 24-GB plan "
+                   "(r8 seq 2048) and HF+PEFT ckpt; t3: HF+PEFT without ckpt and 16k. The T1 bs1 fast step always runs")
     p.add_argument("--no-compile", action="store_true", help="FastOptions(compile=False)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (checks this script on CPU)")
     args = p.parse_args()
