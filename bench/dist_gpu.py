@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lorakit import distributed  # noqa: E402
-from lorakit.args import FastArgs, LoraArgs, SftArgs, TrainArgs  # noqa: E402
+from lorakit.args import FastOptions, LoraArgs, SftArgs, TrainArgs  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
-from lorakit.fast import FastOptions, prepare_for_training  # noqa: E402
+from lorakit.fast import prepare_for_training  # noqa: E402
 from lorakit.schedule import plan_steps  # noqa: E402
 from lorakit.loop import TrainingRun, build_optimizer, optimizer_step  # noqa: E402
 from lorakit.run_log import RunLog  # noqa: E402
@@ -110,15 +110,14 @@ def time_steps(name: str, s: TrainingRun, steps: int, warmup: int, tokens_per_st
     return r
 
 
-def lora_ddp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup: int, fast: FastArgs) -> dict:
+def lora_ddp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup: int, fast: FastOptions) -> dict:
     """Plain step, DDP step, plain step again on one model (DDP adds hooks only; plain calls leave them idle)."""
     device = env.device
     model = build_random_qwen2(arch, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
     args = SftArgs(lora=LoraArgs(lora_rank=16, lora_alpha=32, lora_dropout=0.0), train=TrainArgs(), fast=fast)
     model, _ = attach_tuner(model, args.lora)
     if device.type == "cuda":
-        prepare_for_training(model, FastOptions(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora,
-                                                packed_attention=fast.packed_attention, compile=fast.torch_compile))
+        prepare_for_training(model, fast)
     model.train()
     samples = rows(64, seq, arch["vocab_size"])
     plain = distributed.Parallel(env=replace(env, active=False))  # same rank/device, no collectives
@@ -137,7 +136,7 @@ def lora_ddp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup:
     return {"lora": [vars(r) for r in results], "ddp_over_plain": ratio}
 
 
-def full_fsdp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup: int, fast: FastArgs,
+def full_fsdp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup: int, fast: FastOptions,
               offload: bool) -> dict:
     """Full fine-tuning: plain, then FSDP2 fully_shard (optionally CPU offload) on a fresh model each."""
     device = env.device
@@ -156,8 +155,7 @@ def full_fsdp(arch: dict, env: distributed.DistEnv, seq: int, steps: int, warmup
         model, _ = attach_tuner(model, args.lora)
         model.config.use_cache = False
         if device.type == "cuda":
-            prepare_for_training(model, FastOptions(fused_loss=fast.fused_loss, fused_lora=False,
-                                                    packed_attention=fast.packed_attention, compile=compiled))
+            prepare_for_training(model, replace(fast, fused_lora=False, torch_compile=compiled))
         model.train()
         if strategy is None:
             par = distributed.Parallel(env=replace(env, active=False))
@@ -198,7 +196,7 @@ def main() -> None:
     a = p.parse_args()
     if not distributed.under_launcher():
         sys.exit("run me under torchrun: torchrun --standalone --nproc_per_node 1 bench/dist_gpu.py [--smoke]")
-    fast = FastArgs(torch_compile=not a.no_compile)
+    fast = FastOptions(torch_compile=not a.no_compile)
     device = torch.device("cpu" if a.smoke or not torch.cuda.is_available() else "cuda")
     seq, steps, warmup = (64, 2, 1) if a.smoke else (a.seq, a.steps, a.warmup)
     env = distributed.init(distributed.Strategy("ddp", asked="bench"), device, timeout_s=600)

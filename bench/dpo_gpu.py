@@ -94,7 +94,7 @@ def run_lorakit(name: str, arch: dict, pairs: list, *, per_step: int, shared: bo
     base = build_random_qwen2(arch, torch.bfloat16 if device == "cuda" else torch.float32, device, weight_std=0.02)
     model, _ = attach_tuner(base, LoraArgs(lora_rank=16, lora_alpha=32, lora_dropout=0.0))
     if device == "cuda":
-        model = prepare_for_training(model, FastOptions(memory_limit_gib=memory_limit))
+        model = prepare_for_training(model, FastOptions(gpu_memory_limit=memory_limit))
     collate = lambda chunk: {k: v.to(device) for k, v in collate_pairs(chunk, 0, shared_prefix=shared).items()}  # noqa: E731
     needed = pairs[:(steps + warmup) * per_step]
     synchronize(device)

@@ -22,17 +22,15 @@ sys.path.insert(0, str(ROOT))
 
 def cpu_like_training() -> None:
     """Make quickstart train with the CPU's computation (fp32 reference LoRA, no compile) on any device."""
-    from dataclasses import replace
-
     import lorakit.quickstart as qs
-    from lorakit.args import FastArgs
+    from lorakit.args import FastOptions
 
     plain = qs.sft_args_for
 
     def sft_args_for(*a, **k):
         args = plain(*a, **k)
-        args.fast = FastArgs(fused_loss=True, fused_lora=False, packed_attention=False, torch_compile=False)
-        args.train = replace(args.train, gradient_checkpointing=False)
+        args.fast = FastOptions(fused_loss=True, fused_lora=False, packed_attention=False, torch_compile=False,
+                                gradient_checkpointing=False)
         return args
 
     qs.sft_args_for = sft_args_for

@@ -181,7 +181,7 @@ def lorakit_run(lk: Lorakit, name: str, seq: int, device, *, fused: bool = True,
                 steps: int = 6, warmup: int = 3, seed: int = 0) -> None:
     """Steps of lorakit's training step (fast paths as sft sets them on a GPU) on one batch of `seq` tokens."""
     on_gpu = device.type == "cuda"
-    fast = FastOptions(fused_lora=fused, memory_limit_gib=limit) if on_gpu else FastOptions.reference()
+    fast = FastOptions(fused_lora=fused, gpu_memory_limit=limit) if on_gpu else FastOptions.reference()
     prepare_for_training(lk.model, fast)
     print(describe_fast_paths(lk.model, fast if on_gpu else None, device), flush=True)
     print(training_line(lk.model, quant_args(), device, fused_lora=fused), flush=True)

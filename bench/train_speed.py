@@ -296,7 +296,7 @@ def run_all(args) -> list[Result]:
             add(r)
             for layer in decoder_layers(model):
                 layer._compiled_call_impl = None
-            prepare_for_training(model, replace(opts or FastOptions(), compile=False))
+            prepare_for_training(model, replace(opts or FastOptions(), torch_compile=False))
             load_lora_state(model, state)
             r = measure(name, "lorakit eager", model, batch, real, model_flops(model.config, batch), lorakit_step,
                         steps, warmup, True)
@@ -312,7 +312,7 @@ def run_all(args) -> list[Result]:
     t1 = fixed_batch(1, 4096 // div, vocab, 10)
     if "t1" in parts:
         reference("T1 r16 seq4096 bs1", model, t1, ckpt=True)
-    prepare_for_training(model, FastOptions(compile=fast_opts["compile"]))
+    prepare_for_training(model, FastOptions(torch_compile=fast_opts["compile"]))
     fast("T1 r16 seq4096 bs1", model, t1, state)
     if "t1" in parts:
         fast("T1 r16 seq4096 bs2", model, fixed_batch(2, 4096 // div, vocab, 10), state)
@@ -334,12 +334,12 @@ def run_all(args) -> list[Result]:
         reference("T2 r8 seq2048 bs1", model, t2, ckpt=False)
     if "t3" in parts and not args.skip_t3_ref:
         reference("T3 r8 seq16384", model, t3, ckpt=True)
-    opts = FastOptions(memory_limit_gib=args.t2_limit, compile=fast_opts["compile"])
+    opts = FastOptions(gpu_memory_limit=args.t2_limit, torch_compile=fast_opts["compile"])
     prepare_for_training(model, opts)
     fast("T2 r8 seq2048 bs1", model, t2, state, opts=opts)
     if "t3" not in parts:
         return results
-    opts = replace(opts, memory_limit_gib=args.t3_limit, compile=fast_opts["compile"])
+    opts = replace(opts, gpu_memory_limit=args.t3_limit, torch_compile=fast_opts["compile"])
     prepare_for_training(model, opts)
     fast("T3 r8 seq16384", model, t3, state, max(2, s // 2), 2, opts=opts)
     return results
@@ -370,13 +370,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed steps per config (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--t2-limit", type=float, default=19.8, help="memory_limit_gib for T2 (target: peak <= 20 GiB)")
-    p.add_argument("--t3-limit", type=float, default=38.5, help="memory_limit_gib for T3 (target: peak <= 40 GiB)")
+    p.add_argument("--t2-limit", type=float, default=19.8, help="gpu_memory_limit for T2 (target: peak <= 20 GiB)")
+    p.add_argument("--t3-limit", type=float, default=38.5, help="gpu_memory_limit for T3 (target: peak <= 40 GiB)")
     p.add_argument("--skip-t3-ref", action="store_true", help="skip the slow HF+PEFT 16k reference")
     p.add_argument("--json", type=Path, help="also write every result here")
     p.add_argument("--parts", default="t1,t2,t3", help="t1: T1 with its reference, bs2 and packed; t2: the 24-GB plan "
                    "(r8 seq 2048) and HF+PEFT ckpt; t3: HF+PEFT without ckpt and 16k. The T1 bs1 fast step always runs")
-    p.add_argument("--no-compile", action="store_true", help="FastOptions(compile=False)")
+    p.add_argument("--no-compile", action="store_true", help="FastOptions(torch_compile=False)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (checks this script on CPU)")
     args = p.parse_args()
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"

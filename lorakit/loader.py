@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.args import DataArgs, FastArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
+from lorakit.args import DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, TrainArgs
 from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint, list_checkpoints, load_checkpoint, read_args
 from lorakit.data.loading import resolve_system
 from lorakit.data.render import set_chat_template, strip_system_markers
@@ -72,7 +72,7 @@ class SavedArgs:
             try:
                 sft = SftArgs(model=_group(ModelArgs, d.get("model")), data=_group(DataArgs, d.get("data")),
                               lora=_group(LoraArgs, d.get("lora")), train=_group(TrainArgs, d.get("train")),
-                              fast=_group(FastArgs, d.get("fast")))
+                              fast=_group(FastOptions, d.get("fast")))
             except (TypeError, UserError) as exc:
                 raise UserError(f"{path or 'args.json'}: the saved flags do not read back ({exc}); was it edited "
                                 f"by hand?") from exc

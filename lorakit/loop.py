@@ -322,7 +322,7 @@ def oom_message(device: torch.device, args: SftArgs) -> str:
     peak = memory_gb(device)
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
     options = [f"--max_length {max(256, args.data.max_length // 2)} (now {args.data.max_length})"]
-    if not args.train.gradient_checkpointing:
+    if not args.fast.gradient_checkpointing:
         options.append("--gradient_checkpointing true")
     if args.train.per_device_train_batch_size > 1:
         options.append(f"--per_device_train_batch_size 1 with --gradient_accumulation_steps "

@@ -26,7 +26,7 @@ from lorakit.data.loading import TrainData, build_datasets
 from lorakit.data.packing import collate
 from lorakit.data.render import Rendered, set_chat_template
 from lorakit.errors import UserError
-from lorakit.fast import FastOptions, describe_fast_paths, prepare_for_training
+from lorakit.fast import describe_fast_paths, prepare_for_training
 from lorakit.loop import (  # noqa: F401  (re-exported: the loop's public names, as before the split)
     LossFn,
     TrainResult,
@@ -99,9 +99,8 @@ def add_replay(args: SftArgs, data: TrainData, samples: list[Rendered]) -> Train
 
 def prepare_model(model, args: SftArgs, device: torch.device):
     """Attach the tuner, then GPU fast paths (or plain gradient checkpointing); prints the trainable share."""
-    wanted = args.train.gradient_checkpointing
+    opts = args.fast
     model.config.use_cache = False
-    opts = FastOptions.from_args(args.fast, wanted)
     if args.quant.enabled:
         model = prepare_kbit_training(model)
     if device.type == "cuda":
@@ -109,7 +108,7 @@ def prepare_model(model, args: SftArgs, device: torch.device):
         print(describe_fast_paths(model, opts, device), file=sys.stderr)
         model = prepare_for_training(model, opts)
     else:  # CPU/MPS: the plain reference computation
-        if wanted:
+        if opts.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model, summary = attach_tuner(model, args.lora)
         print(describe_fast_paths(model, opts, device), file=sys.stderr)

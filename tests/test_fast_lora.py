@@ -121,7 +121,7 @@ def test_fast_path_line_names_what_is_off_and_why():
     line = describe_fast_paths(model, FastOptions(), torch.device("cuda"))
     assert "fused LoRA on 2/2 layers" in line and "torch.compile on" in line
     model.base_model.model.up.base_layer.weight.requires_grad_(True)
-    line = describe_fast_paths(model, FastOptions(compile=False), torch.device("cuda"))
+    line = describe_fast_paths(model, FastOptions(torch_compile=False), torch.device("cuda"))
     assert "fused LoRA on 1/2 layers (not fused: 1 with trainable base weights)" in line
     assert "torch.compile off (--torch_compile false)" in line
     assert "off on cpu" in describe_fast_paths(model, None, torch.device("cpu"))

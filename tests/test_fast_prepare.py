@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.fast import FastOptions, decoder_layers, plan_checkpointing, prepare_for_training, restore_reference
+from lorakit.errors import UserError
 from lorakit.loss import causal_lm_loss
 
 CFG = dict(
@@ -51,17 +52,17 @@ def loss_and_grads(model, fused, saved=None):
 def test_for_device_cpu_is_reference():
     assert FastOptions.for_device("cpu") == FastOptions.reference()
     assert FastOptions.for_device("cuda") == FastOptions()
-    with pytest.raises(ValueError, match="checkpointing"):
-        FastOptions(checkpointing="selective")
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        FastOptions(gradient_checkpointing="selective")
 
 
 @pytest.mark.parametrize(
     "opts",
     [
-        FastOptions(compile=False, checkpointing="none"),
-        FastOptions(compile=False, checkpointing="full"),
-        FastOptions(compile=False, fused_lora=False, fused_loss=False, checkpointing="full"),
-        FastOptions(compile=False, packed_attention=False, checkpointing="none"),
+        FastOptions(torch_compile=False, gradient_checkpointing=False),
+        FastOptions(torch_compile=False, gradient_checkpointing=True),
+        FastOptions(torch_compile=False, fused_lora=False, fused_loss=False, gradient_checkpointing=True),
+        FastOptions(torch_compile=False, packed_attention=False, gradient_checkpointing=False),
     ],
 )
 def test_fast_paths_equal_reference(opts):
@@ -71,7 +72,7 @@ def test_fast_paths_equal_reference(opts):
     loss, grads = loss_and_grads(model, fused=opts.fused_loss, saved=saved)
     if opts.checkpointing == "full":  # only the layer inputs (and the head's needs) are kept
         no_ckpt = []
-        loss_and_grads(prepare_for_training(lora_model(), replace(opts, checkpointing="none")), opts.fused_loss, no_ckpt)
+        loss_and_grads(prepare_for_training(lora_model(), replace(opts, gradient_checkpointing=False)), opts.fused_loss, no_ckpt)
         assert sum(saved) < 0.5 * sum(no_ckpt)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-4)
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
@@ -83,7 +84,7 @@ def test_compiled_layers_trace_without_graph_breaks():
     """The GPU default compiles each block; check dynamo traces our code on CPU (aot_eager)."""
     torch._dynamo.reset()
     ref_loss, ref_grads = loss_and_grads(lora_model(), fused=False)
-    model = prepare_for_training(lora_model(), FastOptions(compile=False, checkpointing="full"))
+    model = prepare_for_training(lora_model(), FastOptions(torch_compile=False, gradient_checkpointing=True))
     for layer in decoder_layers(model):
         layer.compile(backend="aot_eager", fullgraph=True)
     loss, grads = loss_and_grads(model, fused=True)
@@ -103,16 +104,16 @@ def test_plan_checkpointing_fits_budget():
 
 def test_prepare_again_keeps_forward_objects():
     """Compiled layers guard on the LoRA forwards; re-preparing must not replace them."""
-    model = prepare_for_training(lora_model(), FastOptions(compile=False))
+    model = prepare_for_training(lora_model(), FastOptions(torch_compile=False))
     before = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
-    prepare_for_training(model, FastOptions(compile=False, memory_limit_gib=10))
+    prepare_for_training(model, FastOptions(torch_compile=False, gpu_memory_limit=10))
     after = [vars(m)["forward"] for m in model.modules() if "forward" in vars(m)]
     assert len(before) == 14 and all(a is b for a, b in zip(before, after))
 
 
 def test_restore_reference_undoes_prepare():
-    model = prepare_for_training(lora_model(), FastOptions(compile=False, checkpointing="full"))
-    prepare_for_training(model, FastOptions(compile=False, checkpointing="none"))  # again: replaces
+    model = prepare_for_training(lora_model(), FastOptions(torch_compile=False, gradient_checkpointing=True))
+    prepare_for_training(model, FastOptions(torch_compile=False, gradient_checkpointing=False))  # again: replaces
     restore_reference(model)
     base = model.get_base_model()
     assert base.config._attn_implementation == "sdpa"
@@ -129,7 +130,7 @@ def test_generation_on_prepared_model_equals_reference():
     for prepare in (False, True):
         model = lora_model().eval()
         if prepare:
-            prepare_for_training(model, FastOptions(compile=False, checkpointing="auto"))
+            prepare_for_training(model, FastOptions(torch_compile=False, gradient_checkpointing=None))
         with torch.no_grad():
             outs.append(model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                        pad_token_id=0))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lorakit.args import DataArgs, FastArgs, LoraArgs, ModelArgs, SftArgs, TrainArgs
+from lorakit.args import DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, TrainArgs
 from lorakit.data.packing import collate
 from lorakit.data.render import Rendered
 from lorakit.schedule import lr_factor, plan_steps, warmup_steps_for
@@ -184,7 +184,7 @@ def test_training_starts_by_saying_which_fast_paths_run(tiny_qwen2_dir, capsys):
     from lorakit.train import prepare_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32)
-    args = SftArgs(lora=LoraArgs(lora_rank=4), fast=FastArgs(fused_loss=False))
+    args = SftArgs(lora=LoraArgs(lora_rank=4), fast=FastOptions(fused_loss=False))
     capsys.readouterr()
     prepare_model(model, args, torch.device("cpu"))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -10,7 +10,7 @@ maps the other names people type.
   checks.py     the checks the classes share (a choice, a positive number)
   model.py      ModelArgs (--model, dtype, device, attention, template), DataArgs (--dataset ...)
   training.py   LoraArgs (the tuner), TrainArgs (optimisation, checkpoints, logging, replay)
-  fast.py       FastArgs: the GPU fast paths of training
+  fast.py       FastOptions: the GPU fast paths of training and activation recompute (one type: flags and settings)
   quant.py      QuantArgs (QLoRA), refuse_quant_combinations
   dist.py       DistArgs (--deepspeed, --fsdp, --ddp_*)
   sft.py        SftArgs, CheckDataArgs
@@ -20,7 +20,7 @@ maps the other names people type.
 """
 
 from lorakit.args.dist import DistArgs
-from lorakit.args.fast import FastArgs
+from lorakit.args.fast import FastOptions
 from lorakit.args.inference import (AdapterArgs, DeployArgs, EvalArgs, ExportArgs, GenerationArgs, InferArgs,
                                     WebUIArgs)
 from lorakit.args.model import DataArgs, ModelArgs
@@ -34,7 +34,7 @@ from lorakit.args.training import LoraArgs, TrainArgs
 
 __all__ = [
     "ALIASES", "COMMA_LISTS", "GRPO_LOSS_TYPES", "QUANT_METHODS", "RLHF_DEFAULT_BETA", "RLHF_LOSS_TYPES", "RLHF_TYPES",
-    "AdapterArgs", "CheckDataArgs", "DataArgs", "DeployArgs", "DistArgs", "EvalArgs", "ExportArgs", "FastArgs",
+    "AdapterArgs", "CheckDataArgs", "DataArgs", "DeployArgs", "DistArgs", "EvalArgs", "ExportArgs", "FastOptions",
     "GenerationArgs", "GrpoArgs", "InferArgs", "LoraArgs", "ModelArgs", "QuantArgs", "QuickstartArgs", "RlhfArgs",
     "RlhfGroup", "SftArgs", "TrainArgs", "WebUIArgs", "refuse_other_types_flags", "refuse_quant_combinations",
 ]

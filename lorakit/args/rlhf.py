@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from lorakit.args.checks import check_choice
 from lorakit.args.dist import DistArgs
-from lorakit.args.fast import FastArgs
+from lorakit.args.fast import FastOptions
 from lorakit.args.model import DataArgs, ModelArgs
 from lorakit.args.quant import QuantArgs, refuse_quant_combinations
 from lorakit.args.training import LoraArgs, TrainArgs
@@ -176,7 +176,7 @@ class RlhfArgs:
     data: DataArgs = field(default_factory=DataArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
-    fast: FastArgs = field(default_factory=FastArgs)
+    fast: FastOptions = field(default_factory=FastOptions)
     rlhf: RlhfGroup = field(default_factory=RlhfGroup)
     dist: DistArgs = field(default_factory=DistArgs)
     quant: QuantArgs = field(default_factory=QuantArgs)

@@ -68,8 +68,6 @@ class TrainArgs:
     "Warm-up steps (wins over --warmup_ratio when set)."
     max_grad_norm: float = 1.0
     "Clip the gradient norm to this value; 0 disables clipping."
-    gradient_checkpointing: bool | None = None
-    "Recompute activations in the backward pass to save memory. Empty: on for GPU, off for CPU."
     logging_steps: int = 5
     "Write a line to logging.jsonl every N optimizer steps."
     eval_steps: int | None = None

@@ -1,14 +1,14 @@
 """GPU fast paths for LoRA training, each switchable off, each with its reference beside it.
 
-| part (FastOptions field) | fast path                                 | reference                      |
-|--------------------------|-------------------------------------------|--------------------------------|
-| fused_loss               | chunked linear+CE (lorakit.loss)          | full fp32 logits + CE          |
-| fused_lora               | lorakit.fast.lora (bf16 adapter math)     | PEFT's LoRA forward            |
-| packed_attention         | varlen flash attention per packed sample; | transformers SDPA (+ 4-D mask  |
-|                          | causal SDPA (cuDNN on H100) for plain rows| when packed)                   |
-| compile                  | torch.compile of each decoder layer       | eager                          |
-| checkpointing            | 'auto': only as many layers as memory     | 'full' (HF) or 'none'          |
-|                          | needs are recomputed                      |                                |
+| part (FastOptions = the flags) | fast path                                 | reference                      |
+|--------------------------------|-------------------------------------------|--------------------------------|
+| --fused_loss                   | chunked linear+CE (lorakit.loss)          | full fp32 logits + CE          |
+| --fused_lora                   | lorakit.fast.lora (bf16 adapter math)     | PEFT's LoRA forward            |
+| --packed_attention             | varlen flash attention per packed sample; | transformers SDPA (+ 4-D mask  |
+|                                | causal SDPA (cuDNN on H100) for plain rows| when packed)                   |
+| --torch_compile                | torch.compile of each decoder layer       | eager                          |
+| --gradient_checkpointing empty | 'auto': only as many layers as memory     | true: 'full' (HF); false: none |
+| (.checkpointing)               | needs are recomputed (--gpu_memory_limit) |                                |
 
 Measured on an H100 (experiments/train-speed-h100-2026-11-22.md): Qwen2.5-7B LoRA r16 at 4096 tokens x 2 runs at
 15.7k tok/s (48.7% MFU) against 5.8k for HF+PEFT with gradient checkpointing.
@@ -21,60 +21,16 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
 
-from lorakit.args import FastArgs
+from lorakit.args import FastOptions  # the flags are the settings; importable from here too
 from lorakit.fast import attention
 from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
 from lorakit.kv_cache import CACHE_ARG
 
 GIB = 1024**3
-CHECKPOINTING_MODES = ("auto", "full", "none")
-
-
-@dataclass
-class FastOptions:
-    """Which fast paths prepare_for_training turns on."""
-
-    fused_loss: bool = True
-    """Chunked lm_head + cross-entropy: never holds [tokens, vocab] fp32 logits."""
-    fused_lora: bool = True
-    """LoRA projections through lorakit.fast.lora (bf16 adapter math, fused GEMM epilogues)."""
-    packed_attention: bool = True
-    """Per-sample causal attention on packed rows via varlen flash attention (no T x T mask)."""
-    compile: bool = True
-    """torch.compile each decoder layer (fuses RMSNorm, RoPE, SwiGLU, residual adds)."""
-    checkpointing: str = "auto"
-    """'auto': recompute only as many layers as the memory limit needs; 'full': every layer; 'none'."""
-    memory_limit_gib: float | None = None
-    """Peak memory 'auto' plans for; None = 92% of the card."""
-
-    def __post_init__(self):
-        if self.checkpointing not in CHECKPOINTING_MODES:
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING_MODES}, got {self.checkpointing!r}")
-
-    @classmethod
-    def from_args(cls, fast: FastArgs, gradient_checkpointing: bool | None = None) -> FastOptions:
-        """The settings the --fused_loss/--fused_lora/--packed_attention/--torch_compile/--gpu_memory_limit
-        flags (FastArgs) and --gradient_checkpointing (empty: 'auto', true: 'full', false: 'none') ask for.
-        FastArgs names the flags; this is the one place they become the runtime settings."""
-        return cls(fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
-                   compile=fast.torch_compile,
-                   checkpointing={None: "auto", True: "full", False: "none"}[gradient_checkpointing],
-                   memory_limit_gib=fast.gpu_memory_limit)
-
-    @classmethod
-    def for_device(cls, device: torch.device | str) -> FastOptions:
-        """Everything on for CUDA; the plain reference path elsewhere."""
-        return cls() if torch.device(device).type == "cuda" else cls.reference()
-
-    @classmethod
-    def reference(cls, checkpointing: str = "none") -> FastOptions:
-        """Every fast path off (the plain transformers + PEFT computation)."""
-        return cls(fused_loss=False, fused_lora=False, packed_attention=False, compile=False, checkpointing=checkpointing)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -108,7 +64,7 @@ def plan_checkpointing(n_layers: int, tokens: int, full: int, ckpt: int, budget_
 
 def _memory_budget(opts: FastOptions, device: torch.device, reserve_bytes: float) -> float:
     total = torch.cuda.get_device_properties(device).total_memory
-    limit = opts.memory_limit_gib * GIB if opts.memory_limit_gib else 0.92 * total
+    limit = opts.gpu_memory_limit * GIB if opts.gpu_memory_limit else 0.92 * total
     return limit - torch.cuda.memory_allocated(device) - reserve_bytes
 
 
@@ -172,14 +128,14 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
     if opts.fused_lora:
         # compiled: plain ops, so inductor fuses the adds (measured 2.8% faster on the H100);
         # eager: the autograd.Function with its GEMM-epilogue adds
-        fuse_lora_layers(model, "ops" if opts.compile else "function")
+        fuse_lora_layers(model, "ops" if opts.torch_compile else "function")
     else:
         unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
     if opts.packed_attention or opts.checkpointing == "auto":
         hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn)
         body._lorakit_hook = body.register_forward_pre_hook(hook, with_kwargs=True)
-    if opts.compile:
+    if opts.torch_compile:
         # all blocks share one graph; dynamo counts each block's first call against the limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
         for layer in layers:
@@ -209,7 +165,7 @@ def describe_fast_paths(model: torch.nn.Module, opts: FastOptions | None, device
     else:
         fused = "fused LoRA: no LoRA layers (full fine-tuning)"
     attn = "packed attention on" if opts.packed_attention else "packed attention off (--packed_attention false)"
-    comp = "torch.compile on" if opts.compile else "torch.compile off (--torch_compile false)"
+    comp = "torch.compile on" if opts.torch_compile else "torch.compile off (--torch_compile false)"
     return f"fast paths: {loss}, {fused}, {attn}, {comp}, recompute {opts.checkpointing}"
 
 

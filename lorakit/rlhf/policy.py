@@ -70,19 +70,14 @@ def attach_policy(model, start: StartingPolicy, args: RlhfArgs):
 
 def prepare_policy(model, start: StartingPolicy, args: RlhfArgs, device: torch.device):
     """Attach the policy's adapter, then the same GPU fast paths as sft (plain computation on the CPU)."""
-    from lorakit.fast import FastOptions, prepare_for_training
+    from lorakit.fast import prepare_for_training
 
-    wanted = args.train.gradient_checkpointing
     model.config.use_cache = False
-    if device.type != "cuda" and wanted:
+    if device.type != "cuda" and args.fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, summary = attach_policy(model, start, args)
     if device.type == "cuda":
-        fast = args.fast
-        model = prepare_for_training(model, FastOptions(
-            fused_loss=fast.fused_loss, fused_lora=fast.fused_lora, packed_attention=fast.packed_attention,
-            compile=fast.torch_compile, checkpointing={None: "auto", True: "full", False: "none"}[wanted],
-            memory_limit_gib=fast.gpu_memory_limit))
+        model = prepare_for_training(model, args.fast)
     start_note = f"continuing the SFT adapter {start.adapter}" if start.adapter else "a fresh LoRA on the base model"
     print(f"{summary.line()}\nstarting policy and reference: {start_note}", file=sys.stderr)
     return model
