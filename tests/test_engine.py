@@ -116,6 +116,11 @@ def test_end_of_turn_token_stops_and_is_never_printed(model, qwen_tokenizer, pro
             assert gen.finish_reason == "stop" and im_end not in gen.token_ids
             assert gen.token_ids == free.token_ids[:free.token_ids.index(third)]
             assert "<|im_end|>" not in gen.text
+            # ignore_eos (vLLM's flag; benchmarks force full-length replies with it): <|im_end|> is a token like any
+            ignored = Engine(model, qwen_tokenizer, fast=fast).generate(
+                prompts[:1], SamplingParams(max_new_tokens=24, ignore_eos=True))[0]
+            assert ignored.finish_reason == "length" and len(ignored.token_ids) == 24 and im_end in ignored.token_ids
+            assert ignored.token_ids[:len(gen.token_ids)] == gen.token_ids
     finally:
         with torch.no_grad():
             model.lm_head.weight[im_end] = saved
@@ -167,6 +172,38 @@ def test_sampling_filters_are_exact():
     assert filter_top_k_top_p(logits, 0, 0.5).isinf().tolist() == [[False, True, True, True]]
 
 
+def _generators(seeds):
+    return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize("settings", [
+    [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 40, 0.9)],  # mixed
+    [(1.0, 0, 1.0)] * 5,  # one group (GRPO's rollouts): no per-group indexing
+    [(0.0, 0, 1.0)] * 3,  # greedy only
+])
+def test_batched_sampling_picks_what_multinomial_per_row_picks(settings):
+    """sample_tokens (one noise row per generator, the rest batched) == torch.multinomial row by row, draw after draw."""
+    from lorakit.infer.sampling import sample_tokens, sample_tokens_reference
+
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
+    seeds = [None if t == 0 else 100 + i for i, (t, _, _) in enumerate(settings)]
+    fast, reference = _generators(seeds), _generators(seeds)
+    g = torch.Generator().manual_seed(0)
+    picks = []
+    for _ in range(12):
+        logits = torch.randn(len(params), 997, generator=g) * 2
+        got = sample_tokens(logits.clone(), params, fast)
+        assert got.tolist() == sample_tokens_reference(logits.clone(), params, reference).tolist()
+        picks.append(got.tolist())
+    sampled = [i for i, (t, _, _) in enumerate(settings) if t > 0]
+    assert all(len({draw[i] for draw in picks}) > 1 for i in sampled)  # real draws, not an argmax
+    if sampled:
+        broken = torch.randn(len(params), 997, generator=g)
+        broken[sampled[0], 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            sample_tokens(broken, params, _generators(seeds))
+
+
 def test_unmerged_lora_falls_back_to_the_reference(qwen_tokenizer):
     from peft import LoraConfig, get_peft_model
 
@@ -216,6 +253,23 @@ def test_a_failing_compiler_falls_back_to_the_uncompiled_step(model, qwen_tokeni
         out = engine.generate(prompts[:1], GREEDY)
     assert decoder.attention_in is fast_decode.attention_in and not decoder.compiled
     assert out[0].token_ids == Engine(model, qwen_tokenizer, fast=False).generate(prompts[:1], GREEDY)[0].token_ids
+
+
+def test_a_failing_graph_capture_decodes_without_a_graph(model, qwen_tokenizer, prompts, monkeypatch):
+    """If capturing the CUDA graph fails (uncompiled), the decoder warns and decodes each step directly."""
+    from lorakit.infer import fast_decode
+
+    engine = Engine(model, qwen_tokenizer, fast=True, compile=False, cuda_graphs=True)
+
+    def broken(self, s):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fast_decode.StaticDecoder, "_capture", broken)
+    with pytest.warns(UserWarning, match="decoding without a graph"):
+        out = engine.generate(prompts, GREEDY)
+    assert not engine._fast.cuda_graphs and engine._fast.state.graph is None
+    assert [g.token_ids for g in out] == [g.token_ids for g in Engine(model, qwen_tokenizer, fast=False).generate(
+        prompts, GREEDY)]
 
 
 def test_repetition_penalty_matches_hf_generate(model, qwen_tokenizer, prompts):

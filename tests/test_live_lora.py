@@ -71,3 +71,39 @@ def test_live_adapter_fast_path_equals_reference_and_follows_updates(qwen_tokeni
     assert after != before
     fast.refresh_adapter()
     assert [g.token_ids for g in fast.generate(prompts, GREEDY)] == after
+
+
+def test_rollouts_after_an_optimizer_step_read_the_new_adapter(qwen_tokenizer, prompts):
+    """GRPO's own path on the CPU: rollouts on the fast decoder (live adapter) -> GRPO loss -> AdamW step ->
+    rollouts again. The second round's completions are the reference decoder's under the updated weights (the
+    rollout refreshes the adapter by itself), and the decode step's LoRA buffers are the same tensors as before
+    (a captured CUDA graph keeps reading their addresses), holding the new values."""
+    from lorakit.rlhf.grpo_logps import completion_logps, pad_rollouts
+    from lorakit.rlhf.grpo_loss import grpo_loss
+    from lorakit.rlhf.grpo_rollout import SamplingSettings, generate_rollouts
+
+    model = _lora_model(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    fast = Engine(model, qwen_tokenizer, fast=True, live_adapter=True, compile=False, cuda_graphs=False)
+    reference = Engine(model, qwen_tokenizer, fast=False)
+    greedy = SamplingSettings(max_completion_length=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    rollout = lambda engine: [r.completion_ids for r in generate_rollouts(  # noqa: E731
+        engine, prompts, num_generations=2, sampling=greedy, seed=0, round_index=0, end_of_turn=None)]
+    groups = [g for layer in fast._fast.layers for g in layer.lora]
+    buffers = [(g.a.data_ptr(), g.b.data_ptr()) for g in groups]
+    before = rollout(fast)
+    assert before == rollout(reference)
+
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    batch = pad_rollouts([p for p in prompts for _ in range(2)], before, pad_id=0)
+    logps = completion_logps(model, batch)
+    advantages = torch.tensor([1.0, -1.0] * len(prompts))
+    grpo_loss(logps, advantages, batch.completion_mask, beta=0.0).loss.backward()
+    optimizer.step()
+
+    after = rollout(fast)
+    assert after == rollout(reference) and after != before
+    assert [(g.a.data_ptr(), g.b.data_ptr()) for g in groups] == buffers
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    rank = q.lora_A["default"].weight.shape[0]
+    assert torch.equal(groups[0].a[:rank], q.lora_A["default"].weight.detach())

@@ -130,8 +130,9 @@ class Engine:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed)
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
         return Sequence(list(prompt), params, min(params.max_new_tokens, self.context - len(prompt)),
-                        frozenset(self.stop_ids | set(params.stop_token_ids)), generator)
+                        frozenset(stops), generator)
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if len(prompt) == 0:

@@ -250,8 +250,11 @@ class StaticDecoder:
         free = [r for r in range(state.rows) if r not in taken][:rows]
         mask = batch.attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+        # Eager even when training compiled the layers (GRPO): a cached, padded prefill would compile them
+        # again for every prompt width; once per rollout round it is a small share of the time.
+        with torch.compiler.set_stance("force_eager"):
+            out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1)
         index = torch.tensor(free, device=state.tokens.device)
         for layer, (keys, values) in enumerate(_cache_tensors(cache_of(out))):
             state.keys[layer][index, :, :width] = keys.to(state.keys[layer].dtype)
@@ -348,16 +351,20 @@ class StaticDecoder:
         )
 
     def _capture_or_fall_back(self, s: DecodeState) -> None:
+        """Capture the step; if the compiler fails, capture it uncompiled; if capture fails, decode without a graph."""
         try:
             self._capture(s)
-        except Exception as exc:  # a compiler problem must not stop the user: run uncompiled
-            if not self.compiled:
-                raise
-            warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
-            self.compiled = False
-            self.attention_in, self.attention_out_mlp, self.final_logits = (
-                attention_in, attention_out_mlp, final_logits)
-            self._capture(s)
+        except Exception as exc:  # a compiler or capture problem must not stop the user: slower, same tokens
+            if self.compiled:
+                warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
+                self.compiled = False
+                self.attention_in, self.attention_out_mlp, self.final_logits = (
+                    attention_in, attention_out_mlp, final_logits)
+                self._capture_or_fall_back(s)
+                return
+            warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r:.300}); decoding without a graph.")
+            self.cuda_graphs = False
+            s.graph = s.logits = None
 
     def _capture(self, s: DecodeState) -> None:
         """Warm up (compiles on first use) on a side stream, then record one step as a CUDA graph.
@@ -365,18 +372,20 @@ class StaticDecoder:
         The warm-up steps write keys and values past each running row's slot, where nothing is
         visible yet, and the row bookkeeping (tokens, positions, slots, mask) is restored after."""
         saved = (s.tokens.clone(), s.positions.clone(), s.slot.clone(), s.mask.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.decode_step(s)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            s.logits = self.decode_step(s)
-        s.graph = graph
-        for buffer, value in zip((s.tokens, s.positions, s.slot, s.mask), saved):
-            buffer.copy_(value)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.decode_step(s)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                s.logits = self.decode_step(s)
+            s.graph = graph
+        finally:  # also after a failure: the fallback decodes from the same rows
+            for buffer, value in zip((s.tokens, s.positions, s.slot, s.mask), saved):
+                buffer.copy_(value)
 
 
 def _copy_rows(old: DecodeState, new: DecodeState) -> None:

@@ -52,12 +52,17 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
 
 
 def completion_logps(model, batch: RolloutBatch, *, temperature: float = 1.0, fused: bool = True,
-                     share_prefix: bool = True) -> torch.Tensor:
+                     share_prefix: bool | None = None) -> torch.Tensor:
     """log pi(completion token | prompt, earlier completion tokens) for every completion position. -> [B, C] fp32.
 
     Padding positions get a value too (the loss masks them out). share_prefix: the prompts' common start (a
     group's whole prompt, or the template's system prompt) runs once for all rows (lorakit.loss's shared
-    prefix); the same numbers as running every row whole."""
+    prefix); the same numbers as running every row whole. None: on the CPU only. On a GPU the whole rows
+    take the training fast paths (flash attention, layers compiled once for a fixed shape), while a prefix
+    would send the rows through the KV-cache path (masked SDPA, a compile per shape) to save a prompt that
+    is a small share of prompt + completion."""
+    if share_prefix is None:
+        share_prefix = batch.prompt_ids.device.type != "cuda"
     prefix = _shared_prefix(batch) if share_prefix else 0
     if prefix:
         hidden = _hidden_after_shared_prefix(model, batch, prefix)

@@ -27,6 +27,7 @@ class SamplingSettings:
     top_p: float
     top_k: int
     repetition_penalty: float
+    ignore_eos: bool = False  # run every completion to max_completion_length (benchmarks: equal work per step)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def generate_rollouts(engine: Engine, prompts: list[list[int]], *, num_generatio
     expanded = [p for p in prompts for _ in range(num_generations)]
     params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                              repetition_penalty=sampling.repetition_penalty,
-                             max_new_tokens=sampling.max_completion_length,
+                             max_new_tokens=sampling.max_completion_length, ignore_eos=sampling.ignore_eos,
                              seed=completion_seed(seed, round_index, i)) for i in range(len(expanded))]
     engine.refresh_adapter()  # the fast decoder reads the adapter's current weights
     was_training = engine.model.training
