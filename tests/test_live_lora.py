@@ -73,16 +73,22 @@ def test_live_adapter_fast_path_equals_reference_and_follows_updates(qwen_tokeni
     assert [g.token_ids for g in fast.generate(prompts, GREEDY)] == after
 
 
-def test_rollouts_after_an_optimizer_step_read_the_new_adapter(qwen_tokenizer, prompts):
+@pytest.mark.parametrize("fused", [False, True])
+def test_rollouts_after_an_optimizer_step_read_the_new_adapter(qwen_tokenizer, prompts, fused):
     """GRPO's own path on the CPU: rollouts on the fast decoder (live adapter) -> GRPO loss -> AdamW step ->
     rollouts again. The second round's completions are the reference decoder's under the updated weights (the
     rollout refreshes the adapter by itself), and the decode step's LoRA buffers are the same tensors as before
-    (a captured CUDA graph keeps reading their addresses), holding the new values."""
+    (a captured CUDA graph keeps reading their addresses), holding the new values. fused: the LoRA layers as
+    the GPU trains them (lorakit.fast's fused forward), the rest of the GPU set-up being CUDA-only."""
+    from lorakit.fast import FastOptions, prepare_for_training
     from lorakit.rlhf.grpo_logps import completion_logps, pad_rollouts
     from lorakit.rlhf.grpo_loss import grpo_loss
     from lorakit.rlhf.grpo_rollout import SamplingSettings, generate_rollouts
 
     model = _lora_model(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    if fused:
+        prepare_for_training(model, FastOptions(fused_lora=True, packed_attention=False, compile=False,
+                                                checkpointing="none"))
     fast = Engine(model, qwen_tokenizer, fast=True, live_adapter=True, compile=False, cuda_graphs=False)
     reference = Engine(model, qwen_tokenizer, fast=False)
     greedy = SamplingSettings(max_completion_length=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)

@@ -25,6 +25,10 @@ from lorakit.rlhf.rewards import RewardFunction, RewardSettings, resolve_reward_
 from lorakit.run_log import RunLog
 from lorakit.schedule import warmup_steps_for
 
+# torch.compile's default mode for the rollout decoder, not the engine's max-autotune: its autotuned GEMV templates
+# won at one row (bench/decode.py) while a round decodes 16-256 rows, where cuBLAS's GEMMs are expected to do as
+# well; and tuning costs ~25 s for the six base GEMM shapes (Engine's note), the live adapter adds eight more.
+ROLLOUT_COMPILE = True
 DEFAULT_LR = 1e-3  # LoRA: single-digit sums, SmolLM2-135M, held-out reward 0.17 -> 0.83 in 6 steps (experiments/grpo)
 
 
@@ -115,13 +119,14 @@ def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, 
     funcs, weights = reward_functions(args, prompts)
     capacity = min(256, plan.batch_size * plan.steps_per_generation)
     try:
-        engine = Engine(model, tokenizer, live_adapter=True, max_batch_size=capacity)
+        engine = Engine(model, tokenizer, live_adapter=True, max_batch_size=capacity, compile=ROLLOUT_COMPILE)
     except Exception as exc:  # the GPU fast decoder could not be built over this model: the reference decoder serves
         say(f"note: the fast decoder could not take the live adapter ({type(exc).__name__}: {exc}); rollouts use "
             f"the reference decoder.")
         engine = Engine(model, tokenizer, fast=False, max_batch_size=capacity)
     model.train()
-    say("rollouts: lorakit's engine, " + ("fast decoder (static KV cache, CUDA graphs) reading the live adapter"
+    graphs = ", CUDA graphs" if engine.device.type == "cuda" else ""
+    say("rollouts: lorakit's engine, " + (f"fast decoder (static KV cache{graphs}) reading the live adapter"
                                            if engine.uses_fast_path else
                                            f"reference decoder (in-place KV cache; fast decoder off: "
                                            f"{engine.fast_note or 'not on a GPU'})"))
