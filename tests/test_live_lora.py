@@ -87,8 +87,8 @@ def test_rollouts_after_an_optimizer_step_read_the_new_adapter(qwen_tokenizer, p
 
     model = _lora_model(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     if fused:
-        prepare_for_training(model, FastOptions(fused_lora=True, packed_attention=False, compile=False,
-                                                checkpointing="none"))
+        prepare_for_training(model, FastOptions(fused_lora=True, packed_attention=False, torch_compile=False,
+                                                gradient_checkpointing=False))
     fast = Engine(model, qwen_tokenizer, fast=True, live_adapter=True, compile=False, cuda_graphs=False)
     reference = Engine(model, qwen_tokenizer, fast=False)
     greedy = SamplingSettings(max_completion_length=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
