@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from lorakit.args import QuantArgs
@@ -68,12 +70,7 @@ def capture_rng() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
+    state["numpy"] = np.random.get_state()
     return state
 
 
@@ -84,8 +81,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
-
         np.random.set_state(state["numpy"])
 
 
@@ -213,7 +208,7 @@ def load_checkpoint(
     if not (ckpt / ADAPTER_CONFIG).is_file():
         full = load_model(ckpt, torch_dtype=torch_dtype, device=device)
         return Loaded(model=full.eval(), tokenizer=load_tokenizer(ckpt), args=args, path=ckpt)
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft imports bitsandbytes, which warns on import
 
     base_path = None
     if model is None:
@@ -251,11 +246,9 @@ def load_train_state(checkpoint: str | Path) -> TrainState:
 
 def load_weights_into(model, checkpoint: str | Path) -> Path:
     """Copy a checkpoint's trainable weights (adapter or full) into an already-built `model`."""
-    from safetensors.torch import load_file
-
     ckpt = find_checkpoint(checkpoint)
     if (ckpt / ADAPTER_CONFIG).is_file():
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # lazy: peft imports bitsandbytes, which warns on import
 
         if not hasattr(model, "peft_config"):
             raise UserError(f"{ckpt} holds a LoRA adapter; resume it with --train_type lora.")

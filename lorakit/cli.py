@@ -22,7 +22,7 @@ from lorakit.launch import relaunch, resolve_strategy
 # command -> (module with `main(args) -> int`, its args dataclass, one-line help)
 COMMANDS = {
     "sft": ("lorakit.train", A.SftArgs, "Fine-tune a model (LoRA or full) on your data."),
-    "check-data": ("lorakit.data.check", A.CheckDataArgs, "Show exactly what sft would train on, without loading weights."),
+    "check-data": ("lorakit.check_data", A.CheckDataArgs, "Show exactly what sft would train on, without loading weights."),
     "infer": ("lorakit.infer.chat", A.InferArgs, "Chat with a base model or a checkpoint (REPL, --query, batch)."),
     "eval": ("lorakit.evaluate", A.EvalArgs, "Prove the identity was learned and nothing else was lost."),
     "quickstart": ("lorakit.quickstart", A.QuickstartArgs, "Give a model a new identity in one command, with proof."),

@@ -33,6 +33,7 @@ from torch import nn
 
 from lorakit.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_weights_into
 from lorakit.errors import UserError
+from lorakit.fast import decoder_layers
 from lorakit.launch import Strategy, resolve_strategy, under_launcher
 from lorakit.loss import LossOutput, MetricSums
 from lorakit.model import pick_device
@@ -227,8 +228,6 @@ def _shard_fsdp(model: nn.Module, wrapper: LossModule, strategy: Strategy, env: 
     """fully_shard every decoder layer, then the wrapper (root: embeddings, norm, lm_head)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
-
-    from lorakit.fast import decoder_layers
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if strategy.offload else OffloadPolicy()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi
 
 from lorakit.args import ExportArgs, ModelArgs
 from lorakit.checkpoint import ADAPTER_CONFIG, read_args
@@ -340,8 +341,6 @@ def write_modelfile(out: Path, gguf_path: Path, tokenizer, system: str | None) -
 
 def _push(folder: Path, args: ExportArgs, *, ignore: list[str]) -> int:
     """Upload `folder` to the hub repository --push_to_hub; offline or unauthorised is a clear error."""
-    from huggingface_hub import HfApi
-
     api = HfApi(token=args.hub_token)
     try:
         api.create_repo(args.push_to_hub, exist_ok=True)

@@ -22,7 +22,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2
 
+from lorakit.data.render import IGNORE_INDEX, render_conversation
 from lorakit.errors import UserError
 
 # --to_gguf value -> (tensor type of 2-D weights, llama.cpp file type id)
@@ -102,8 +106,6 @@ def check_convertible(config: dict, config_dir: Path, outtype: str, tokenizer_di
 
     Reads only config.json and the tokenizer files, so `lorakit export` checks --to_gguf before it merges.
     """
-    from transformers import AutoTokenizer
-
     if outtype not in OUTTYPES:
         raise UserError(f"--to_gguf {outtype!r} is not one of {', '.join(OUTTYPES)}.")
     arch = ARCHITECTURES.get(config.get("model_type"))
@@ -159,8 +161,6 @@ def add_model_metadata(writer, config: dict, arch: str, outtype: str, name: str)
 
 def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> str:
     """Vocabulary, merges, special ids and chat template of the folder's tokenizer; returns the pre-tokenizer name."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     _check_tokenizer_spec(spec, model_dir)
@@ -192,8 +192,6 @@ def add_tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> str:
 
 def turn_end_id(tokenizer) -> int | None:
     """The special token the chat template ends an assistant turn with (`<|im_end|>`), if it ends with one."""
-    from lorakit.data.render import IGNORE_INDEX, render_conversation
-
     if not tokenizer.chat_template:
         return None
     rendered = render_conversation(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
@@ -210,8 +208,6 @@ def _is_byte_level(spec: dict) -> bool:
 
 def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
     """llama.cpp's name for the way this tokenizer splits text before BPE (it must split the same way)."""
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2
-
     llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
@@ -266,8 +262,6 @@ def gguf_tensor_name(hf_name: str) -> str | None:
 
 def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 tensor) for every tensor of the folder's safetensors files, one at a time."""
-    from safetensors import safe_open
-
     config = json.loads((model_dir / "config.json").read_text())
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lorakit.args import LoraArgs
 from lorakit.errors import UserError
@@ -90,8 +91,6 @@ def check_lora_flags(model_path: Path, lora: LoraArgs) -> None:
     device (config.json only: no weights read, no memory used), so a typo costs a second, not a load."""
     if lora.train_type != "lora":
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -106,7 +105,7 @@ def attach_tuner(model: nn.Module, lora: LoraArgs) -> tuple[nn.Module, Trainable
         for p in model.parameters():
             p.requires_grad_(True)
         return model, summarize(model, [])
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft imports bitsandbytes, which warns on import
 
     targets = resolve_target_modules(model, lora.target_modules)
     _check_modules_to_save(model, lora.modules_to_save)

@@ -1,4 +1,4 @@
-"""`lorakit check-data`: show exactly what `sft` would train on, loading only the tokenizer.
+"""`lorakit check-data` on sft rows: show exactly what `sft` would train on, loading only the tokenizer.
 
 Per dataset it prints the absolute path or ID, the formats detected, rows loaded / kept /
 dropped / truncated and why, token length min / p50 / p95 / max, loss-bearing tokens, the
@@ -26,11 +26,7 @@ GREEN, RESET = "\033[1;32m", "\033[0m"
 
 
 def main(args) -> int:
-    """Entry point for `lorakit check-data` (args: CheckDataArgs / SftArgs)."""
-    from lorakit.rlhf import check as preference_check, data as preference_data  # commands may reach right
-
-    if preference_data.holds_preference_rows(args.data.dataset, use_hf=args.model.use_hf):
-        return preference_check.main(args)  # both sides of a pair, as `lorakit rlhf` trains on them
+    """check-data on sft rows (args: CheckDataArgs / SftArgs); exit 1 when not ready."""
     tokenizer = load_tokenizer_only(args.model)
     data = build_datasets(args.data, tokenizer, use_hf=args.model.use_hf, template=args.model.template, strict=False)
     color = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None

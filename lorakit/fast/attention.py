@@ -16,6 +16,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 
 ATTN_IMPLEMENTATION = "lorakit_varlen"
 
@@ -112,7 +113,5 @@ def packed_attention_forward(
 
 def register() -> str:
     """Make the packed attention selectable as config._attn_implementation; returns its name."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register(ATTN_IMPLEMENTATION, packed_attention_forward)
     return ATTN_IMPLEMENTATION

@@ -18,6 +18,7 @@ import torch
 from lorakit import distributed
 from lorakit.args import RlhfArgs
 from lorakit.launch import refuse_several_processes
+from lorakit.loop import fit, start_run
 from lorakit.model import load_model, pick_device, pick_dtype
 from lorakit.rlhf.check import format_preference_report
 from lorakit.rlhf.data import (
@@ -33,6 +34,7 @@ from lorakit.rlhf.grpo import train_grpo
 from lorakit.rlhf.objective import make_preference_loss_fn
 from lorakit.rlhf.policy import load_policy_tokenizer, prepare_policy, starting_policy
 from lorakit.rlhf.reference import precompute_reference_logps, sequence_logps
+from lorakit.train import print_summary, resolved_args, seed_everything
 
 # Learning rates that learn a preference set in one to three epochs on LoRA without collapsing into
 # the preferred answers' first words (tests/test_rlhf_acceptance.py; README's rlhf table).
@@ -96,9 +98,6 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
     if args.train.dry_run:
         print("--dry_run: data checked, stopping before loading weights.", file=sys.stderr)
         return None
-    from lorakit.loop import fit, start_run
-    from lorakit.train import resolved_args, seed_everything
-
     seed_everything(args.data.seed)
     model = load_model(start.model_path, torch_dtype=str(dtype).removeprefix("torch."), device=device,
                        attn_impl=args.model.attn_impl, quant=args.quant)
@@ -132,8 +131,6 @@ TRAINERS = {"dpo": train_preference, "orpo": train_preference, "simpo": train_pr
 
 def main(args: RlhfArgs) -> int:
     """`lorakit rlhf`."""
-    from lorakit.train import print_summary
-
     trainer = TRAINERS[args.rlhf.rlhf_type]
     if trainer is not train_preference:  # a loop of its own (grpo): one process
         refuse_several_processes(f"--rlhf_type {args.rlhf.rlhf_type}", args.dist)

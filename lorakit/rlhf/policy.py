@@ -14,6 +14,7 @@ from lorakit.args import RlhfArgs
 from lorakit.checkpoint import find_checkpoint, read_args
 from lorakit.data.render import set_chat_template
 from lorakit.errors import UserError
+from lorakit.fast import prepare_for_training
 from lorakit.model import load_tokenizer, resolve_model_path
 from lorakit.tuners import attach_tuner, summarize
 
@@ -62,7 +63,7 @@ def attach_policy(model, start: StartingPolicy, args: RlhfArgs):
     """The model to train: the SFT adapter loaded trainable, or a fresh tuner as sft attaches it."""
     if start.adapter is None:
         return attach_tuner(model, args.lora)
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: peft imports bitsandbytes, which warns on import
 
     peft_model = PeftModel.from_pretrained(model, str(start.adapter), is_trainable=True)
     return peft_model, summarize(peft_model, sorted(peft_model.peft_config["default"].target_modules))
@@ -70,8 +71,6 @@ def attach_policy(model, start: StartingPolicy, args: RlhfArgs):
 
 def prepare_policy(model, start: StartingPolicy, args: RlhfArgs, device: torch.device):
     """Attach the policy's adapter, then the same GPU fast paths as sft (plain computation on the CPU)."""
-    from lorakit.fast import prepare_for_training
-
     model.config.use_cache = False
     if device.type != "cuda" and args.fast.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

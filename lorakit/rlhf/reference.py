@@ -17,6 +17,7 @@ import sys
 from typing import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from lorakit.errors import UserError
 from lorakit.rlhf.logps import token_logps
@@ -65,8 +66,6 @@ def precompute_reference_logps(model: torch.nn.Module, items: list, collate: Cal
     collate(items) -> batch dict; assign(items, batch, model) computes and stores the values (the caller
     knows which rows of a batch belong to which field: chosen/rejected halves, or KTO's KL rows).
     """
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     try:
