@@ -230,7 +230,7 @@ def _repl(engine, lines, *, system=None):
     import io
 
     out = io.StringIO()
-    session = chat.Session(engine, system, "scripted")
+    session = chat.ChatSession(engine, system, "scripted")
     rc = chat.run_repl(session, SamplingParams(max_new_tokens=8), stream=True, read=read, out=out)
     return rc, out.getvalue(), asked
 

@@ -383,7 +383,8 @@ class FakeEngine:
 
 
 def fake_scheduler(tokenizer, max_concurrency: int, max_queue: int, gate: threading.Event):
-    from lorakit.serve import Scheduler, Served, ServedModel
+    from lorakit.serve_models import Served, ServedModel
+    from lorakit.serve_scheduler import Scheduler
 
     models = {name: ServedModel(name, adapter, None, name) for name, adapter in (("m", None), ("a", "a"), ("b", "b"))}
     engine = FakeEngine(gate, tokenizer.convert_tokens_to_ids("x"))
@@ -391,9 +392,9 @@ def fake_scheduler(tokenizer, max_concurrency: int, max_queue: int, gate: thread
 
 
 def make_job(model, loop, prompt=(1, 2), max_tokens: int = 4):
-    from lorakit.serve import Job
+    from lorakit.serve_scheduler import GenerationJob
 
-    return Job(served=model, prompt=list(prompt), temperature=0.0, top_p=1.0, seed=None, max_tokens=max_tokens,
+    return GenerationJob(served=model, prompt=list(prompt), temperature=0.0, top_p=1.0, seed=None, max_tokens=max_tokens,
                stop=[], loop=loop, events=asyncio.Queue())
 
 
@@ -428,9 +429,9 @@ def test_a_full_queue_answers_503_with_retry_after(qwen_tokenizer):
 def test_requests_for_another_adapter_wait_for_the_batch_to_drain_but_not_forever(qwen_tokenizer, monkeypatch, wait):
     """Rows share one adapter. A request for the running adapter overtakes one waiting for another
     adapter while that one has waited less than ADAPTER_WAIT; after that it waits its turn."""
-    from lorakit import serve
+    from lorakit import serve_scheduler
 
-    monkeypatch.setattr(serve, "ADAPTER_WAIT", wait)
+    monkeypatch.setattr(serve_scheduler, "ADAPTER_WAIT", wait)
     gate = threading.Event()
     scheduler, models, engine = fake_scheduler(qwen_tokenizer, 4, 4, gate)
     loop = asyncio.new_event_loop()
@@ -455,7 +456,8 @@ def test_a_request_joins_the_running_batch_and_finishes_first(qwen_tokenizer):
 
     from lorakit.data.render import render_prompt
     from lorakit.infer.engine import Engine, SamplingParams
-    from lorakit.serve import Delta, Finished, Scheduler, Served, ServedModel
+    from lorakit.serve_models import Served, ServedModel
+    from lorakit.serve_scheduler import Delta, Finished, Scheduler
     from test_engine import _model
 
     threads = torch.get_num_threads()

@@ -43,9 +43,6 @@ class ChatSession:
     notes: list[str] = field(default_factory=list)
 
 
-Session = ChatSession  # the name before the rename (train had a Session too)
-
-
 def main(args: InferArgs) -> int:
     """Entry point of `lorakit infer`."""
     if args.infer_backend == "vllm":

@@ -31,7 +31,7 @@ from lorakit.rlhf.grpo_data import PromptSet
 from lorakit.rlhf.grpo_logps import RolloutBatch, completion_logps, pad_rollouts
 from lorakit.rlhf.grpo_loss import group_advantages, grpo_loss
 from lorakit.rlhf.grpo_rollout import Rollout, SamplingSettings, generate_rollouts
-from lorakit.rlhf.grpo_session import Session, load_prompts, new_session
+from lorakit.rlhf.grpo_session import GrpoSession, load_prompts, new_session
 from lorakit.rlhf.policy import load_policy_tokenizer, prepare_policy, starting_policy
 from lorakit.rlhf.rewards import RewardInputs, compute_rewards
 from lorakit.schedule import lr_factor
@@ -45,7 +45,7 @@ def sampling(args) -> SamplingSettings:
     return SamplingSettings(g.max_completion_length, g.temperature, g.top_p, g.top_k, g.repetition_penalty)
 
 
-def reward_inputs(s: Session, prompts: PromptSet, indices: list[int], rollouts: list[Rollout]) -> RewardInputs:
+def reward_inputs(s: GrpoSession, prompts: PromptSet, indices: list[int], rollouts: list[Rollout]) -> RewardInputs:
     rows = [prompts.rows[indices[r.prompt]] for r in rollouts]
     return RewardInputs(completions=[r.text for r in rollouts], completion_ids=[r.completion_ids for r in rollouts],
                         prompts=[row.messages for row in rows],
@@ -53,7 +53,7 @@ def reward_inputs(s: Session, prompts: PromptSet, indices: list[int], rollouts: 
                         sources=[row.source for row in rows])
 
 
-def micro_batches(s: Session, rollouts: list[Rollout], round_index: int) -> list[tuple[list[int], RolloutBatch]]:
+def micro_batches(s: GrpoSession, rollouts: list[Rollout], round_index: int) -> list[tuple[list[int], RolloutBatch]]:
     """The round's completions shuffled (seeded) and cut into S micro-batches of B: (indices, padded batch)."""
     order = list(range(len(rollouts)))
     random.Random(s.plan.seed * 7919 + round_index).shuffle(order)
@@ -69,7 +69,8 @@ def micro_batches(s: Session, rollouts: list[Rollout], round_index: int) -> list
 
 
 @torch.no_grad()
-def frozen_logps(s: Session, batches: list[tuple[list[int], RolloutBatch]], as_reference: bool) -> list[torch.Tensor]:
+def frozen_logps(s: GrpoSession, batches: list[tuple[list[int], RolloutBatch]],
+                 as_reference: bool) -> list[torch.Tensor]:
     """Per-token log-probs of every micro-batch, no grad, eval mode: the sampling policy, or the reference."""
     temperature, fused = s.args.grpo.temperature, s.args.fast.fused_loss
     was_training = s.model.training
@@ -83,7 +84,7 @@ def frozen_logps(s: Session, batches: list[tuple[list[int], RolloutBatch]], as_r
         s.model.train(was_training)
 
 
-def update(s: Session, batches, advantages: torch.Tensor, old, ref, n_items: int) -> dict[str, float]:
+def update(s: GrpoSession, batches, advantages: torch.Tensor, old, ref, n_items: int) -> dict[str, float]:
     """One optimizer step over GA micro-batches; returns its loss, grad norm and loss parts."""
     g, t = s.args.grpo, s.args.train
     lr = s.learning_rate * lr_factor(s.step, total_steps=s.plan.total_steps, warmup=s.warmup,
@@ -122,7 +123,7 @@ def sft_nan_factor(step: int) -> float:
     return float("nan") if int(os.environ.get(loop._INJECT_NAN_ENV, "0") or 0) == step else 1.0
 
 
-def stop_on_non_finite(s: Session, loss: float, grad_norm: float) -> None:
+def stop_on_non_finite(s: GrpoSession, loss: float, grad_norm: float) -> None:
     what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
     kept = (f"The last good checkpoint is {s.last_checkpoint}." if s.last_checkpoint
             else f"No checkpoint was saved yet (--save_steps {s.args.train.save_steps}).")
@@ -131,7 +132,7 @@ def stop_on_non_finite(s: Session, loss: float, grad_norm: float) -> None:
                     f"{s.learning_rate / 10:g}), raise --beta, or check the reward functions for huge values.")
 
 
-def run_round(s: Session, round_index: int, bar) -> None:
+def run_round(s: GrpoSession, round_index: int, bar) -> None:
     """Sample, score, and apply this round's optimizer steps; log and save at its end."""
     g = s.args.grpo
     indices = s.plan.round_prompts(round_index)
@@ -179,7 +180,7 @@ def run_round(s: Session, round_index: int, bar) -> None:
     after_round(s, bar)
 
 
-def after_round(s: Session, bar) -> None:
+def after_round(s: GrpoSession, bar) -> None:
     """Log when a --logging_steps boundary passed, evaluate on the held-out prompts, save at --save_steps."""
     t = s.args.train
     last = s.step >= s.plan.total_steps
@@ -203,7 +204,7 @@ EVAL_SAMPLES = 4  # completions per held-out prompt
 EVAL_ROUND = -1  # the held-out completions' seeds: the same at every evaluation, apart from every training round's
 
 
-def held_out_reward(s: Session, bar=None) -> float:
+def held_out_reward(s: GrpoSession, bar=None) -> float:
     """Mean reward on the held-out prompts: EVAL_SAMPLES completions each, sampled as the rollouts are, with the
     same seeds at every evaluation (the expected reward GRPO raises, as TRL's eval measures it); the greedy
     completion's reward beside it. Logged as eval_reward, eval_reward_greedy and per function."""

@@ -33,7 +33,7 @@ DEFAULT_LR = 1e-3  # LoRA: single-digit sums, SmolLM2-135M, held-out reward 0.17
 
 
 @dataclass
-class Session:
+class GrpoSession:
     """Everything the loop reads and updates (field names shared with lorakit.train's save/resume/log)."""
 
     args: Any  # RlhfArgs
@@ -103,7 +103,7 @@ def load_prompts(args, tokenizer, system: str | None) -> tuple[PromptSet, Prompt
     return train, val
 
 
-def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, device, dtype, system) -> Session:
+def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, device, dtype, system) -> GrpoSession:
     """Plan, run folder with args.json, optimizer, engine, rewards and the reference."""
     t, g = args.train, args.grpo
     learning_rate = t.learning_rate if t.learning_rate is not None else (
@@ -134,7 +134,7 @@ def new_session(args, model, tokenizer, prompts: PromptSet, val, *, model_path, 
         f"{plan.prompts_per_round} prompt(s) x {g.num_generations} completions; lr {learning_rate:g}, beta "
         f"{args.rlhf.beta:g}, loss_type {args.rlhf.loss_type}; rewards: "
         + ", ".join(f"{f.name} ({f.origin}) x {w:g}" for f, w in zip(funcs, weights.tolist())))
-    return Session(args=args, log=run_log, model=model, tokenizer=tokenizer,
+    return GrpoSession(args=args, log=run_log, model=model, tokenizer=tokenizer,
                    optimizer=loop.build_optimizer(model, args, learning_rate), plan=plan, prompts=prompts, val=val,
                    device=device, learning_rate=learning_rate,
                    warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
