@@ -37,7 +37,8 @@ def cpu_like_training() -> None:
 
 
 def main() -> None:
-    from lorakit.args import ModelArgs, QuickstartArgs
+    from lorakit.args import QuickstartArgs
+    from lorakit.cli import build_args
     from lorakit.data import sources
     from lorakit.quickstart import quickstart
 
@@ -57,9 +58,9 @@ def main() -> None:
     for config in json.loads(opts.configs):
         name = config.pop("name")
         sources.SELF_COGNITION_FILE = Path(config.pop("self_cognition", default_self_cognition))
-        args = QuickstartArgs(model=ModelArgs(model=opts.model, device=opts.device, torch_dtype=opts.torch_dtype),
-                              model_name=config.pop("model_name", ["Lumen"]),
-                              model_author=config.pop("model_author", ["Acme Labs"]), output_dir=opts.out, **config)
+        flags = {"model_name": ["Lumen"], "model_author": ["Acme Labs"], "output_dir": opts.out, **config,
+                 "model": opts.model, "device": opts.device, "torch_dtype": opts.torch_dtype}
+        args = build_args(QuickstartArgs, flags)  # the flat flag names, grouped as the CLI groups them
         started = time.perf_counter()
         report = quickstart(args)
         details = json.loads((Path(report.checkpoint).parent / "eval.json").read_text(encoding="utf-8"))

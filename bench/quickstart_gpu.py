@@ -53,12 +53,13 @@ def build(folder: Path, settings: dict) -> float:
 
 
 def run(folder: Path, out: Path, replay: int) -> dict:
-    from lorakit.args import ModelArgs, QuickstartArgs
+    from lorakit.args import DataArgs, ModelArgs, QuickstartArgs, RecipeArgs, TrainArgs
     from lorakit.quickstart import quickstart
 
     started = time.perf_counter()
-    report = quickstart(QuickstartArgs(model=ModelArgs(model=str(folder)), model_name=["Lumen"],
-                                       model_author=["Acme Labs"], replay=replay, output_dir=str(out)))
+    report = quickstart(QuickstartArgs(model=ModelArgs(model=str(folder)),
+                                       data=DataArgs(model_name=["Lumen"], model_author=["Acme Labs"]),
+                                       recipe=RecipeArgs(replay=replay), train=TrainArgs(output_dir=str(out))))
     return {"wall_s": time.perf_counter() - started, "timings": report.timings, "after": report.after,
             "recipe": report.recipe, "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
 

@@ -73,13 +73,19 @@ def _unwrap(hint) -> tuple[type, bool]:
     return hint, False
 
 
+def _taken(f: dataclasses.Field, flags: dict) -> dict:
+    """The flags of a group field the command takes (a subset when the field says so: args.only_flags)."""
+    only = f.metadata.get("flags")
+    return flags if only is None else {name: flags[name] for name in only if name in flags}
+
+
 def collect_flags(cls, prefix: tuple[str, ...] = ()) -> dict[str, Flag]:
     """Flatten a (nested) args dataclass into {flag name: Flag}."""
     flags, hints, docs = {}, typing.get_type_hints(cls), _field_docs(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            flags.update(collect_flags(hint, prefix + (f.name,)))
+            flags.update(_taken(f, collect_flags(hint, prefix + (f.name,))))
             continue
         kind, is_list = _unwrap(hint)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -187,7 +193,7 @@ def build_args(cls, values: dict[str, object], prefix: tuple[str, ...] = ()):
     kwargs, hints = {}, typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = build_args(hints[f.name], values, prefix + (f.name,))
+            kwargs[f.name] = build_args(hints[f.name], _taken(f, values), prefix + (f.name,))
         elif f.name in values:
             kwargs[f.name] = values[f.name]
     return cls(**kwargs)

@@ -13,13 +13,13 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 import lorakit.model as model_lib
-from lorakit.args import DataArgs, LoraArgs, QuickstartArgs, SftArgs, TrainArgs
+from lorakit.args import QuickstartArgs, SftArgs
 from lorakit.data import sources
 from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
@@ -84,9 +84,9 @@ def default_target_modules(n_params: int, module_names: set[str]) -> list[str]:
 
 def lora_targets(args: QuickstartArgs, model, n_params: int) -> list[str]:
     """--target_modules, checked against the loaded model before any generation or training; else the default."""
-    if args.target_modules:
-        resolve_target_modules(model, args.target_modules)  # a wrong name fails now, not after the replay answers
-        return list(args.target_modules)
+    if args.recipe.target_modules:
+        resolve_target_modules(model, args.recipe.target_modules)  # a wrong name fails now, not after the replay answers
+        return list(args.recipe.target_modules)
     return default_target_modules(n_params, set(linear_module_names(model)))
 
 
@@ -133,20 +133,18 @@ def self_cognition_rows() -> int:
 
 
 def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], replay: int = 0) -> SftArgs:
-    """The `sft` flags quickstart trains with (the same code path as `lorakit sft`)."""
+    """The `sft` flags quickstart trains with (the same code path as `lorakit sft`): its groups with the recipe in."""
     return SftArgs(
         model=args.model,
-        data=DataArgs(dataset=datasets, model_name=list(args.model_name), model_author=list(args.model_author),
-                      seed=args.seed, split_dataset_ratio=0.0, max_length=1024),
-        lora=LoraArgs(lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
-                      target_modules=recipe.target_modules, layers_to_transform=recipe.layers_to_transform),
-        train=TrainArgs(output_dir=args.output_dir, num_train_epochs=recipe.num_train_epochs,
-                        learning_rate=recipe.learning_rate,
-                        per_device_train_batch_size=recipe.per_device_train_batch_size,
-                        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-                        warmup_ratio=0.05, group_by_length=True, logging_steps=1, save_steps=10**9, report_to=["none"],
-                        replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens,
-                        replay_weight=recipe.replay_weight, replay_weight_zh=recipe.replay_weight_zh),
+        data=replace(args.data, dataset=datasets, split_dataset_ratio=0.0, max_length=1024),
+        lora=replace(args.lora, lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+                     target_modules=recipe.target_modules, layers_to_transform=recipe.layers_to_transform),
+        train=replace(args.train, num_train_epochs=recipe.num_train_epochs, learning_rate=recipe.learning_rate,
+                      per_device_train_batch_size=recipe.per_device_train_batch_size,
+                      gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+                      warmup_ratio=0.05, group_by_length=True, logging_steps=1, save_steps=10**9, report_to=["none"],
+                      replay=replay, replay_max_new_tokens=recipe.replay_max_new_tokens,
+                      replay_weight=recipe.replay_weight, replay_weight_zh=recipe.replay_weight_zh),
     )
 
 
@@ -187,19 +185,20 @@ def load_base(args: QuickstartArgs) -> LoadedModel:
 def training_mix(args: QuickstartArgs, model, tokenizer, max_new_tokens: int) -> tuple[list[str], list[ReplayAnswer]]:
     """(--dataset specs: self-cognition and the user's data, the base's replay answers). The answers are
     generated here, with the base model already loaded (cached per model), and handed to training."""
-    n_replay = args.replay if args.replay is not None else len(load_general_prompts())  # all of them
-    print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.dataset)} extra datasets",
+    n_replay = args.recipe.replay if args.recipe.replay is not None else len(load_general_prompts())  # all of them
+    print(f"[2/5] training mix: self-cognition + {n_replay} replay prompts + {len(args.data.dataset)} extra datasets",
           file=sys.stderr)
     answers = []
     if n_replay > 0:
         answers = replay_answers(model, tokenizer, n_replay, system=None, cache_dir=model_lib.CACHE_DIR / "replay",
                                  max_new_tokens=max_new_tokens)
-    return ["self-cognition", *args.dataset], answers
+    return ["self-cognition", *args.data.dataset], answers
 
 
 def quickstart(args: QuickstartArgs) -> Report:
     """Run the whole flow; returns the report written into the run folder."""
-    if not args.model_name or not args.model_author:
+    name, author = args.data.model_name, args.data.model_author
+    if not name or not author:
         raise UserError("quickstart needs --model_name and --model_author, e.g. --model_name Lumen --model_author "
                         "'Acme Labs' (or a Chinese and an English value each: --model_name 小光 Lumen).")
     clock, cache = Stopwatch(), model_lib.CACHE_DIR / "quickstart"
@@ -210,18 +209,19 @@ def quickstart(args: QuickstartArgs) -> Report:
     clock.lap("load base model")
 
     print(f"[1/5] baseline: {model_path.name} ({n_params / 1e6:.0f}M parameters) on {device}", file=sys.stderr)
-    before = evaluate(model, tokenizer, name=args.model_name, author=args.model_author, is_base=True, cache_dir=cache,
+    before = evaluate(model, tokenizer, name=name, author=author, is_base=True, cache_dir=cache,
                       probes_per_lang=BASELINE_PROBES)
     print_answers("Before training, the base model says:", sample_answers(before))
     clock.lap("baseline")
 
     n_layers = getattr(model.config, "num_hidden_layers", 0)
-    plan = dict(n_layers=n_layers, lora_rank=args.lora_rank, epochs=args.num_train_epochs,
-                learning_rate=args.learning_rate, batch_size=args.per_device_train_batch_size,
-                lora_layers=args.lora_layers, replay_max_new_tokens=args.replay_max_new_tokens,
+    r = args.recipe
+    plan = dict(n_layers=n_layers, lora_rank=args.lora.lora_rank, epochs=r.num_train_epochs,
+                learning_rate=r.learning_rate, batch_size=r.per_device_train_batch_size,
+                lora_layers=r.lora_layers, replay_max_new_tokens=r.replay_max_new_tokens,
                 target_modules=lora_targets(args, model, n_params),
-                replay_weight=args.replay_weight, replay_weight_zh=args.replay_weight_zh)
-    datasets, answers = training_mix(args, model, tokenizer, args.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
+                replay_weight=r.replay_weight, replay_weight_zh=r.replay_weight_zh)
+    datasets, answers = training_mix(args, model, tokenizer, r.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     replay_rows = len(answers)
     del model  # train() loads its own copy; never hold two on a GPU
     gc.collect()
@@ -238,7 +238,7 @@ def quickstart(args: QuickstartArgs) -> Report:
 
     print("[4/5] eval on held-out probes and general questions", file=sys.stderr)
     try:
-        after = evaluate(result.model, result.tokenizer, name=args.model_name, author=args.model_author,
+        after = evaluate(result.model, result.tokenizer, name=name, author=author,
                          cache_dir=cache)
     except KeyboardInterrupt:
         print(f"\ninterrupted during eval; the trained checkpoint is usable:\n  {infer_command}", file=sys.stderr)

@@ -145,3 +145,35 @@ def test_ignored_compatibility_flags_say_so(cli):
                "--dataset", "nope.json", timeout=120)
     assert "note: --model_type qwen2_5 is ignored" in proc.stderr and "note: --streaming true is ignored" in proc.stderr
     assert "note: --dataloader_num_workers 4 is ignored" in proc.stderr
+
+
+def test_quickstart_takes_only_its_flags_of_the_sft_groups_and_hands_them_to_sft():
+    from lorakit.quickstart import choose_recipe, sft_args_for
+
+    flags = collect_flags(A.QuickstartArgs)
+    shared = {"model_name", "model_author", "dataset", "seed", "lora_rank", "output_dir"}
+    assert shared <= set(flags) and {"max_length", "lora_alpha", "save_steps", "packing"}.isdisjoint(flags)
+    assert flags["seed"].help == collect_flags(A.SftArgs)["seed"].help  # declared once, in DataArgs
+    with pytest.raises(UserError, match="unknown flag --max_length for `lorakit quickstart`"):
+        parse_argv("quickstart", ["--max_length", "512"])
+    args = build_args(A.QuickstartArgs, parse_argv("quickstart", "--model_name Lumen --model_author Acme --seed 7 "
+                                                                 "--lora_rank 4 --output_dir out --dataset x.jsonl "
+                                                                 "--learning_rate 1e-3".split()))
+    assert args.data.model_name == ["Lumen"] and args.data.seed == 7 and args.lora.lora_rank == 4
+    assert args.recipe.learning_rate == pytest.approx(1e-3) and args.data.max_length == A.DataArgs().max_length
+    recipe = choose_recipe(100, 10**8, "cpu", lora_rank=args.lora.lora_rank, learning_rate=args.recipe.learning_rate)
+    sft_args = sft_args_for(args, recipe, ["self-cognition", *args.data.dataset])
+    assert sft_args.data.dataset == ["self-cognition", "x.jsonl"] and sft_args.data.seed == 7
+    assert sft_args.data.model_author == ["Acme"] and sft_args.data.max_length == 1024
+    assert sft_args.lora.lora_rank == 4 and sft_args.lora.lora_alpha == 16
+    assert sft_args.train.output_dir == "out" and sft_args.train.learning_rate == pytest.approx(1e-3)
+
+
+def test_fast_flags_are_the_settings_the_fast_paths_read():
+    args = sft("--torch_compile false --gpu_memory_limit 20 --gradient_checkpointing true --fused_lora false")
+    assert args.fast == A.FastOptions(fused_lora=False, torch_compile=False, gradient_checkpointing=True,
+                                      gpu_memory_limit=20.0)
+    assert args.fast.checkpointing == "full" and sft("").fast.checkpointing == "auto"
+    assert sft("--gradient_checkpointing false").fast.checkpointing == "none"
+    with pytest.raises(UserError, match="--gpu_memory_limit must be a positive number"):
+        sft("--gpu_memory_limit 0")

@@ -126,18 +126,18 @@ def test_eval_of_the_base_model_gives_identity_zero(cli, smollm2_dir, tmp_path):
 
 
 def test_lora_targets_are_checked_against_the_model_before_any_work(tiny_qwen2_dir):
-    from lorakit.args import QuickstartArgs
+    from lorakit.args import DataArgs, QuickstartArgs
     from lorakit.errors import UserError
     from lorakit.model import load_model
     from lorakit.quickstart import lora_targets
 
     model = load_model(tiny_qwen2_dir, device="cpu")
-    args = QuickstartArgs(model_name=["Lumen"], model_author=["Acme Labs"])
+    args = QuickstartArgs(data=DataArgs(model_name=["Lumen"], model_author=["Acme Labs"]))
     assert lora_targets(args, model, 1_000_000) == ATTENTION
-    args.target_modules = ["q_proj", "c_attn"]
+    args.recipe.target_modules = ["q_proj", "c_attn"]
     with pytest.raises(UserError, match="c_attn: no such module"):
         lora_targets(args, model, 1_000_000)
-    args.target_modules = ["all-linear"]
+    args.recipe.target_modules = ["all-linear"]
     assert lora_targets(args, model, 1_000_000) == ["all-linear"]
 
 

@@ -1,33 +1,27 @@
-"""`lorakit quickstart`: a new identity in one command (the recipe flags it lets a user change)."""
+"""`lorakit quickstart`: a new identity in one command, composed from sft's groups plus the recipe it chooses."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from lorakit.args.checks import check_positive
-from lorakit.args.model import ModelArgs
+from lorakit.args.model import DataArgs, ModelArgs
+from lorakit.args.spelling import only_flags
+from lorakit.args.training import LoraArgs, TrainArgs
 from lorakit.errors import UserError
 
 
 @dataclass
-class QuickstartArgs:
-    model: ModelArgs = field(default_factory=ModelArgs)
-    model_name: list[str] = field(default_factory=list)
-    "Your model's name: one value, or a Chinese and an English value."
-    model_author: list[str] = field(default_factory=list)
-    "Your model's author: one value, or a Chinese and an English value."
-    dataset: list[str] = field(default_factory=list)
-    "Extra training data mixed in (any --dataset form)."
+class RecipeArgs:
+    """The training recipe quickstart chooses from the data, the model size and the device; each flag
+    overrides one choice (empty: quickstart's choice)."""
+
     replay: int | None = None
     "Base-model answers to built-in general prompts mixed in against forgetting (0: off; default: all 310 built-in prompts)."
-    output_dir: str = "output"
-    "Folder that receives the run folder."
     num_train_epochs: float | None = None
     "Epochs (default: chosen from the data size)."
     learning_rate: float | None = None
     "Peak learning rate (default: chosen from the model size)."
-    lora_rank: int = 8
-    "LoRA rank r."
     lora_layers: int | None = None
     "LoRA on the top N decoder layers only (default: chosen per device; 0: every layer)."
     target_modules: list[str] | None = None
@@ -40,8 +34,6 @@ class QuickstartArgs:
     "Loss weight of the replay tokens that answer Chinese prompts (default: twice --replay_weight)."
     per_device_train_batch_size: int | None = None
     "Samples per optimizer step (default: the widest, up to 12 on CPU and 8 on GPU, that still gives 36 steps)."
-    seed: int = 42
-    "Random seed."
 
     def __post_init__(self):  # before any model loads: a bad recipe flag costs nothing
         for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh", "per_device_train_batch_size"):
@@ -51,3 +43,14 @@ class QuickstartArgs:
         check_positive("num_train_epochs", self.num_train_epochs)
         if self.lora_layers is not None and self.lora_layers < 0:
             raise UserError(f"--lora_layers must be >= 0 (0: every layer), got {self.lora_layers}.")
+
+
+@dataclass
+class QuickstartArgs:
+    """sft's groups (only the flags quickstart lets a user set) and the recipe's overrides."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = only_flags(DataArgs, "model_name", "model_author", "dataset", "seed")  # --dataset: extra data
+    lora: LoraArgs = only_flags(LoraArgs, "lora_rank")
+    train: TrainArgs = only_flags(TrainArgs, "output_dir")
+    recipe: RecipeArgs = field(default_factory=RecipeArgs)

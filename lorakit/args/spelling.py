@@ -1,4 +1,6 @@
-"""The other spellings people type for a flag (the CLI reads these before the args classes)."""
+"""How flags are spelled on the command line: other names people type, comma lists, a command's subset of a group."""
+
+from dataclasses import field
 
 # Other spellings of a flag -> its canonical field name (ms-swift 4.x renamed some flags).
 ALIASES = {
@@ -20,3 +22,9 @@ ALIASES = {
 # List flags whose values never contain a comma: `--target_modules q_proj,v_proj` means two values
 # (ms-swift and PEFT accept both spellings). Paths, dataset IDs and names keep their commas.
 COMMA_LISTS = {"target_modules", "modules_to_save", "layers_to_transform", "report_to"}
+
+
+def only_flags(group: type, *names: str):
+    """A group field of which the command takes only these flags; the group's other fields keep their
+    defaults (the CLI lists and accepts just `names`). quickstart shares sft's groups this way."""
+    return field(default_factory=group, metadata={"flags": names})
