@@ -196,9 +196,11 @@ def _has_tokenizer(checkpoint: Path) -> bool:
 
 def load_checkpoint(
     path: str | Path, *, model=None, torch_dtype: str = "auto", device=None, merge_lora: bool = False,
-    quant: QuantArgs | None = None, full_precision: bool = False,
+    quant: QuantArgs | None = None, full_precision: bool = False, attn_impl: str = "sdpa",
 ) -> Loaded:
     """Load a checkpoint (or a run folder's last) for inference; `model` reuses an already-loaded base.
+
+    attn_impl: the attention implementation of the weights loaded here (--attn_impl).
 
     The base loads quantized as `quant` says, else as args.json records it was trained (QLoRA), unless
     `full_precision` or `merge_lora` (merging into 4-bit weights would round the merged weights again).
@@ -206,7 +208,7 @@ def load_checkpoint(
     ckpt = find_checkpoint(path)
     args = read_args(ckpt)
     if not (ckpt / ADAPTER_CONFIG).is_file():
-        full = load_model(ckpt, torch_dtype=torch_dtype, device=device)
+        full = load_model(ckpt, torch_dtype=torch_dtype, device=device, attn_impl=attn_impl)
         return Loaded(model=full.eval(), tokenizer=load_tokenizer(ckpt), args=args, path=ckpt)
     from peft import PeftModel  # lazy: peft imports bitsandbytes, which warns on import
 
@@ -214,7 +216,8 @@ def load_checkpoint(
     if model is None:
         base_path = resolve_model_path(_base_model_path(ckpt, args), use_hf=args.get("model", {}).get("use_hf", True))
         base_quant = None if full_precision or merge_lora else checkpoint_quant(quant, args)
-        model = load_model(base_path, torch_dtype=torch_dtype, device=device, quant=base_quant)
+        model = load_model(base_path, torch_dtype=torch_dtype, device=device, quant=base_quant,
+                           attn_impl=attn_impl)
         if base_quant is not None:
             print(f"note: the base of {ckpt.name} loads {base_quant.quant_bits}-bit, as it was trained (its args.json); "
                   f"--merge_lora true merges it into the full-precision base instead.", file=sys.stderr)

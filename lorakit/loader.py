@@ -213,7 +213,7 @@ def open_model(model_args: ModelArgs, adapters: list[str] | None = None, *, syst
         base = load_model(base_path, torch_dtype=dtype, device=device, attn_impl=m.attn_impl)
     try:
         loaded = load_checkpoint(ckpt, model=base, torch_dtype=dtype, device=device, merge_lora=merge_lora,
-                                 full_precision=full_precision)
+                                 full_precision=full_precision, attn_impl=m.attn_impl)
     except (RuntimeError, ValueError) as exc:
         if base is None:
             raise

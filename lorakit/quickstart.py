@@ -85,7 +85,7 @@ def default_target_modules(n_params: int, module_names: set[str]) -> list[str]:
 def lora_targets(args: QuickstartArgs, model, n_params: int) -> list[str]:
     """--target_modules, checked against the loaded model before any generation or training; else the default."""
     if args.recipe.target_modules:
-        resolve_target_modules(model, args.recipe.target_modules)  # a wrong name fails now, not after the replay answers
+        resolve_target_modules(model, args.recipe.target_modules)  # fails now, not after the replay answers
         return list(args.recipe.target_modules)
     return default_target_modules(n_params, set(linear_module_names(model)))
 

@@ -155,3 +155,21 @@ def test_export_refuses_an_unknown_gguf_type_before_merging(ckpt, monkeypatch):
     monkeypatch.setattr(export, "open_model", lambda *a, **k: pytest.fail("the merge ran before --to_gguf was checked"))
     with pytest.raises(UserError, match="--to_gguf 'q4' is not one of f16, bf16, q8_0"):
         export.main(ExportArgs(adapter=AdapterArgs(adapters=[str(ckpt)]), to_gguf="q4"))
+
+
+def test_attn_impl_reaches_a_checkpoints_own_base_and_a_full_checkpoint(ckpt, tiny_qwen2_dir, tmp_path):
+    """--attn_impl applies however the weights are found: --model, the base args.json names, full weights."""
+    def attn(loaded) -> str:
+        model = loaded.model.get_base_model() if loaded.is_adapter else loaded.model
+        return model.config._attn_implementation
+
+    eager = ModelArgs(attn_impl="eager")
+    assert attn(open_model(ModelArgs(), [str(ckpt)], device="cpu")) == "sdpa"
+    assert attn(open_model(eager, [str(ckpt)], device="cpu")) == "eager"  # the base args.json names
+    over_model = ModelArgs(model=str(tiny_qwen2_dir), attn_impl="eager")
+    assert attn(open_model(over_model, [str(ckpt)], device="cpu")) == "eager"
+    weights = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir)
+    full = save_checkpoint(tmp_path / "full" / "checkpoint-1", model=weights, tokenizer=load_tokenizer(tiny_qwen2_dir),
+                           args={"model_path": str(tiny_qwen2_dir)})
+    assert attn(open_model(eager, [str(full)], device="cpu")) == "eager"
+    assert attn(open_model(ModelArgs(), [str(full)], device="cpu")) == "sdpa"

@@ -1,4 +1,4 @@
-"""`lorakit rlhf`: the preference losses (DPO family) and GRPO's rollouts and rewards, composed with the training groups."""
+"""`lorakit rlhf`: the preference losses (DPO family) and GRPO's rollouts and rewards, with the training groups."""
 
 from __future__ import annotations
 
