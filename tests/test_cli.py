@@ -3,7 +3,7 @@
 import pytest
 
 from lorakit import args as A
-from lorakit.cli import build_args, collect_flags, parse_argv
+from lorakit.cli import COMMANDS, build_args, collect_flags, parse_argv
 from lorakit.errors import UserError
 
 
@@ -177,3 +177,24 @@ def test_fast_flags_are_the_settings_the_fast_paths_read():
     assert sft("--gradient_checkpointing false").fast.checkpointing == "none"
     with pytest.raises(UserError, match="--gpu_memory_limit must be a positive number"):
         sft("--gpu_memory_limit 0")
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("eval", "--adapters ckpt --merge_lora true", "--merge_lora does not apply to eval"),
+    ("infer", "--infer_backend vllm --merge_lora true", "vllm has no use for --merge_lora"),
+    ("infer", "--infer_backend vllm --attn_impl eager", "vllm has no use for --attn_impl eager"),
+    ("infer", "--infer_backend vllm --device cuda:1", "vllm has no use for --device cuda:1"),
+    ("rlhf", "--replay_weight 2", "--replay_weight: replay does not apply to rlhf"),
+    ("rlhf", "--dataset_num_proc 4", "--dataset_num_proc 4: rlhf renders its pairs in one process"),
+])
+def test_flags_a_command_has_no_use_for_are_refused(command, argv, message):
+    with pytest.raises(UserError, match=message):
+        build_args(COMMANDS[command][1], parse_argv(command, argv.split()))
+
+
+def test_grpo_vllm_flags_are_noted_not_silently_dropped():
+    args = build_args(A.RlhfArgs, parse_argv("rlhf", "--rlhf_type grpo --vllm_gpu_memory_utilization 0.5".split()))
+    assert args.grpo.notices() == ["note: --vllm_gpu_memory_utilization: rollouts run on lorakit's own engine in the "
+                                   "training process (the live adapter, no weight sync, no second copy of the model); "
+                                   "vLLM is not used."]
+    assert A.GrpoArgs().notices() == []

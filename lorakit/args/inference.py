@@ -43,6 +43,22 @@ class AdapterArgs:
     "System prompt (text or a .txt path). Empty: the checkpoint's, else the template's default."
 
 
+def refuse_for_vllm(args: InferArgs) -> None:
+    """Flags of lorakit's own engine that vLLM has no counterpart for are refused, not ignored."""
+    wrong = []
+    if args.adapter.merge_lora:
+        wrong.append("--merge_lora (vLLM applies the adapter per request; `lorakit export` merges it into a folder "
+                     "to pass as --model)")
+    if args.model.attn_impl != "sdpa":
+        wrong.append(f"--attn_impl {args.model.attn_impl} (vLLM picks its own attention backend: "
+                     f"VLLM_ATTENTION_BACKEND)")
+    if args.model.device is not None:
+        wrong.append(f"--device {args.model.device} (vLLM runs on the GPUs CUDA_VISIBLE_DEVICES shows)")
+    if wrong:
+        raise UserError(f"--infer_backend vllm has no use for {'; '.join(wrong)}. Drop them, or use --infer_backend "
+                        f"pt (lorakit's own engine).")
+
+
 @dataclass
 class InferArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -63,6 +79,8 @@ class InferArgs:
 
     def __post_init__(self):
         check_choice("infer_backend", self.infer_backend, ("pt", "vllm"))
+        if self.infer_backend == "vllm":
+            refuse_for_vllm(self)
         if self.vllm_max_model_len is not None:
             if self.infer_backend != "vllm":
                 raise UserError("--vllm_max_model_len applies to --infer_backend vllm; lorakit's own engine "
@@ -92,6 +110,9 @@ class EvalArgs:
             raise UserError(f"--max_new_tokens must be positive, got {self.max_new_tokens}.")
         if self.max_batch_size <= 0:
             raise UserError(f"--max_batch_size must be positive, got {self.max_batch_size}.")
+        if self.adapter.merge_lora:
+            raise UserError("--merge_lora does not apply to eval: it measures the adapter's drift from its base by "
+                            "switching the adapter off, which a merged model cannot do; drop --merge_lora.")
 
 
 @dataclass

@@ -78,6 +78,15 @@ class GrpoArgs:
     vllm_tensor_parallel_size: int | None = None
     "Accepted for ms-swift compatibility (see --use_vllm)."
 
+    def notices(self) -> list[str]:
+        """One line per accepted flag that changes nothing."""
+        given = [f"--{name}" for name in ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
+                                          "vllm_tensor_parallel_size") if getattr(self, name)]
+        if given:
+            return [f"note: {' '.join(given)}: rollouts run on lorakit's own engine in the training process (the live "
+                    f"adapter, no weight sync, no second copy of the model); vLLM is not used."]
+        return []
+
     def __post_init__(self):
         self.scale_rewards = {"true": "group", "false": "none", "True": "group", "False": "none"}.get(
             str(self.scale_rewards), self.scale_rewards)
@@ -190,8 +199,17 @@ class RlhfArgs:
                             "in one forward; drop --packing.")
         if self.data.loss_on_prompt:
             raise UserError("--loss_on_prompt does not apply to rlhf: the preference is between the answers.")
-        if self.train.replay:
-            raise UserError("--replay does not apply to rlhf (the reference policy already anchors the model).")
+        replay = [f"--{name}" for name in ("replay", "replay_max_new_tokens", "replay_weight", "replay_weight_zh")
+                  if getattr(self.train, name) != getattr(_TRAIN_DEFAULTS, name)]
+        if replay:
+            raise UserError(f"{' '.join(replay)}: replay does not apply to rlhf (the reference policy already anchors "
+                            f"the model); drop them.")
+        if self.data.dataset_num_proc != 1:
+            raise UserError(f"--dataset_num_proc {self.data.dataset_num_proc}: rlhf renders its pairs in one process "
+                            f"(the flag parallelises sft's rendering); drop it.")
+
+
+_TRAIN_DEFAULTS = TrainArgs()
 
 
 # flags of the preference types that GRPO has no use for, and their defaults

@@ -34,7 +34,7 @@ def run_vllm(args: InferArgs) -> int:
     opened = open_tokenizer(args.model, args.adapter.adapters, system=args.adapter.system, command="infer")
     ckpt, base, tokenizer, system = opened.checkpoint, opened.base_path, opened.tokenizer, opened.system
     llm = vllm.LLM(model=str(base), enable_lora=ckpt is not None, seed=args.generation.seed,
-                   max_model_len=args.vllm_max_model_len)
+                   max_model_len=args.vllm_max_model_len, dtype=args.model.torch_dtype)
     lora = LoRARequest("adapter", 1, str(ckpt)) if ckpt else None
     g = args.generation
     params = llm.get_default_sampling_params()  # the model's generation_config.json, as vLLM reads it

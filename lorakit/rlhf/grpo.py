@@ -233,9 +233,6 @@ def held_out_reward(s: GrpoSession, bar=None) -> float:
 def train_grpo(args: RlhfArgs) -> loop.TrainResult | None:
     """Run GRPO as `args` says; returns where the checkpoints are and the trained model (None after --dry_run)."""
     started = time.perf_counter()
-    if args.grpo.use_vllm or args.grpo.vllm_mode:
-        print("--use_vllm: rollouts run on lorakit's own engine in the training process (the live adapter, no "
-              "weight sync, no second copy of the model); vLLM is not used.", file=sys.stderr)
     device = pick_device(args.model.device)
     dtype = pick_dtype(args.model.torch_dtype, device)
     start = starting_policy(args)
