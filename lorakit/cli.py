@@ -5,15 +5,19 @@ Flags come from the dataclass groups in `lorakit.args`; a command is one entry o
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
 import importlib
+import inspect
 import os
 import sys
 import types
 import typing
 from pathlib import Path
+
+import yaml
 
 from lorakit import args as A
 from lorakit.errors import UserError
@@ -50,9 +54,6 @@ class Flag:
 @functools.cache  # the source is read once per class: the web UI parses a form on every keystroke
 def _field_docs(cls) -> dict[str, str]:
     """Docstrings written under dataclass fields (the string literal after each field)."""
-    import ast
-    import inspect
-
     docs = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -168,8 +169,6 @@ def _yaml_value(flag: Flag, value):
 
 def load_config_file(path: str, flags: dict[str, Flag], command: str) -> dict[str, object]:
     """Read --config FILE.yaml: any flag by name, nested or flat."""
-    import yaml
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--config {path}: no such file: {file.resolve()}")
