@@ -184,6 +184,7 @@ def test_fast_flags_are_the_settings_the_fast_paths_read():
     ("infer", "--infer_backend vllm --merge_lora true", "vllm has no use for --merge_lora"),
     ("infer", "--infer_backend vllm --attn_impl eager", "vllm has no use for --attn_impl eager"),
     ("infer", "--infer_backend vllm --device cuda:1", "vllm has no use for --device cuda:1"),
+    ("infer", "--infer_backend vllm --max_batch_size 4", "vllm has no use for --max_batch_size 4"),
     ("rlhf", "--replay_weight 2", "--replay_weight: replay does not apply to rlhf"),
     ("rlhf", "--dataset_num_proc 4", "--dataset_num_proc 4: rlhf renders its pairs in one process"),
 ])
@@ -198,3 +199,10 @@ def test_grpo_vllm_flags_are_noted_not_silently_dropped():
                                    "training process (the live adapter, no weight sync, no second copy of the model); "
                                    "vLLM is not used."]
     assert A.GrpoArgs().notices() == []
+
+
+def test_replay_settings_without_replay_are_noted():
+    assert sft("--replay_weight 2").train.notices() == [
+        "note: --replay_weight changes nothing without --replay N (the number of the base's answers to mix in); "
+        "add --replay to use replay."]
+    assert sft("--replay 8 --replay_weight 2").train.notices() == []

@@ -43,6 +43,9 @@ class AdapterArgs:
     "System prompt (text or a .txt path). Empty: the checkpoint's, else the template's default."
 
 
+INFER_BATCH = 16  # infer's --max_batch_size default
+
+
 def refuse_for_vllm(args: InferArgs) -> None:
     """Flags of lorakit's own engine that vLLM has no counterpart for are refused, not ignored."""
     wrong = []
@@ -54,6 +57,8 @@ def refuse_for_vllm(args: InferArgs) -> None:
                      f"VLLM_ATTENTION_BACKEND)")
     if args.model.device is not None:
         wrong.append(f"--device {args.model.device} (vLLM runs on the GPUs CUDA_VISIBLE_DEVICES shows)")
+    if args.max_batch_size != INFER_BATCH:
+        wrong.append(f"--max_batch_size {args.max_batch_size} (vLLM schedules its own batches)")
     if wrong:
         raise UserError(f"--infer_backend vllm has no use for {'; '.join(wrong)}. Drop them, or use --infer_backend "
                         f"pt (lorakit's own engine).")
@@ -70,8 +75,8 @@ class InferArgs:
     "Answer every row of these datasets (batch mode); needs --result_path or writes next to the checkpoint."
     result_path: str | None = None
     "JSONL file for batch results."
-    max_batch_size: int = 16
-    "Rows generated together in batch mode."
+    max_batch_size: int = INFER_BATCH
+    "Rows generated together in batch mode (lorakit's engine; vLLM schedules its own batches)."
     infer_backend: str = "pt"
     "pt (lorakit's own engine) or vllm (if installed)."
     vllm_max_model_len: int | None = None

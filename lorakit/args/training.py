@@ -117,7 +117,14 @@ class TrainArgs:
 
     def notices(self) -> list[str]:
         """One line per accepted flag that changes nothing."""
+        lines = []
         if self.dataloader_num_workers > 0:
-            return [f"note: --dataloader_num_workers {self.dataloader_num_workers} is ignored: the tokenised data "
-                    f"is already in memory, so batches need no loader processes."]
-        return []
+            lines.append(f"note: --dataloader_num_workers {self.dataloader_num_workers} is ignored: the tokenised data "
+                         f"is already in memory, so batches need no loader processes.")
+        defaults = TrainArgs()
+        replay = [f"--{name}" for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh")
+                  if getattr(self, name) != getattr(defaults, name)]
+        if replay and not self.replay:
+            lines.append(f"note: {' '.join(replay)} changes nothing without --replay N (the number of the base's "
+                         f"answers to mix in); add --replay to use replay.")
+        return lines
