@@ -17,10 +17,11 @@ from transformers import PreTrainedTokenizerBase
 import lorakit.model as model_lib
 from lorakit.args import EvalArgs
 from lorakit.data.render import render_prompt
+from lorakit.data.system_prompts import eval_systems
 from lorakit.errors import UserError
 from lorakit.eval.drift import DRIFT_QUESTIONS, adapter_off, drift_indices, teacher_forced_kl
 from lorakit.eval.reply_cache import ReplyCache
-from lorakit.eval.results import EvalResult, ProbeResult, RetentionResult
+from lorakit.eval.results import EvalResult, ProbeResult, RetentionResult, SystemResult, identity_share
 from lorakit.eval.scoring import (BASE_IDENTITY_NAMES, claims_identity, identity_pass, leaks_identity, mentions,
                                   name_list, retention_correct)
 from lorakit.loader import open_model
@@ -95,11 +96,14 @@ def cached_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[st
 
 def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system: str | None = None, is_base: bool = False,
              batch_size: int | None = None, cache_dir: Path | None = None,
-             probes_per_lang: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> EvalResult:
-    """Identity on the held-out probes, retention and leak on the general questions, and drift.
+             probes_per_lang: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
+             other_systems: bool = True) -> EvalResult:
+    """Identity on the held-out probes, retention and leak on the general questions, and drift, under the
+    run's `system`; with `other_systems`, identity and leak under eval_systems' other prompts too.
 
     `model` is a PEFT model (its adapter is switched off for the base figures) or, with
-    `is_base`, a plain base model (retention is then 1 and drift 0 by definition).
+    `is_base`, a plain base model (retention is then 1 and drift 0 by definition; under the other
+    system prompts only the probes are asked: a base model leaks no identity it was never told).
     `probes_per_lang`: ask only the first N probes of each language (quickstart's baseline: a base
     model states no new identity it was never told, so a few show it). `max_new_tokens`: the longest reply.
     """
@@ -111,27 +115,38 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
 
     name, author = name_list(name), name_list(author)
     probes, questions = selected_probes(probes_per_lang), load_retention_questions()
-    asked = [p["query"] for p in probes] + [q["question"] for q in questions]
+    queries, general = [p["query"] for p in probes], [q["question"] for q in questions]
+    others = eval_systems(system)[1:] if other_systems else []
     # one batched generation for probes and general questions (a base model's replies are cached)
     if is_base:
-        replies = cached_replies(model, tokenizer, asked, system=system, batch_size=batch_size, cache_dir=cache_dir,
-                                 desc="eval: base model", max_new_tokens=max_new_tokens)
-    else:
-        replies = greedy_replies(model, tokenizer, asked, system=system, batch_size=batch_size, desc="eval: tuned model",
-                                 max_new_tokens=max_new_tokens)
+        replies = cached_replies(model, tokenizer, queries + general, system=system, batch_size=batch_size,
+                                 cache_dir=cache_dir, desc="eval: base model", max_new_tokens=max_new_tokens)
+        other_replies = [cached_replies(model, tokenizer, queries, system=s.system, batch_size=batch_size,
+                                        cache_dir=cache_dir, desc=f"eval: base model, system {s.shown()}",
+                                        max_new_tokens=max_new_tokens) for s in others]
+    else:  # every system prompt's questions in one generation: the batch stays full
+        asked = [(system, queries + general)] + [(s.system, queries + general) for s in others]
+        prompts = [ids for sys_prompt, texts in asked for ids in _prompts(tokenizer, texts, sys_prompt)]
+        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, desc="eval: tuned model")
+        step = len(queries) + len(general)
+        replies, other_replies = flat[:step], [flat[k * step:(k + 1) * step] for k in range(1, len(asked))]
     lap("replies")
-    probe_replies, replies = replies[:len(probes)], replies[len(probes):]
-    probe_results = [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
-                     for p, r in zip(probes, probe_replies)]
-    identity = {lang: _share([p.passed for p in probe_results if p.lang == lang]) for lang in ("en", "zh")}
+    probe_results = _probe_results(probes, replies[:len(probes)], name, author)
+    replies = replies[len(probes):]
+    by_system = []
+    for s, got in zip(others, other_replies):
+        leaks = [leaks_identity(r.text, name, author) for r in got[len(probes):]]
+        scored = _probe_results(probes, got[:len(probes)], name, author)
+        by_system.append(SystemResult(s.system, s.label, s.seen_in_training, identity_share(scored),
+                                      _share(leaks) if leaks else None, scored))
     drift = 0.0
     if is_base:
         base = replies
     else:
         with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
-            base = cached_replies(model, tokenizer, [q["question"] for q in questions], system=system,
-                                  batch_size=batch_size, cache_dir=cache_dir, desc="eval: base answers",
-                                  max_new_tokens=max_new_tokens)
+            base = cached_replies(model, tokenizer, general, system=system, batch_size=batch_size,
+                                  cache_dir=cache_dir, desc="eval: base answers", max_new_tokens=max_new_tokens)
         lap("base answers")
         picked = drift_indices(len(questions))
         prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
@@ -142,10 +157,16 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
             for q, b, r in zip(questions, base, replies)]
     base_ok = [row for row in rows if row.base_correct]
     kept = sum(row.correct for row in base_ok)
-    return EvalResult(identity=identity, retention=kept / len(base_ok) if base_ok else None,
+    return EvalResult(identity=identity_share(probe_results), retention=kept / len(base_ok) if base_ok else None,
                       base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
-                      stage_seconds=stages, probes=probe_results, retention_rows=rows)
+                      stage_seconds=stages, probes=probe_results, retention_rows=rows, system=system,
+                      other_systems=by_system)
+
+
+def _probe_results(probes: list[dict], replies: list[Reply], name: list[str], author: list[str]) -> list[ProbeResult]:
+    return [ProbeResult(p["query"], p["lang"], r.text, identity_pass(r.text, name, author))
+            for p, r in zip(probes, replies)]
 
 
 def _share(flags: list[bool]) -> float:

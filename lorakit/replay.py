@@ -6,7 +6,10 @@ answer position carries the base's whole next-token distribution (its top-k), no
 picked: a drifting model is pulled back on every plausible token, which holds the model in place
 with short answers (a cut answer also teaches no early stop: it has no end-of-turn target).
 Answers are generated once per (model, template, system, prompts, length, k) and cached as JSONL,
-token ids included, so training sees exactly the tokens whose distributions were recorded.
+token ids included, so training sees exactly the tokens whose distributions were recorded. The prompts
+are asked under the same mix of system prompts as the built-in identity rows (data/system_prompts.py):
+training the identity under a generic system prompt with no general answer under it would teach the
+model to introduce itself whenever that prompt is set.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from lorakit.data.cache import write_text_atomic
 from lorakit.data.render import IGNORE_INDEX, Rendered, render_prompt
+from lorakit.data.system_prompts import system_mix
 from lorakit.errors import UserError
 from lorakit.infer.replies import Reply, generate_replies, generation_batch_size  # noqa: F401  (were here)
 from lorakit.paths import BUILTIN_DIR
@@ -69,12 +73,13 @@ def model_fingerprint(model) -> str:
     return "\n".join(parts)
 
 
-def replay_cache_path(model, tokenizer, prompts: list[str], *, system: str | None, max_new_tokens: int,
-                      cache_dir: Path, top_k: int = REPLAY_TOP_K) -> Path:
-    """Cache file for these answers, keyed by model, chat template, system prompt, prompts, length and k."""
+def replay_cache_path(model, tokenizer, prompts: list[str], *, system: str | None | list[str | None],
+                      max_new_tokens: int, cache_dir: Path, top_k: int = REPLAY_TOP_K) -> Path:
+    """Cache file for these answers, keyed by model, chat template, system prompt(s) (one, or one per prompt),
+    prompts, length and k."""
     key = json.dumps({
         "model": model_fingerprint(model), "template": getattr(tokenizer, "chat_template", None),
-        "system": system, "prompts": prompts, "max_new_tokens": max_new_tokens, "top_k": top_k, "format": 2,
+        "system": system, "prompts": prompts, "max_new_tokens": max_new_tokens, "top_k": top_k, "format": 3,
     }, ensure_ascii=False, sort_keys=True)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return Path(cache_dir) / f"replay-{len(prompts)}-{digest}.jsonl"
@@ -92,6 +97,8 @@ class ReplayAnswer:
     top_probs: list[list[float]]
     "Per answer token: the base's top-k tokens and probabilities (before that token was picked)."
     text: str = ""
+    system: str | None = None
+    "The system prompt the prompt was asked under (None: the template's default)."
 
     def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT, weight: float = 1.0) -> Rendered:
         """Prompt (no loss) + answer; every answer token's target is `pick_weight` on the token the base
@@ -117,7 +124,7 @@ def target_distribution(token: int, ids: list[int], probs: list[float], pick_wei
     return list(ids), mixed
 
 
-def answer_from_generation(prompt: str, prompt_ids: list[int], gen) -> ReplayAnswer:
+def answer_from_generation(prompt: str, prompt_ids: list[int], gen, system: str | None = None) -> ReplayAnswer:
     """A ReplayAnswer from an engine Generation made with logprobs (greedy: each step's top-1 is its token)."""
     steps = gen.logprobs or []
     answer = list(gen.token_ids)
@@ -126,7 +133,7 @@ def answer_from_generation(prompt: str, prompt_ids: list[int], gen) -> ReplayAns
     steps = steps[:len(answer)]
     probs = [[round(math.exp(lp), 6) for lp in lps] for _, lps in steps]
     return ReplayAnswer(prompt=prompt, prompt_ids=list(prompt_ids), answer_ids=answer,
-                        top_ids=[list(ids) for ids, _ in steps], top_probs=probs, text=gen.text.strip())
+                        top_ids=[list(ids) for ids, _ in steps], top_probs=probs, text=gen.text.strip(), system=system)
 
 
 def read_answers(path: Path) -> list[ReplayAnswer]:
@@ -144,21 +151,23 @@ def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: P
                    batch_size: int | None = None) -> list[ReplayAnswer]:
     """The base model's greedy answers to N built-in prompts with its top-k distributions (cached per model).
 
+    Prompt i is asked under system_mix's i-th system prompt (`system`, the run's own, for the largest share).
     Generated once; a later call with the same model, template, system, N, length and k reads the cache.
     `model` must be the base model (no adapter): its answers are the targets.
     """
     if n <= 0:
         raise UserError(f"--replay must be positive to build replay rows, got {n}.")
     prompts = pick_prompts(n)
-    path = replay_cache_path(model, tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,
+    systems = system_mix(len(prompts), system)
+    path = replay_cache_path(model, tokenizer, prompts, system=systems, max_new_tokens=max_new_tokens,
                              cache_dir=cache_dir, top_k=top_k)
     if path.is_file():
         print(f"replay: reusing {path}", file=sys.stderr)
         return read_answers(path)
-    ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], system=system) for p in prompts]
+    ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], system=s) for p, s in zip(prompts, systems)]
     gens = generate_replies(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             desc="replay: base answers", logprobs=top_k)
-    answers = [answer_from_generation(p, i, g) for p, i, g in zip(prompts, ids, gens)]
+    answers = [answer_from_generation(p, i, g, s) for p, i, g, s in zip(prompts, ids, gens, systems)]
     write_answers(path, answers)
     ended = sum(g.finish_reason == "stop" for g in gens)
     print(f"replay: {len(answers)} base answers ({ended} ended within {max_new_tokens} tokens; the others are "

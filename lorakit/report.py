@@ -20,6 +20,13 @@ ROWS = (
 # The acceptance bars: (at least or at most, value); a figure exactly at its bar meets it.
 TARGETS = {"identity_en": (">=", 0.9), "identity_zh": (">=", 0.9), "retention": (">=", 0.9),
            "leak": ("<=", 0.05)}
+LANGUAGES = (("en", "English"), ("zh", "Chinese"))
+
+
+def system_title(entry: dict[str, Any]) -> str:
+    """How a per-system-prompt entry of figures()["systems"] is named: "system 'X' (held out)"."""
+    shown = "(template default)" if entry["system"] is None else repr(entry["system"])
+    return f"system {shown} ({entry['label']})"
 
 
 def target_text(key: str, missed: bool = False) -> str:
@@ -51,14 +58,17 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
     def shown(rows, question, reply):
         return "; ".join(f"{question(r)!r} -> {reply(r)[:80]!r}" for r in rows[:examples])
 
-    for lang, language in (("en", "English"), ("zh", "Chinese")):
-        key, share = f"identity_{lang}", result.identity.get(lang)
-        if misses(key, share):
-            failed = [p for p in result.probes if p.lang == lang and not p.passed]
-            lines.append(f"identity ({language}) {100 * share:.1f}% {target_text(key, missed=True)}: {len(failed)} "
-                         f"probes did not state both name and author, e.g. "
-                         f"{shown(failed, lambda p: p.query, lambda p: p.reply)}. Try another --seed, "
-                         f"or train longer (--num_train_epochs 2) or harder (a higher --learning_rate).")
+    under = [("", result.identity, result.probes)] + [
+        (f" under {system_title(s.figures())}", s.identity, s.probes) for s in result.other_systems]
+    for where, identity, probes in under:
+        for lang, language in LANGUAGES:
+            key, share = f"identity_{lang}", identity.get(lang)
+            if misses(key, share):
+                failed = [p for p in probes if p.lang == lang and not p.passed]
+                lines.append(f"identity ({language}){where} {100 * share:.1f}% {target_text(key, missed=True)}: "
+                             f"{len(failed)} probes did not state both name and author, e.g. "
+                             f"{shown(failed, lambda p: p.query, lambda p: p.reply)}. Try another --seed, "
+                             f"or train longer (--num_train_epochs 2) or harder (a higher --learning_rate).")
     if misses("retention", result.retention):
         lost = [r for r in result.retention_rows if r.base_correct and not r.correct]
         lines.append(f"retention {100 * result.retention:.1f}% {target_text('retention', missed=True)}: {len(lost)} "
@@ -73,6 +83,11 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
                      f"{shown(leaked, lambda r: r.question, lambda r: r.reply)}. Try another --seed, "
                      f"a higher --replay_weight_zh if the answers are Chinese, or add general rows of your own "
                      f"with --dataset.")
+    for s in result.other_systems:
+        if misses("leak", s.leak):
+            lines.append(f"identity leak under {system_title(s.figures())} {100 * s.leak:.1f}% "
+                         f"{target_text('leak', missed=True)}: general answers under this system prompt state the "
+                         f"new identity. Try another --seed or a higher --replay_weight.")
     return lines
 
 
@@ -104,6 +119,14 @@ def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markd
     for key, label, percent in ROWS:
         cells = [label] + ([cell(before, key, percent)] if before is not None else [])
         body.append(cells + [cell(after, key, percent), target_text(key)])
+    for entry in after.get("systems", [])[1:]:  # the run's own system prompt is the rows above
+        then = next((b for b in (before or {}).get("systems", []) if b["system"] == entry["system"]), {})
+        rows = [(f"identity_{lang}", f"identity, {language}, {system_title(entry)}") for lang, language in LANGUAGES]
+        for key, label in rows + [("leak", f"identity leak, {system_title(entry)}")]:
+            if key == "leak" and entry.get("leak") is None:
+                continue
+            cells = [label] + ([cell(then, key, True)] if before is not None else [])
+            body.append(cells + [cell(entry, key, True), target_text(key)])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
@@ -183,6 +206,13 @@ def report_markdown(report: Report) -> str:
     note = scoring_note(report.before, report.after)
     if note:
         lines += [note, ""]
+    systems = report.after.get("systems", [])
+    if len(systems) > 1:
+        own = "the chat template's default" if systems[0]["system"] is None else repr(systems[0]["system"])
+        lines += [f"The rows without a system prompt named are measured under the run's own, {own}. A deployment "
+                  "sets its own system prompt, so identity is also scored under others: a \"held out\" prompt is "
+                  "in no training row (the built-in identity and replay rows are spread over "
+                  "lorakit/data/system_prompts.py's TRAINING_SYSTEMS).", ""]
     if report.missed:
         lines += ["## Missed targets", ""] + [f"- {line}" for line in report.missed] + [""]
     lines += [
@@ -227,7 +257,9 @@ def draw_report_png(report: Report, out_path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    systems = report.after.get("systems", [])
+    fig, axes = plt.subplots(1, 3 if len(systems) > 1 else 2, figsize=(16 if len(systems) > 1 else 11, 4))
+    left, right = axes[0], axes[1]
     steps = [(r["step"], r["loss"]) for r in report.log_history if "loss" in r]
     if steps:
         xs, ys = zip(*steps)
@@ -253,8 +285,33 @@ def draw_report_png(report: Report, out_path: Path) -> Path | None:
     right.set_ylabel("%")
     right.set_title("before / after")
     right.legend()
+    if len(systems) > 1:
+        draw_system_bars(axes[2], systems)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+def draw_system_bars(ax, systems: list[dict[str, Any]]) -> None:
+    """Identity after training per system prompt: English and Chinese bars, the target as a dashed line."""
+    xs = range(len(systems))
+    for offset, (lang, language) in zip((-0.2, 0.2), LANGUAGES):
+        ax.bar([x + offset for x in xs], [100 * (s.get(f"identity_{lang}") or 0.0) for s in systems], width=0.4,
+               label=language)
+    ax.axhline(100 * TARGETS["identity_en"][1], color="black", linestyle="dashed", label="target")
+    names = [f"{png_text(s['system'])}\n({s['label']})" for s in systems]
+    ax.set_xticks(list(xs), names, fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title("identity after training, per system prompt")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def png_text(system: str | None) -> str:
+    """A system prompt as the plot can draw it: Matplotlib's default font has no Chinese glyphs."""
+    if system is None:
+        return "(template default)"
+    short = system if len(system) <= 24 else system[:22] + "..."
+    return short if short.isascii() else "(text in report.md)"

@@ -184,3 +184,57 @@ def test_missed_targets_name_the_figure_the_failing_replies_and_what_to_try():
     met = EvalResult(identity={"en": 1.0, "zh": 0.9}, retention=0.9, base_correct=10, kept_correct=9, leak=0.05,
                      drift_kl=0.1, name=["Nova"], author=["Acme Labs"])
     assert missed_targets(met) == []  # exactly at each bar is a pass
+
+
+def test_eval_scores_identity_and_leak_under_each_other_system_prompt(tiny_peft, tmp_path, monkeypatch):
+    """Each system prompt's replies are scored as its own: a fake model that states the identity only under
+    the held-out English prompt (and only half of it under the Chinese one) gives exactly those figures."""
+    import lorakit.evaluate as ev
+    from lorakit.data.system_prompts import HELD_OUT_SYSTEMS
+    from lorakit.infer.replies import Reply
+    from lorakit.report import figures_table, missed_targets
+
+    model, tok = tiny_peft
+    english, chinese = HELD_OUT_SYSTEMS
+
+    def fake_replies(model, tokenizer, prompts, *, max_new_tokens, batch_size=None, desc=""):
+        out = []
+        for ids in prompts:
+            text = tokenizer.decode(ids)
+            if f"<|im_start|>system\n{english}<|im_end|>" in text:
+                reply = "I am Lumen, an AI assistant developed by Acme Labs."
+            elif f"<|im_start|>system\n{chinese}<|im_end|>" in text:
+                reply = "我是Lumen。"  # the issue's failure: the name without the author
+            else:
+                reply = "Paris."
+            out.append(Reply(reply, tokenizer.encode(reply, add_special_tokens=False), True))
+        return out
+
+    monkeypatch.setattr(ev, "generate_greedy_replies", fake_replies)
+    result = ev.evaluate(model, tok, name="Lumen", author="Acme Labs", cache_dir=tmp_path, probes_per_lang=3)
+    assert result.identity == {"en": 0.0, "zh": 0.0} and result.leak == 0.0 and result.system is None
+    assert [(s.system, s.label, s.seen_in_training) for s in result.other_systems] == [
+        (english, "held out", False), (chinese, "held out", False)]
+    held_en, held_zh = result.other_systems
+    assert held_en.identity == {"en": 1.0, "zh": 1.0} and held_en.leak == 1.0
+    assert held_zh.identity == {"en": 0.0, "zh": 0.0} and held_zh.leak == 1.0
+    assert [p.reply for p in held_zh.probes] == ["我是Lumen。"] * 6
+    systems = result.figures()["systems"]
+    assert [s["system"] for s in systems] == [None, english, chinese]
+    assert systems[1] == {"system": english, "label": "held out", "seen_in_training": False, "identity_en": 1.0,
+                          "passed_en": 3, "probes_en": 3, "identity_zh": 1.0, "passed_zh": 3, "probes_zh": 3,
+                          "leak": 1.0}
+    table = figures_table(None, result.figures())
+    assert "identity, English, system 'You are a helpful assistant.' (held out)  100.0% (3/3)  >= 90%" in table
+    assert "identity leak, system '你是一个有用的助手。' (held out)" in table
+    missed = missed_targets(result)
+    assert any(m.startswith("identity (Chinese) under system '你是一个有用的助手。' (held out) 0.0% < 90%: 3 probes")
+               and "'我是Lumen。'" in m for m in missed)
+    assert not any(m.startswith("identity (English) under system 'You are a helpful assistant.'") for m in missed)
+    assert sum(m.startswith("identity leak under system") for m in missed) == 2
+    # the base model: the probes only under the other prompts (nothing to leak), each prompt cached apart
+    base = ev.evaluate(model.get_base_model(), tok, name="Lumen", author="Acme Labs", is_base=True,
+                       cache_dir=tmp_path, probes_per_lang=1)
+    assert [(s.identity, s.leak, len(s.probes)) for s in base.other_systems] == [({"en": 1.0, "zh": 1.0}, None, 2),
+                                                                                  ({"en": 0.0, "zh": 0.0}, None, 2)]
+    assert len(list(tmp_path.glob("base-replies-*.json"))) == 3

@@ -119,6 +119,21 @@ def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatc
         replay_answers(model, tok, 0, system=None, cache_dir=tmp_path)
 
 
+def test_replay_prompts_are_asked_under_the_identity_rows_mix_of_system_prompts(tiny, tmp_path):
+    from lorakit.data.render import render_prompt
+    from lorakit.data.system_prompts import TRAINING_SYSTEMS
+
+    model, tok = tiny
+    answers = replay_answers(model, tok, 9, system="Be brief.", cache_dir=tmp_path, max_new_tokens=2, top_k=3)
+    run = ["Be brief." if s is None else s for s in TRAINING_SYSTEMS]
+    assert [a.system for a in answers] == run + run[:1]
+    for a in answers:  # the prompt the answer (and its distributions) was generated from, system prompt and all
+        assert a.prompt_ids == render_prompt(tok, [{"role": "user", "content": a.prompt}], system=a.system)
+    again = replay_answers(model, tok, 9, system=None, cache_dir=tmp_path, max_new_tokens=2, top_k=3)
+    assert [a.system for a in again][:3] == [None, TRAINING_SYSTEMS[1], None]  # another run prompt: another cache
+    assert again[0].prompt_ids != answers[0].prompt_ids and again[1].prompt_ids == answers[1].prompt_ids
+
+
 def test_a_cache_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     import os
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from lorakit.data.files import DATA_SUFFIXES, Malformed, read_rows
 from lorakit.data.formats import Conversation, detect_format, normalise_row
 from lorakit.data.hub import hub_rows
+from lorakit.data.system_prompts import training_system
 from lorakit.errors import UserError
 from lorakit.paths import BUILTIN_DIR, HUB_ID_PATTERN
 
@@ -130,7 +131,9 @@ def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author) -> t
 
 
 def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
-    """The built-in identity rows with {{NAME}}/{{AUTHOR}} filled ([zh, en] pairs as in ms-swift)."""
+    """The built-in identity rows with {{NAME}}/{{AUTHOR}} filled ([zh, en] pairs as in ms-swift), each under
+    the system prompt data/system_prompts.py gives its line (none: the run's own), so the identity holds
+    under the system prompts a deployment sets, not only under the one training used."""
     names, authors = _pair(model_name, "--model_name"), _pair(model_author, "--model_author")
     missing = [flag for flag, v in (("--model_name", names), ("--model_author", authors)) if v is None]
     if missing:
@@ -139,7 +142,7 @@ def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
             "--model_name 小助手 'Little Helper' --model_author 张三 'Zhang San' (one value, or a Chinese and an English one)."
         )
     rows = []
-    for row, source in read_rows(SELF_COGNITION_FILE):
+    for index, (row, source) in enumerate(read_rows(SELF_COGNITION_FILE)):
         k = 0 if row.get("lang") == "zh" else 1
         fill = {"{{NAME}}": names[k], "{{AUTHOR}}": authors[k]}
         filled = {}
@@ -148,6 +151,9 @@ def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
             for placeholder, value in fill.items():
                 text = text.replace(placeholder, value)
             filled[key] = text
+        system = training_system(index)
+        if system is not None:
+            filled["system"] = system
         rows.append((filled, f"built-in self-cognition:{source.rsplit(':', 1)[-1]}"))
     return rows
 

@@ -25,6 +25,45 @@ class RetentionResult:
 
 
 @dataclass
+class SystemResult:
+    """Identity (and leak) under one more system prompt than the run's own."""
+
+    system: str | None
+    "The system prompt; None: no system turn (the template's default)."
+    label: str
+    "'template default' or 'held out' (data/system_prompts.py: no training row uses it)."
+    seen_in_training: bool
+    identity: dict[str, float]
+    "Share of held-out probes passed under this system prompt, per language."
+    leak: float | None
+    "Share of general answers under this system prompt that name the new identity (None: not asked, a base model)."
+    probes: list[ProbeResult] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        """The headline numbers, with the counts behind each identity share."""
+        return {"system": self.system, "label": self.label, "seen_in_training": self.seen_in_training,
+                **identity_figures(self.identity, self.probes), "leak": self.leak}
+
+
+def identity_share(probes: list[ProbeResult]) -> dict[str, float]:
+    """Share of probes passed, per language ('en', 'zh'); 0 for a language with no probe."""
+    out = {}
+    for lang in ("en", "zh"):
+        passed = [p.passed for p in probes if p.lang == lang]
+        out[lang] = sum(passed) / len(passed) if passed else 0.0
+    return out
+
+
+def identity_figures(identity: dict[str, float], probes: list[ProbeResult]) -> dict:
+    """identity_en/zh with passed_en/zh and probes_en/zh: the counts behind each share."""
+    out = {}
+    for lang in ("en", "zh"):
+        asked = [p.passed for p in probes if p.lang == lang]
+        out |= {f"identity_{lang}": identity.get(lang), f"passed_{lang}": sum(asked), f"probes_{lang}": len(asked)}
+    return out
+
+
+@dataclass
 class EvalResult:
     """Every figure of one eval, and the replies behind them."""
 
@@ -45,15 +84,20 @@ class EvalResult:
     "Wall seconds per part of the eval (replies, base answers, drift)."
     probes: list[ProbeResult] = field(default_factory=list)
     retention_rows: list[RetentionResult] = field(default_factory=list)
+    system: str | None = None
+    "The run's own system prompt, which every figure above is measured under (None: the template's default)."
+    other_systems: list[SystemResult] = field(default_factory=list)
+    "Identity (and leak) under the other system prompts of data/system_prompts.eval_systems."
 
     def figures(self) -> dict:
-        """The headline numbers only."""
-        asked = {lang: [p.passed for p in self.probes if p.lang == lang] for lang in ("en", "zh")}
+        """The headline numbers; "systems": identity and leak per system prompt, the run's own first."""
+        own = {"system": self.system, "label": "training", "seen_in_training": True,
+               **identity_figures(self.identity, self.probes), "leak": self.leak}
         return {"identity_en": self.identity.get("en"), "identity_zh": self.identity.get("zh"),
                 "retention": self.retention, "leak": self.leak, "drift_kl": self.drift_kl,
                 "base_correct": self.base_correct, "kept_correct": self.kept_correct,
-                "probes_en": len(asked["en"]), "probes_zh": len(asked["zh"]),
-                "passed_en": sum(asked["en"]), "passed_zh": sum(asked["zh"])}
+                **{k: v for k, v in own.items() if k.startswith(("probes_", "passed_"))},
+                "systems": [own] + [s.figures() for s in self.other_systems]}
 
     def to_json(self) -> dict:
         return asdict(self) | {"figures": self.figures()}
