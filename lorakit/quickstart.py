@@ -25,7 +25,7 @@ from lorakit.errors import UserError
 from lorakit.evaluate import EvalResult, evaluate, missed_targets, read_jsonl
 from lorakit.loader import LoadedModel, open_model
 from lorakit.replay import REPLAY_MAX_NEW_TOKENS, ReplayAnswer, answers_to_samples, load_general_prompts, replay_answers
-from lorakit.report import Report, figures_table, print_missed, write_report
+from lorakit.report import Report, figures_table, print_missed, system_title, write_report
 from lorakit.train import train
 from lorakit.tuners import linear_module_names, resolve_target_modules
 
@@ -149,10 +149,15 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
 
 
 def sample_answers(result: EvalResult, k: int = 2) -> list[dict[str, str]]:
-    """A few probe replies per language, for the terminal and the report."""
+    """A few probe replies per language, then one per language under each other system prompt (its "system"
+    says which), for the terminal and the report."""
     out = []
     for lang in ("en", "zh"):
         out += [{"query": p.query, "reply": p.reply} for p in result.probes if p.lang == lang][:k]
+    for other in result.other_systems:
+        for lang in ("en", "zh"):
+            out += [{"query": p.query, "reply": p.reply, "system": system_title(other.figures())}
+                    for p in other.probes if p.lang == lang][:1]
     return out
 
 
@@ -160,7 +165,8 @@ def print_answers(title: str, answers: list[dict[str, str]]) -> None:
     print(title)
     for a in answers:
         reply = a["reply"].replace("\n", " ")
-        print(f"  Q: {a['query']}\n  A: {reply[:200]}")
+        under = f"  [{a['system']}]" if "system" in a else ""
+        print(f"  Q: {a['query']}{under}\n  A: {reply[:200]}")
 
 
 class Stopwatch:

@@ -236,7 +236,8 @@ def report_markdown(report: Report) -> str:
     for title, answers in (("Before (base model)", report.baseline_answers), ("After", report.after_answers)):
         if answers:
             lines += ["", f"## {title}", ""]
-            lines += [f"- **{a['query']}**  \n  {a['reply']}" for a in answers]
+            lines += [f"- **{a['query']}**" + (f" ({a['system']})" if "system" in a else "") +
+                      f"  \n  {a['reply']}" for a in answers]
     lines += ["", "![loss and before/after](report.png)", ""]
     return "\n".join(lines)
 

@@ -129,7 +129,8 @@ def test_base_model_eval_has_zero_identity_and_no_drift(tiny_peft, tmp_path):
 
     model, tok = tiny_peft
     base = model.get_base_model()
-    result = evaluate(base, tok, name="Lumen", author="Acme Labs", is_base=True, cache_dir=tmp_path, batch_size=64)
+    result = evaluate(base, tok, name="Lumen", author="Acme Labs", is_base=True, cache_dir=tmp_path, batch_size=64,
+                      other_systems=False)  # the other system prompts: test_eval_scores_identity_and_leak_under_...
     assert result.identity == {"en": 0.0, "zh": 0.0}
     assert len(result.probes) == len(load_probes()) and result.drift_kl == 0.0
     assert result.leak == 0.0

@@ -112,6 +112,17 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     assert any(m.startswith("retention") for m in missed) == (after["retention"] < 0.9)
     # even this short run learns the identity (the base scores 0 on the same held-out probes)
     assert report["after"]["identity_en"] >= 0.25 and report["after"]["identity_zh"] >= 0.25
+    # ... and under system prompts no training row uses ("You are a helpful assistant." is the case)
+    systems = {s["system"]: s for s in report["after"]["systems"]}
+    held_out = systems["You are a helpful assistant."]
+    assert held_out["label"] == "held out" and not held_out["seen_in_training"] and held_out["probes_zh"] == 32
+    assert held_out["identity_en"] >= 0.25 and held_out["identity_zh"] >= 0.25
+    assert [s["label"] for s in report["after"]["systems"]] == ["training", "held out", "held out"]
+    shown = re.search(r"identity, Chinese, system 'You are a helpful assistant.' \(held out\)\s+\S+ \(0/\d+\)\s+"
+                      r"(\S+) \((\d+)/32\)", proc.stdout)
+    assert (shown.group(1), int(shown.group(2))) == (f"{100 * held_out['identity_zh']:.1f}%", held_out["passed_zh"])
+    evaluated = json.loads((run_dir / "eval.json").read_text())
+    assert [s["system"] for s in evaluated["other_systems"]] == ["You are a helpful assistant.", "你是一个有用的助手。"]
 
 
 @pytest.mark.slow
@@ -161,3 +172,34 @@ def test_report_md_says_how_each_column_was_scored_and_lists_lost_answers(tmp_pa
     # the curve is smoothed without bias: a constant loss stays constant from the first step
     assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
     assert smoothed([2.0, 0.0])[1] == pytest.approx(2.0 * 0.8 * 0.2 / (1 - 0.64))
+
+
+def test_report_shows_identity_under_each_system_prompt(tmp_path):
+    from PIL import Image
+
+    def entry(system, label, passed_en, passed_zh, leak):
+        return {"system": system, "label": label, "seen_in_training": label == "training",
+                "identity_en": passed_en / 32, "passed_en": passed_en, "probes_en": 32,
+                "identity_zh": passed_zh / 32, "passed_zh": passed_zh, "probes_zh": 32, "leak": leak}
+
+    report = _report(tmp_path)
+    report.after |= {"systems": [entry(None, "training", 30, 31, 0.01),
+                                 entry("You are a helpful assistant.", "held out", 29, 27, 0.02),
+                                 entry("你是一个有用的助手。", "held out", 32, 30, 0.0)]}
+    report.before |= {"systems": [entry(None, "training", 0, 0, 0.0) | {"probes_en": 4, "probes_zh": 4},
+                                  entry("You are a helpful assistant.", "held out", 0, 0, None) |
+                                  {"probes_en": 4, "probes_zh": 4}]}
+    report.after_answers = [{"query": "你是谁？", "reply": "我是Nova，由Acme Labs开发。",
+                             "system": "system 'You are a helpful assistant.' (held out)"}]
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("| identity, English, system 'You are a helpful assistant.' (held out) | 0.0% (0/4) | 90.6% (29/32) "
+            "| >= 90% |\n| identity, Chinese, system 'You are a helpful assistant.' (held out) | 0.0% (0/4) | "
+            "84.4% (27/32) | >= 90% |\n| identity leak, system 'You are a helpful assistant.' (held out) | - | 2.0% "
+            "| <= 5% |\n| identity, English, system '你是一个有用的助手。' (held out) | - | 100.0% (32/32) | >= 90% |") in md
+    assert "measured under the run's own, the chat template's default." in md
+    assert "- **你是谁？** (system 'You are a helpful assistant.' (held out))  \n  我是Nova，由Acme Labs开发。" in md
+    assert Image.open(tmp_path / "report.png").size == (1600, 400)  # a third panel: identity per system prompt
+    del report.after["systems"]
+    write_report(report, tmp_path)
+    assert Image.open(tmp_path / "report.png").size == (1100, 400)

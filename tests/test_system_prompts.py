@@ -83,4 +83,3 @@ def test_eval_asks_under_the_runs_prompt_the_template_default_and_held_out_promp
                         EvalSystem("你是一个有用的助手。", "held out")]
     assert [s.seen_in_training for s in tutorial] == [True, False, False]
     assert EvalSystem(HONEST, "other").seen_in_training and not EvalSystem(None, "template default").seen_in_training
-    assert tutorial[1].shown() == "(template default)" and tutorial[2].shown() == "'你是一个有用的助手。'"

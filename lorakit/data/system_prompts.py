@@ -54,10 +54,6 @@ class EvalSystem:
         """Whether the built-in training mix holds rows under this prompt."""
         return self.label == "training" or (self.system is not None and self.system in TRAINING_SYSTEMS)
 
-    def shown(self) -> str:
-        """The prompt as a table cell: quoted text, or what None stands for."""
-        return "(template default)" if self.system is None else repr(self.system)
-
 
 def eval_systems(run_system: str | None) -> list[EvalSystem]:
     """The run's own system prompt first, then the template's default (when the run set its own) and
