@@ -122,7 +122,7 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
         replies = cached_replies(model, tokenizer, queries + general, system=system, batch_size=batch_size,
                                  cache_dir=cache_dir, desc="eval: base model", max_new_tokens=max_new_tokens)
         other_replies = [cached_replies(model, tokenizer, queries, system=s.system, batch_size=batch_size,
-                                        cache_dir=cache_dir, desc=f"eval: base model, system {s.shown()}",
+                                        cache_dir=cache_dir, desc=f"eval: base model, system {s.system!r}",
                                         max_new_tokens=max_new_tokens) for s in others]
     else:  # every system prompt's questions in one generation: the batch stays full
         asked = [(system, queries + general)] + [(s.system, queries + general) for s in others]
