@@ -117,20 +117,9 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     probes, questions = selected_probes(probes_per_lang), load_retention_questions()
     queries, general = [p["query"] for p in probes], [q["question"] for q in questions]
     others = eval_systems(system)[1:] if other_systems else []
-    # one batched generation for probes and general questions (a base model's replies are cached)
-    if is_base:
-        replies = cached_replies(model, tokenizer, queries + general, system=system, batch_size=batch_size,
-                                 cache_dir=cache_dir, desc="eval: base model", max_new_tokens=max_new_tokens)
-        other_replies = [cached_replies(model, tokenizer, queries, system=s.system, batch_size=batch_size,
-                                        cache_dir=cache_dir, desc=f"eval: base model, system {s.system!r}",
-                                        max_new_tokens=max_new_tokens) for s in others]
-    else:  # every system prompt's questions in one generation: the batch stays full
-        asked = [(system, queries + general)] + [(s.system, queries + general) for s in others]
-        prompts = [ids for sys_prompt, texts in asked for ids in _prompts(tokenizer, texts, sys_prompt)]
-        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, desc="eval: tuned model")
-        step = len(queries) + len(general)
-        replies, other_replies = flat[:step], [flat[k * step:(k + 1) * step] for k in range(1, len(asked))]
+    replies, other_replies = _ask(model, tokenizer, queries, general, [system] + [s.system for s in others],
+                                  is_base=is_base, batch_size=batch_size, cache_dir=cache_dir,
+                                  max_new_tokens=max_new_tokens)
     lap("replies")
     probe_results = _probe_results(probes, replies[:len(probes)], name, author)
     replies = replies[len(probes):]
@@ -162,6 +151,25 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
                       drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
                       stage_seconds=stages, probes=probe_results, retention_rows=rows, system=system,
                       other_systems=by_system)
+
+
+def _ask(model, tokenizer: PreTrainedTokenizerBase, queries: list[str], general: list[str],
+         systems: list[str | None], *, is_base: bool, batch_size: int | None, cache_dir: Path | None,
+         max_new_tokens: int) -> tuple[list[Reply], list[list[Reply]]]:
+    """Replies to queries + general under systems[0], and per other system prompt its replies (a base model:
+    to the queries only, cached). A tuned model answers every system prompt's questions in one generation,
+    so the batch stays full."""
+    if is_base:
+        own = cached_replies(model, tokenizer, queries + general, system=systems[0], batch_size=batch_size,
+                             cache_dir=cache_dir, desc="eval: base model", max_new_tokens=max_new_tokens)
+        return own, [cached_replies(model, tokenizer, queries, system=s, batch_size=batch_size, cache_dir=cache_dir,
+                                    desc=f"eval: base model, system {s!r}", max_new_tokens=max_new_tokens)
+                     for s in systems[1:]]
+    prompts = [ids for s in systems for ids in _prompts(tokenizer, queries + general, s)]
+    flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc="eval: tuned model")
+    step = len(queries) + len(general)
+    return flat[:step], [flat[k * step:(k + 1) * step] for k in range(1, len(systems))]
 
 
 def _probe_results(probes: list[dict], replies: list[Reply], name: list[str], author: list[str]) -> list[ProbeResult]:
