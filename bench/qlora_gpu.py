@@ -7,10 +7,10 @@ part keeps the others):
 
 - memory after the quantized load (lorakit keeps embeddings and head in bf16; the reference's
   prepare_model_for_kbit_training up-casts them to fp32);
-- seq 2048, batch 1: tok/s and peak allocated of lorakit (fused LoRA over the de-quantized weight,
-  and PEFT's bitsandbytes layer, both under lorakit's other fast paths) and of HF+PEFT+bitsandbytes
-  with gradient checkpointing; the ratio;
-- seq 8192, batch 1: lorakit's peak (and tok/s);
+- seq 2048, batch 1: tok/s, peak allocated and layers recomputed of lorakit (fused LoRA over the
+  de-quantized weight, and PEFT's bitsandbytes layer, both under lorakit's other fast paths and the
+  same memory limit) and of HF+PEFT+bitsandbytes with gradient checkpointing; the ratios;
+- seq 8192, batch 1: lorakit's peak and tok/s, both LoRA paths;
 - loss at step 1 and after the first optimizer step, lorakit vs the reference.
 
 Targets (issue 19): >= 1.5x the reference's tok/s at <= 8 GiB (seq 2048); <= 14 GiB at seq 8192.
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from lorakit.args import LoraArgs, QuantArgs  # noqa: E402
-from lorakit.fast import FastOptions, describe_fast_paths, prepare_for_training  # noqa: E402
+from lorakit.fast import FastOptions, decoder_layers, describe_fast_paths, prepare_for_training  # noqa: E402
 from lorakit.loss import causal_lm_loss  # noqa: E402
 from lorakit.model import load_model  # noqa: E402
 from lorakit.quantize import LOSS_CHUNK, prepare_kbit_training, training_line  # noqa: E402
@@ -183,6 +183,9 @@ def lorakit_run(lk: Lorakit, name: str, seq: int, device, *, fused: bool = True,
     on_gpu = device.type == "cuda"
     fast = FastOptions(fused_lora=fused, gpu_memory_limit=limit) if on_gpu else FastOptions.reference()
     prepare_for_training(lk.model, fast)
+    # from_pretrained returns eval mode: without train() neither the recompute plan (it plans in training
+    # only) nor transformers' per-layer checkpointing runs (the 2026-12-03 run: 27 GiB at seq 2048)
+    lk.model.train()
     print(describe_fast_paths(lk.model, fast if on_gpu else None, device), flush=True)
     print(training_line(lk.model, quant_args(), device, fused_lora=fused), flush=True)
     reset_adapter(lk.model, lk.initial)
@@ -190,7 +193,10 @@ def lorakit_run(lk: Lorakit, name: str, seq: int, device, *, fused: bool = True,
     free(device)
     reset_peak(device)
     losses, tok_s = run_steps(lk.model, batch, lorakit_loss, optimizer_for(lk.model, device), steps, warmup, device)
+    layers = decoder_layers(lk.model)
+    recomputed = sum(bool(layer.gradient_checkpointing) for layer in layers)
     report(f"lorakit_{name}_seq{seq}", {"tok_s": round(tok_s, 1), "peak_gib": round(peak_gib(device), 2),
+                                        "limit_gib": limit, "recomputed_layers": f"{recomputed}/{len(layers)}",
                                         "loss_step1": losses[0], "loss_step2": losses[1]})
 
 
@@ -240,15 +246,18 @@ def attempt(name: str, device, fn):
 
 
 def compare() -> None:
-    """The ratio and loss agreement, from whatever parts finished."""
+    """The ratios and loss agreement, from whatever parts finished."""
     fused, ref = FIGURES.get(f"lorakit_fused_seq{ARGS.seq}"), FIGURES.get(f"reference_seq{ARGS.seq}")
-    unfused = FIGURES.get(f"lorakit_peft_bnb_layer_seq{ARGS.seq}")
     if fused and ref:
         report("speedup_vs_reference", round(fused["tok_s"] / ref["tok_s"], 2))
         for step in ("loss_step1", "loss_step2"):
             report(f"{step}_abs_diff", abs(fused[step] - ref[step]))
-    if fused and unfused:
-        report("fused_over_peft_bnb_layer", round(fused["tok_s"] / unfused["tok_s"], 3))
+    for seq in (ARGS.seq, ARGS.long_seq):
+        fused, unfused = FIGURES.get(f"lorakit_fused_seq{seq}"), FIGURES.get(f"lorakit_peft_bnb_layer_seq{seq}")
+        if fused and unfused:  # the same memory limit: compare only when the plans recompute alike
+            same = fused["recomputed_layers"] == unfused["recomputed_layers"]
+            report(f"fused_over_peft_bnb_layer_seq{seq}", {"tok_s_ratio": round(fused["tok_s"] / unfused["tok_s"], 3),
+                                                           "same_recompute_plan": same})
 
 
 def main() -> None:
@@ -277,15 +286,19 @@ def main() -> None:
     folder = build_folder(Path(opts.out), TINY if opts.smoke else QWEN25_7B, device)
     # Most wanted first: a run cut by a time limit still printed the figures before it.
     lk = attempt("lorakit setup", device, lambda: lorakit_setup(folder, device))
+    unfused = not opts.skip_unfused
     runs = [
         ("lorakit seq 2048 fused", lambda: lorakit_run(lk, "fused", opts.seq, device, limit=opts.limit_2048,
                                                        steps=opts.steps, warmup=opts.warmup)),
+        ("lorakit seq 2048 PEFT layer", lambda: unfused and lorakit_run(
+            lk, "peft_bnb_layer", opts.seq, device, fused=False, limit=opts.limit_2048, steps=opts.steps,
+            warmup=opts.warmup)),
         ("reference", lambda: reference_part(folder, device, dtype, opts)),
         ("lorakit long", lambda: opts.long_seq and lorakit_run(
             lk, "fused", opts.long_seq, device, limit=opts.limit_long, steps=max(2, opts.steps // 2), warmup=1, seed=1)),
-        ("lorakit seq 2048 PEFT layer", lambda: device.type == "cuda" and not opts.skip_unfused and lorakit_run(
-            lk, "peft_bnb_layer", opts.seq, device, fused=False, limit=opts.limit_2048, steps=opts.steps,
-            warmup=opts.warmup)),
+        ("lorakit long PEFT layer", lambda: opts.long_seq and unfused and lorakit_run(
+            lk, "peft_bnb_layer", opts.long_seq, device, fused=False, limit=opts.limit_long,
+            steps=max(2, opts.steps // 2), warmup=1, seed=1)),
     ]
     for name, run in runs:
         if lk is not None or name == "reference":

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from lorakit.args import QuantArgs
 from lorakit.errors import UserError
 from lorakit.model import load_model, load_tokenizer, resolve_model_path
-from lorakit.quantize import checkpoint_quant
+from lorakit.quantize import base_note, checkpoint_quant
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -207,20 +207,20 @@ def load_checkpoint(
     """
     ckpt = find_checkpoint(path)
     args = read_args(ckpt)
-    if not (ckpt / ADAPTER_CONFIG).is_file():
-        full = load_model(ckpt, torch_dtype=torch_dtype, device=device, attn_impl=attn_impl)
+    if not (ckpt / ADAPTER_CONFIG).is_file():  # full weights: quantized only when the flags ask
+        full = load_model(ckpt, torch_dtype=torch_dtype, device=device, attn_impl=attn_impl,
+                          quant=quant if quant and quant.enabled else None)
         return Loaded(model=full.eval(), tokenizer=load_tokenizer(ckpt), args=args, path=ckpt)
     from peft import PeftModel  # lazy: peft imports bitsandbytes, which warns on import
 
     base_path = None
     if model is None:
         base_path = resolve_model_path(_base_model_path(ckpt, args), use_hf=args.get("model", {}).get("use_hf", True))
-        base_quant = None if full_precision or merge_lora else checkpoint_quant(quant, args)
+        base_quant = checkpoint_quant(quant, args, full_precision=full_precision or merge_lora)
         model = load_model(base_path, torch_dtype=torch_dtype, device=device, quant=base_quant,
                            attn_impl=attn_impl)
         if base_quant is not None:
-            print(f"note: the base of {ckpt.name} loads {base_quant.quant_bits}-bit, as it was trained (its args.json); "
-                  f"--merge_lora true merges it into the full-precision base instead.", file=sys.stderr)
+            print(base_note(ckpt.name, base_quant, from_flags=bool(quant and quant.enabled)), file=sys.stderr)
         elif merge_lora and checkpoint_quant(quant, args) is not None:
             print(f"note: {ckpt.name} was trained on a quantized base; merging loads the full-precision base "
                   f"(merged 4-bit weights would be rounded again).", file=sys.stderr)

@@ -195,7 +195,8 @@ def print_result(result: EvalResult) -> None:
 
 def main(args: EvalArgs) -> int:
     """`lorakit eval --adapters CKPT` (or `--model M` alone for a base model)."""
-    loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, command="eval")
+    loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, base_quant=args.base_quant,
+                        command="eval")
     name, author = list(args.model_name), list(args.model_author)
     if loaded.checkpoint is not None:
         if not loaded.is_adapter:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.args import DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, TrainArgs
+from lorakit.args import BaseQuantArgs, DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, TrainArgs
 from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint, list_checkpoints, load_checkpoint, read_args
 from lorakit.data.loading import resolve_system
 from lorakit.data.render import set_chat_template, strip_system_markers
 from lorakit.errors import UserError
 from lorakit.model import load_model, load_tokenizer, pick_device, resolve_model_path
+from lorakit.quantize import base_note, checkpoint_quant, quant_from_saved
 
-__all__ = ["LoadedModel", "SavedArgs", "check_adapter_fits", "find_adapter", "open_model", "open_tokenizer",
+__all__ = ["LoadedModel", "SavedArgs", "base_is_quantized", "check_adapter_fits", "find_adapter", "open_model", "open_tokenizer",
            "resolve_system", "saved_args"]
 
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -183,43 +185,79 @@ def _one_checkpoint(adapters: list[str], command: str) -> str | None:
     return adapters[0] if adapters else None
 
 
+def base_is_quantized(adapters: list[str], base_quant: BaseQuantArgs | None) -> bool:
+    """Whether open_model will load the base quantized: --quant_bits, else a QLoRA checkpoint's args.json
+    (unless --full_precision_base). infer merges an adapter for the fast GPU decoder only over a plain base."""
+    flags = base_quant or BaseQuantArgs()
+    if flags.quant.enabled or not adapters:
+        return flags.quant.enabled
+    saved = read_args(find_adapter(adapters[0]))
+    return checkpoint_quant(flags.quant, saved, full_precision=flags.full_precision_base) is not None
+
+
+def _open_base(model_args: ModelArgs, system: str | None, *, dtype: str, device: torch.device, merge_lora: bool,
+               base_quant: BaseQuantArgs) -> LoadedModel:
+    """--model alone (no checkpoint), quantized when --quant_bits asks."""
+    m = model_args
+    path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
+    tokenizer = load_tokenizer(path)
+    set_chat_template(tokenizer, m.template)
+    quant = base_quant.quant if base_quant.quant.enabled else None
+    model = load_model(path, torch_dtype=dtype, device=device, attn_impl=m.attn_impl, quant=quant).eval()
+    notes = ["--merge_lora has no effect without --adapters."] if merge_lora else []
+    if base_quant.full_precision_base:
+        notes.append("--full_precision_base has no effect without --adapters: --model loads in full precision "
+                     "unless --quant_bits is given.")
+    return LoadedModel(model, tokenizer, strip_system_markers(tokenizer, system), None, None, path, path.name, notes)
+
+
 def open_model(model_args: ModelArgs, adapters: list[str] | None = None, *, system: str | None = None,
                merge_lora: bool = False, torch_dtype: str | None = None, device: str | torch.device | None = None,
-               full_precision: bool = False, command: str = "this command") -> LoadedModel:
+               full_precision: bool = False, base_quant: BaseQuantArgs | None = None,
+               command: str = "this command") -> LoadedModel:
     """The base model (--model) or a checkpoint (--adapters, over --model when given) ready for inference.
 
     torch_dtype/device override --torch_dtype/--device (export merges in float32). merge_lora merges
-    the adapter into the weights in memory (the files are untouched). full_precision: a QLoRA checkpoint's
-    base loads unquantized (export merges into it).
+    the adapter into the weights in memory (the files are untouched). base_quant: --quant_bits and
+    --full_precision_base; without them a QLoRA checkpoint's base loads quantized as its args.json records,
+    whether it comes from args.json or --model. full_precision: the base loads unquantized (export merges into it).
     """
     m = model_args
     dtype = torch_dtype or m.torch_dtype
     device = device if isinstance(device, torch.device) else pick_device(device or m.device)
     prompt = resolve_system(system)
+    base_quant = base_quant or BaseQuantArgs()
     spec = _one_checkpoint(list(adapters or []), command)
     if spec is None:
-        path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
-        tokenizer = load_tokenizer(path)
-        set_chat_template(tokenizer, m.template)
-        model = load_model(path, torch_dtype=dtype, device=device, attn_impl=m.attn_impl).eval()
-        notes = ["--merge_lora has no effect without --adapters."] if merge_lora else []
-        return LoadedModel(model, tokenizer, strip_system_markers(tokenizer, prompt), None, None, path, path.name, notes)
+        return _open_base(m, prompt, dtype=dtype, device=device, merge_lora=merge_lora, base_quant=base_quant)
+    if merge_lora and base_quant.quant.enabled:
+        raise UserError(f"--merge_lora true with --quant_bits {base_quant.quant.quant_bits}: an adapter merges into the "
+                        f"full-precision base (merged 4/8-bit weights would be rounded again). Drop --quant_bits to "
+                        f"merge, or drop --merge_lora to answer from the quantized base.")
     ckpt = find_adapter(spec)
     saved = saved_args(ckpt)
+    full_precision = full_precision or base_quant.full_precision_base
     base, base_path = None, None
     if m.model:
         base_path = resolve_model_path(m.model, use_hf=m.use_hf, gguf_file=m.gguf_file)
         check_adapter_fits(ckpt, base_path)
-        base = load_model(base_path, torch_dtype=dtype, device=device, attn_impl=m.attn_impl)
+        quant = checkpoint_quant(base_quant.quant, read_args(ckpt), full_precision=full_precision or merge_lora)
+        base = load_model(base_path, torch_dtype=dtype, device=device, attn_impl=m.attn_impl, quant=quant)
+        if quant is not None:
+            print(base_note(ckpt.name, quant, from_flags=base_quant.quant.enabled), file=sys.stderr)
     try:
         loaded = load_checkpoint(ckpt, model=base, torch_dtype=dtype, device=device, merge_lora=merge_lora,
-                                 full_precision=full_precision, attn_impl=m.attn_impl)
+                                 quant=base_quant.quant, full_precision=full_precision, attn_impl=m.attn_impl)
     except (RuntimeError, ValueError) as exc:
         if base is None:
             raise
         raise UserError(f"The adapter {ckpt} does not fit --model {m.model}: {str(exc).splitlines()[0]} "
                         "Use the base model it was trained on (drop --model to take it from args.json).") from exc
     restore_template(loaded.tokenizer, m, saved)
+    trained = quant_from_saved(read_args(ckpt))
+    if base_quant.full_precision_base and trained is not None:
+        print(f"note: the base of {ckpt.name} loads in full precision (--full_precision_base true); it was trained "
+              f"{trained.quant_bits}-bit, so answers differ from training's by the quantization error.", file=sys.stderr)
     if base_path is None and (ckpt / ADAPTER_CONFIG).is_file():
         base_path = Path(trained_on(ckpt) or "")
     system_text = strip_system_markers(loaded.tokenizer, prompt if prompt is not None else saved.system)

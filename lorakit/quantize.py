@@ -140,8 +140,18 @@ def quant_from_saved(saved: dict[str, Any]) -> QuantArgs | None:
     return QuantArgs(**values)
 
 
-def checkpoint_quant(flags: QuantArgs | None, saved: dict[str, Any]) -> QuantArgs | None:
-    """The quantization to load a checkpoint's base with: the command's flags when given, else its args.json's."""
+def checkpoint_quant(flags: QuantArgs | None, saved: dict[str, Any], *, full_precision: bool = False) -> QuantArgs | None:
+    """The quantization to load a checkpoint's base with: none when `full_precision`, else the command's
+    --quant_* flags when given, else what its args.json records (a QLoRA base loads as it was trained)."""
+    if full_precision:
+        return None
     if flags is not None and flags.enabled:
         return flags
     return quant_from_saved(saved)
+
+
+def base_note(checkpoint_name: str, quant: QuantArgs, *, from_flags: bool) -> str:
+    """The line saying a checkpoint's base loads quantized, and why."""
+    why = f"as --quant_bits {quant.quant_bits} asks" if from_flags else "as it was trained (its args.json)"
+    return (f"note: the base of {checkpoint_name} loads {quant.quant_bits}-bit, {why}; --full_precision_base true "
+            f"loads it unquantized, and --merge_lora true merges into the full-precision base.")

@@ -63,7 +63,7 @@ def load_served(args: DeployArgs) -> Served:
     specs = _adapter_specs(args.adapter.adapters)
     merge = args.adapter.merge_lora and len(specs) == 1
     first = open_model(args.model, [specs[0][1]] if specs else [], system=args.adapter.system, merge_lora=merge,
-                       command="deploy")
+                       base_quant=args.base_quant, command="deploy")
     model, tokenizer = first.model, first.tokenizer
     models: dict[str, ServedModel] = {}
     if not specs:

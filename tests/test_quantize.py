@@ -229,6 +229,71 @@ def test_infer_loads_the_base_4bit_as_trained(qlora_run, capsys):
     assert captured.out.strip()
 
 
+class _Captured(Exception):
+    pass
+
+
+def _greedy_ids(model, tokenizer) -> list[list[int]]:
+    """The eval's greedy replies (lorakit.infer.replies, as evaluate() asks them) to the training questions."""
+    from lorakit.data.render import render_prompt
+    from lorakit.infer.replies import greedy_replies
+
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q, _ in ROWS]
+    return [r.token_ids for r in greedy_replies(model, tokenizer, prompts, max_new_tokens=12)]
+
+
+def test_infer_eval_deploy_open_the_base_4bit_and_answer_as_the_trained_model(qlora_run, tiny_qwen2_dir, monkeypatch):
+    """With or without --model, every command's model is the 4-bit base + adapter (args.json), and its greedy
+    tokens are those of the model sft just trained; --full_precision_base true opens it unquantized."""
+    from lorakit import evaluate, serve
+    from lorakit.args import BaseQuantArgs, DeployArgs, EvalArgs, InferArgs
+    from lorakit.infer import chat
+    from lorakit.loader import open_model
+    from lorakit.quantize import is_quantized
+
+    trained = _greedy_ids(qlora_run.model, qlora_run.tokenizer)
+    run, cpu = str(qlora_run.run_dir), ModelArgs(device="cpu")
+    over_model = open_model(ModelArgs(model=str(tiny_qwen2_dir), device="cpu"), [run])  # --model: quantized too
+    assert is_quantized(over_model.model) and _greedy_ids(over_model.model, over_model.tokenizer) == trained
+    adapter = AdapterArgs(adapters=[run])
+    session = chat.load_session(InferArgs(model=cpu, adapter=adapter))
+    served = serve.load_served(DeployArgs(model=cpu, adapter=adapter))
+    seen = {}
+
+    def capture(model, tokenizer, **kwargs):  # what `lorakit eval` scores; stop there
+        seen["model"] = model
+        raise _Captured
+
+    monkeypatch.setattr(evaluate, "evaluate", capture)
+    with pytest.raises(_Captured):
+        evaluate.main(EvalArgs(model=cpu, adapter=adapter, model_name=["swift-robot"], model_author=["swift"]))
+    for model in (session.engine.model, served.model, seen["model"]):
+        assert is_quantized(model) and _greedy_ids(model, qlora_run.tokenizer) == trained
+    full = open_model(cpu, [run], base_quant=BaseQuantArgs(full_precision_base=True))
+    assert not is_quantized(full.model) and len(_greedy_ids(full.model, full.tokenizer)) == len(ROWS)
+
+
+def test_quant_flags_at_inference(qlora_run, tiny_qwen2_dir, capsys):
+    """--quant_bits 4 opens a plain --model 4-bit; contradictions are refused before any weights load."""
+    from lorakit.args import BaseQuantArgs, InferArgs
+    from lorakit.loader import open_model
+    from lorakit.quantize import is_quantized
+
+    base = open_model(ModelArgs(model=str(tiny_qwen2_dir), device="cpu"), base_quant=BaseQuantArgs(QuantArgs(quant_bits=4)))
+    assert is_quantized(base.model) and base.model.model.layers[0].mlp.up_proj.weight.quant_type == "nf4"
+    args = build_args(InferArgs, parse_argv("infer", ["--adapters", "x", "--quantization_bit", "8"]))
+    assert args.base_quant.quant.quant_bits == 8 and not args.base_quant.full_precision_base
+    with pytest.raises(UserError, match="^--full_precision_base true with --quant_bits 4: one asks"):
+        build_args(InferArgs, parse_argv("infer", ["--quant_bits", "4", "--full_precision_base", "true"]))
+    with pytest.raises(UserError, match="^--merge_lora true with --quant_bits 4: an adapter merges into the full"):
+        open_model(ModelArgs(device="cpu"), [str(qlora_run.run_dir)], merge_lora=True,
+                   base_quant=BaseQuantArgs(QuantArgs(quant_bits=4)))
+    for command in ("infer", "eval", "deploy"):
+        assert cli_main([command, "--help"]) == 0
+        shown = capsys.readouterr().out
+        assert "--quant_bits INT" in shown and "--full_precision_base true|false" in shown, command
+
+
 def test_export_merges_into_the_full_precision_base(qlora_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

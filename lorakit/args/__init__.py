@@ -11,7 +11,7 @@ maps the other names people type.
   model.py      ModelArgs (--model, dtype, device, attention, template), DataArgs (--dataset ...)
   training.py   LoraArgs (the tuner), TrainArgs (optimisation, checkpoints, logging, replay)
   fast.py       FastOptions: the GPU fast paths of training and activation recompute (one type: flags and settings)
-  quant.py      QuantArgs (QLoRA), refuse_quant_combinations
+  quant.py      QuantArgs (QLoRA), BaseQuantArgs (how infer/eval/deploy load the base), refuse_quant_combinations
   dist.py       DistArgs (--deepspeed, --fsdp, --ddp_*)
   sft.py        SftArgs, CheckDataArgs
   rlhf.py       RlhfGroup (DPO family), GrpoArgs, RlhfArgs
@@ -24,7 +24,7 @@ from lorakit.args.fast import FastOptions
 from lorakit.args.inference import (AdapterArgs, DeployArgs, EvalArgs, ExportArgs, GenerationArgs, InferArgs,
                                     WebUIArgs)
 from lorakit.args.model import DataArgs, ModelArgs
-from lorakit.args.quant import QUANT_METHODS, QuantArgs, refuse_quant_combinations
+from lorakit.args.quant import QUANT_METHODS, BaseQuantArgs, QuantArgs, refuse_quant_combinations
 from lorakit.args.quickstart import QuickstartArgs, RecipeArgs
 from lorakit.args.rlhf import (GRPO_LOSS_TYPES, RLHF_DEFAULT_BETA, RLHF_LOSS_TYPES, RLHF_TYPES, GrpoArgs, RlhfArgs,
                                RlhfGroup, refuse_other_types_flags)
@@ -34,7 +34,7 @@ from lorakit.args.training import LoraArgs, TrainArgs
 
 __all__ = [
     "ALIASES", "COMMA_LISTS", "GRPO_LOSS_TYPES", "QUANT_METHODS", "RLHF_DEFAULT_BETA", "RLHF_LOSS_TYPES", "RLHF_TYPES",
-    "AdapterArgs", "CheckDataArgs", "DataArgs", "DeployArgs", "DistArgs", "EvalArgs", "ExportArgs", "FastOptions",
+    "AdapterArgs", "BaseQuantArgs", "CheckDataArgs", "DataArgs", "DeployArgs", "DistArgs", "EvalArgs", "ExportArgs", "FastOptions",
     "GenerationArgs", "GrpoArgs", "InferArgs", "LoraArgs", "ModelArgs", "QuantArgs", "QuickstartArgs", "RecipeArgs",
     "RlhfArgs", "RlhfGroup", "SftArgs", "TrainArgs", "WebUIArgs", "only_flags", "refuse_other_types_flags",
     "refuse_quant_combinations",

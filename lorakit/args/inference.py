@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from lorakit.args.checks import check_choice
 from lorakit.args.model import ModelArgs
+from lorakit.args.quant import BaseQuantArgs
 from lorakit.errors import UserError
 
 
@@ -68,6 +69,7 @@ def refuse_for_vllm(args: InferArgs) -> None:
 class InferArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    base_quant: BaseQuantArgs = field(default_factory=BaseQuantArgs)
     generation: GenerationArgs = field(default_factory=GenerationArgs)
     query: str | None = None
     "Ask one question, print the answer and exit."
@@ -99,6 +101,7 @@ class InferArgs:
 class EvalArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    base_quant: BaseQuantArgs = field(default_factory=BaseQuantArgs)
     model_name: list[str] = field(default_factory=list)
     "The new name the identity probes expect (default: the checkpoint's)."
     model_author: list[str] = field(default_factory=list)
@@ -142,6 +145,7 @@ class ExportArgs:
 class DeployArgs:
     model: ModelArgs = field(default_factory=ModelArgs)
     adapter: AdapterArgs = field(default_factory=AdapterArgs)
+    base_quant: BaseQuantArgs = field(default_factory=BaseQuantArgs)
     host: str = "127.0.0.1"
     "Address to listen on."
     port: int = 8000

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorakit.args.checks import check_choice
 from lorakit.args.dist import DistArgs
@@ -65,6 +65,21 @@ class QuantArgs:
     def enabled(self) -> bool:
         """True when the base model loads quantized."""
         return self.quant_bits is not None
+
+
+@dataclass
+class BaseQuantArgs:
+    """How infer, eval and deploy load the base model: as a checkpoint's args.json records (a QLoRA adapter's base
+    loads 4-bit, as it was trained), as --quant_bits says, or in full precision with --full_precision_base."""
+
+    quant: QuantArgs = field(default_factory=QuantArgs)
+    full_precision_base: bool = False
+    "Load a QLoRA checkpoint's base unquantized, although its args.json records 4/8-bit training (more memory; the answers of the merged export)."
+
+    def __post_init__(self):
+        if self.full_precision_base and self.quant.enabled:
+            raise UserError(f"--full_precision_base true with --quant_bits {self.quant.quant_bits}: one asks for the "
+                            f"full-precision base, the other for a quantized one; drop one of them.")
 
 
 def refuse_quant_combinations(quant: QuantArgs, lora: LoraArgs, dist: DistArgs) -> None:

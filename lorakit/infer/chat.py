@@ -23,7 +23,7 @@ from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
 from lorakit.infer.engine import Engine, Generation, SamplingParams
 from lorakit.infer.vllm_backend import run_vllm
-from lorakit.loader import find_adapter, open_model
+from lorakit.loader import base_is_quantized, open_model
 from lorakit.model import pick_device
 from lorakit.quantize import quant_from_saved
 
@@ -88,10 +88,10 @@ def load_session(args: InferArgs) -> ChatSession:
     device = pick_device(args.model.device)
     # On a GPU the fast decoder needs plain weights: merge in memory (the files are untouched). Not over a base
     # quantized as trained (QLoRA): merging needs the full-precision base, the memory the user saved.
-    quantized = bool(args.adapter.adapters) and quant_from_saved(read_args(find_adapter(args.adapter.adapters[0])))
+    quantized = base_is_quantized(args.adapter.adapters, args.base_quant)
     merge = bool(args.adapter.adapters) and (args.adapter.merge_lora or (device.type == "cuda" and not quantized))
     loaded = open_model(args.model, args.adapter.adapters, system=args.adapter.system, merge_lora=merge,
-                        device=device, command="infer")
+                        device=device, base_quant=args.base_quant, command="infer")
     notes = list(loaded.notes)
     if merge and not args.adapter.merge_lora:
         notes.append("merged the adapter into the weights in memory for the fast GPU decoder.")
