@@ -116,6 +116,32 @@ def test_fused_qlora_layers_compute_what_peft_bitsandbytes_layers_do(tiny_qwen2_
         assert torch.allclose(grads[name], grad, atol=1e-6, rtol=1e-4), name
 
 
+def test_fused_4bit_lora_never_keeps_a_dequantized_weight_for_the_backward(tiny_qwen2_dir):
+    """Eager and compiled, what a fused 4-bit MLP saves for its backward holds no [out, in] weight, and the
+    gradients agree. (As an autograd.Function, torch.compile merged the backward's de-quantization with the
+    forward's and kept every weight de-quantized: 12 GiB on a 7B.) aot_eager runs that same partitioning."""
+    from lorakit.fast.lora import fuse_lora_layers
+    from lorakit.fast.qlora import is_linear_4bit
+
+    model = _lora_model(tiny_qwen2_dir, QuantArgs(quant_bits=4))
+    fuse_lora_layers(model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    weights = {(m.out_features, m.in_features) for m in mlp.modules() if is_linear_4bit(m)}
+    assert weights == {(128, 64), (64, 128)}
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for run in (mlp, torch.compile(mlp, backend="aot_eager", fullgraph=True)):
+        saved, xin = [], x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = run(xin)
+        out.square().sum().backward()
+        assert saved and not set(saved) & weights, saved
+        grads.append([xin.grad] + [p.grad.clone() for p in mlp.parameters() if p.requires_grad])
+        mlp.zero_grad()
+    for eager, compiled in zip(*grads):
+        assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_generation_before_training_keeps_the_gradients_through_the_4bit_base(tiny_qwen2_dir):
     """bitsandbytes re-packs CPU 4-bit weights for a kernel without backward on the first eval forward
     (sft --replay generates before training); lorakit's load keeps the trainable layout."""
@@ -139,6 +165,22 @@ def test_8bit_layers_stay_on_peft_and_say_why(tiny_qwen2_dir):
     assert fuse_lora_layers(model) == 0
     line = describe_fast_paths(model, FastOptions(), torch.device("cuda"))
     assert "fused LoRA on 0/14 layers (not fused: 14 with base layer Linear8bitLt)" in line
+
+
+def test_a_quantized_base_plans_recompute_for_the_least_memory_unless_given_a_limit(tiny_qwen2_dir):
+    """QLoRA without --gpu_memory_limit recomputes every layer (and the fast-paths line says so); with it, the
+    plan keeps under that peak, counting the one de-quantized weight the 4-bit path holds at a time."""
+    from lorakit.fast import FastOptions, decoder_layers, dequantized_bytes, describe_fast_paths, planned_limit_gib
+
+    model = _lora_model(tiny_qwen2_dir, QuantArgs(quant_bits=4))
+    assert planned_limit_gib(FastOptions(), quantized=True) == 0.0
+    assert planned_limit_gib(FastOptions(gpu_memory_limit=7.5), quantized=True) == 7.5
+    line = describe_fast_paths(model, FastOptions(), torch.device("cuda"))
+    assert line.endswith("recompute auto, planned for the least memory: every layer (a quantized base; "
+                         "--gpu_memory_limit N keeps activations up to an N GiB peak, which is faster)")
+    line = describe_fast_paths(model, FastOptions(gpu_memory_limit=7.5), torch.device("cuda"))
+    assert line.endswith("recompute auto, planned for a 7.5 GiB peak (--gpu_memory_limit)")
+    assert dequantized_bytes(decoder_layers(model)) == 128 * 64 * 4  # gate/up/down, fp32 compute on a CPU
 
 
 # ---------------------------------------------------------------- sft, reload, merge

@@ -29,6 +29,7 @@ from lorakit.args import FastOptions  # the flags are the settings; importable f
 from lorakit.fast import attention
 from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
 from lorakit.kv_cache import CACHE_ARG
+from lorakit.quantize import is_quantized
 
 GIB = 1024**3
 
@@ -62,20 +63,42 @@ def plan_checkpointing(n_layers: int, tokens: int, full: int, ckpt: int, budget_
     return min(n_layers, max(0, n_layers - keep))
 
 
-def _memory_budget(opts: FastOptions, device: torch.device, reserve_bytes: float) -> float:
-    total = torch.cuda.get_device_properties(device).total_memory
-    limit = opts.gpu_memory_limit * GIB if opts.gpu_memory_limit else 0.92 * total
-    return limit - torch.cuda.memory_allocated(device) - reserve_bytes
+def planned_limit_gib(opts: FastOptions, quantized: bool, device: torch.device | None = None) -> float | None:
+    """The peak the 'auto' recompute plan keeps under: --gpu_memory_limit, else 92% of the card (None when
+    no card is visible); a quantized base without --gpu_memory_limit plans for the least memory (0: every
+    layer recomputes, as HF+PEFT's gradient checkpointing does): a user who picks --quant_bits wants that."""
+    if opts.gpu_memory_limit:
+        return opts.gpu_memory_limit
+    if quantized:
+        return 0.0
+    if not torch.cuda.is_available():
+        return None
+    return 0.92 * torch.cuda.get_device_properties(device or torch.cuda.current_device()).total_memory / GIB
+
+
+def _memory_budget(limit_gib: float, device: torch.device, reserve_bytes: float) -> float:
+    return limit_gib * GIB - torch.cuda.memory_allocated(device) - reserve_bytes
+
+
+def dequantized_bytes(layers) -> int:
+    """The largest 4-bit weight de-quantized to its compute dtype: the fused 4-bit LoRA and bitsandbytes'
+    matmul hold one such weight at a time (forward, recompute and backward), never one per layer."""
+    sizes = [math.prod(m.weight.quant_state.shape) * torch.finfo(m.compute_dtype or torch.bfloat16).bits // 8
+             for m in layers.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+             and hasattr(m, "compute_dtype")]
+    return max(sizes, default=0)
 
 
 def _reserve(layers, config) -> float:
     """Bytes the step needs beside activations: one lm_head chunk (bf16 logits + gradient, as in
-    lorakit.loss), adapter gradients and AdamW moments (not allocated yet at the first step), slack."""
+    lorakit.loss), adapter gradients and AdamW moments (not allocated yet at the first step), the
+    de-quantized weight of a 4-bit base, slack."""
     trainable = sum(p.numel() * p.element_size() for p in layers.parameters() if p.requires_grad)
-    return 0.5 * GIB + 6 * 1024 * config.vocab_size + 3 * trainable
+    return 0.5 * GIB + 6 * 1024 * config.vocab_size + 3 * trainable + dequantized_bytes(layers)
 
 
-def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, module, args, kwargs):
+def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit_gib: float | None,
+                   module, args, kwargs):
     """Per forward: cu_seqlens for packed attention; which layers recompute ('auto').
 
     Generation (a KV cache, padding masks) goes through the model's own attention instead.
@@ -93,9 +116,10 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, modul
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples varies: one graph
             kwargs["cu_seq_lens_q"] = cu
         kwargs["attention_mask"] = None
-    if opts.checkpointing == "auto" and module.training and ids.is_cuda:
+    if opts.checkpointing == "auto" and module.training and ids.is_cuda and limit_gib is not None:
         full, ckpt = activation_bytes_per_token(config)
-        n = plan_checkpointing(len(layers), b * t, full, ckpt, _memory_budget(opts, ids.device, _reserve(layers, config)))
+        budget = _memory_budget(limit_gib, ids.device, _reserve(layers, config))
+        n = plan_checkpointing(len(layers), b * t, full, ckpt, budget)
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < n
     return args, kwargs
@@ -133,7 +157,8 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
         unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
     if opts.packed_attention or opts.checkpointing == "auto":
-        hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn)
+        limit = planned_limit_gib(opts, is_quantized(model))
+        hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn, limit)
         body._lorakit_hook = body.register_forward_pre_hook(hook, with_kwargs=True)
     if opts.torch_compile:
         # all blocks share one graph; dynamo counts each block's first call against the limit
@@ -166,7 +191,22 @@ def describe_fast_paths(model: torch.nn.Module, opts: FastOptions | None, device
         fused = "fused LoRA: no LoRA layers (full fine-tuning)"
     attn = "packed attention on" if opts.packed_attention else "packed attention off (--packed_attention false)"
     comp = "torch.compile on" if opts.torch_compile else "torch.compile off (--torch_compile false)"
-    return f"fast paths: {loss}, {fused}, {attn}, {comp}, recompute {opts.checkpointing}"
+    return f"fast paths: {loss}, {fused}, {attn}, {comp}, {describe_recompute(opts, is_quantized(model))}"
+
+
+def describe_recompute(opts: FastOptions, quantized: bool) -> str:
+    """'recompute ...': the mode, and for 'auto' the peak it plans for and where that limit comes from."""
+    if opts.checkpointing != "auto":
+        flag = "--gradient_checkpointing " + ("true" if opts.checkpointing == "full" else "false")
+        return f"recompute {'every layer' if opts.checkpointing == 'full' else 'off'} ({flag})"
+    limit = planned_limit_gib(opts, quantized)
+    if opts.gpu_memory_limit:
+        return f"recompute auto, planned for a {limit:g} GiB peak (--gpu_memory_limit)"
+    if quantized:
+        return ("recompute auto, planned for the least memory: every layer (a quantized base; --gpu_memory_limit N "
+                "keeps activations up to an N GiB peak, which is faster)")
+    card = f"{limit:.1f} GiB, " if limit is not None else ""
+    return f"recompute auto, planned for {card}92% of the card (--gpu_memory_limit N plans for N GiB)"
 
 
 def _remove_hook(body: torch.nn.Module) -> None:

@@ -3,11 +3,13 @@
 The reference (kept: PEFT's `peft.tuners.lora.bnb.Linear4bit.forward`) runs bitsandbytes'
 `matmul_4bit` (de-quantize W, GEMM, and in the backward de-quantize W again for d x), clones the
 result, casts x to the fp32 adapter dtype for the low-rank branch, and adds. Here W is de-quantized
-by bitsandbytes' own kernel (`torch.ops.bitsandbytes.dequantize_4bit`, a custom op torch.compile
-keeps whole) to the input dtype, the low-rank product is added in the base GEMM's epilogue, and the
-backward de-quantizes W once more (never stored: memory holds the 4-bit weight only) and computes
-d x = dy W + (dy sB) A with the second GEMM accumulating into the first's output, as
-`lorakit.fast.lora` does for plain weights. A CPU test compares forward and gradients with PEFT's.
+by bitsandbytes' own kernels (`torch.ops.bitsandbytes.dequantize_4bit`) to the input dtype, the
+low-rank product is added in the base GEMM's epilogue, and the backward de-quantizes W once more
+(never stored: memory holds the 4-bit weight only, and one de-quantized weight at a time) and
+computes d x = dy W + (dy sB) A with the second GEMM accumulating into the first's output, as
+`lorakit.fast.lora` does for plain weights. Forward and backward are custom ops, opaque to
+torch.compile (see below). CPU tests compare forward and gradients with PEFT's, and check what the
+layer saves for its backward, eager and compiled.
 """
 
 from __future__ import annotations
