@@ -40,16 +40,21 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return base.get_decoder().layers
 
 
-def activation_bytes_per_token(config) -> tuple[int, int]:
+def activation_bytes_per_token(config, peft_lora: bool = False) -> tuple[int, int]:
     """(bytes a layer keeps per token without recompute, bytes with full recompute), bf16.
 
     Without recompute a Qwen2/Llama block keeps ~6 hidden-sized tensors (input, two norm outputs,
     q, attention output, mid residual), k and v, and 3 intermediate-sized ones (gate, up, act).
-    With recompute it keeps its input only. Calibrated on the H100 (experiments/train-speed-h100-2026-11-22.md).
+    With recompute it keeps its input only. Calibrated on the H100 (experiments/train-speed-h100-2026-11-22.md);
+    the fused LoRA paths (plain and 4-bit) keep no more. peft_lora: LoRA through PEFT's own forward
+    (--fused_lora false, or PEFT's bitsandbytes layer), which casts each projection's input to the fp32
+    adapter dtype; a compiled layer keeps about a third of those copies (saved-tensor bytes on a CPU, bf16
+    Qwen2 shape, 2026-12-03: 13.7 vs 10.3 KB per token and layer).
     """
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    return 2 * (6 * h + 2 * kv + 3 * i) + 256, 2 * h
+    fp32_inputs = 4 * (6 * h + i) // 3 if peft_lora else 0
+    return 2 * (6 * h + 2 * kv + 3 * i) + 256 + fp32_inputs, 2 * h
 
 
 def plan_checkpointing(n_layers: int, tokens: int, full: int, ckpt: int, budget_bytes: float) -> int:
@@ -117,7 +122,7 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit
             kwargs["cu_seq_lens_q"] = cu
         kwargs["attention_mask"] = None
     if opts.checkpointing == "auto" and module.training and ids.is_cuda and limit_gib is not None:
-        full, ckpt = activation_bytes_per_token(config)
+        full, ckpt = activation_bytes_per_token(config, peft_lora=not opts.fused_lora)
         budget = _memory_budget(limit_gib, ids.device, _reserve(layers, config))
         n = plan_checkpointing(len(layers), b * t, full, ckpt, budget)
         for i, layer in enumerate(layers):
