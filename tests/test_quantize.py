@@ -325,6 +325,8 @@ def test_quant_flags_at_inference(qlora_run, tiny_qwen2_dir, capsys):
     assert is_quantized(base.model) and base.model.model.layers[0].mlp.up_proj.weight.quant_type == "nf4"
     args = build_args(InferArgs, parse_argv("infer", ["--adapters", "x", "--quantization_bit", "8"]))
     assert args.base_quant.quant.quant_bits == 8 and not args.base_quant.full_precision_base
+    with pytest.raises(UserError, match="^--infer_backend vllm has no use for --quant_bits 4 "):
+        build_args(InferArgs, parse_argv("infer", ["--quant_bits", "4", "--infer_backend", "vllm"]))
     with pytest.raises(UserError, match="^--full_precision_base true with --quant_bits 4: one asks"):
         build_args(InferArgs, parse_argv("infer", ["--quant_bits", "4", "--full_precision_base", "true"]))
     with pytest.raises(UserError, match="^--merge_lora true with --quant_bits 4: an adapter merges into the full"):

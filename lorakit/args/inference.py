@@ -60,6 +60,9 @@ def refuse_for_vllm(args: InferArgs) -> None:
         wrong.append(f"--device {args.model.device} (vLLM runs on the GPUs CUDA_VISIBLE_DEVICES shows)")
     if args.max_batch_size != INFER_BATCH:
         wrong.append(f"--max_batch_size {args.max_batch_size} (vLLM schedules its own batches)")
+    if args.base_quant.quant.enabled:
+        wrong.append(f"--quant_bits {args.base_quant.quant.quant_bits} (the vLLM backend loads the base in full "
+                     f"precision, a QLoRA checkpoint's too)")
     if wrong:
         raise UserError(f"--infer_backend vllm has no use for {'; '.join(wrong)}. Drop them, or use --infer_backend "
                         f"pt (lorakit's own engine).")
