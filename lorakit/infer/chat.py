@@ -17,7 +17,6 @@ from typing import Callable, TextIO
 from tqdm import tqdm
 
 from lorakit.args import GenerationArgs, InferArgs
-from lorakit.checkpoint import read_args
 from lorakit.data.loading import load_conversations
 from lorakit.data.render import render_prompt
 from lorakit.errors import UserError
@@ -25,7 +24,6 @@ from lorakit.infer.engine import Engine, Generation, SamplingParams
 from lorakit.infer.vllm_backend import run_vllm
 from lorakit.loader import base_is_quantized, open_model
 from lorakit.model import pick_device
-from lorakit.quantize import quant_from_saved
 
 HELP = ("Commands: /clear forgets the conversation, /system TEXT sets the system prompt, /exit or Ctrl-D leaves.\n"
         "Ctrl-C stops an answer. End a line with \\ to continue it on the next line, or put text between \"\"\" "
