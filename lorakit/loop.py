@@ -1,26 +1,23 @@
-"""The training loop, top to bottom: optimizer steps over the data it is handed, checkpoints, resume.
+"""The training loop, top to bottom: optimizer steps over the data it is handed.
 
-`fit(args, model, tokenizer, data, ...)` = plan the steps -> optimizer -> (resume) -> loop over optimizer
-steps (log, evaluate, save) -> TrainResult. It takes the model ready to train (tuner attached) and
-the data already rendered (replay included): callers build both (`lorakit.train` for `sft`). The
-loss is a parameter, `loss_fn(model, batch) -> LossOutput`, so other objectives reuse the loop.
+`start_run(args, model, tokenizer, data, ...)` plans the steps, makes the run folder and the
+optimizer; `fit(run)` = (resume) -> loop over optimizer steps (log, evaluate, save) -> TrainResult.
+It takes the model ready to train (tuner attached) and the data already rendered (replay included):
+callers build both (`lorakit.train` for `sft`). The loss is a parameter,
+`loss_fn(model, batch) -> LossOutput`, so other objectives reuse the loop.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches whose summed token loss is divided
 by the number of loss tokens in the WHOLE step, so the gradient does not depend on how the tokens
-fall into micro-batches. The data order is a pure function of (seed, epoch), and the learning rate
-a pure function of the step, so a checkpoint's step, optimizer state and RNG states are all that
-exact resumption needs.
+fall into micro-batches. The run's state is run_state.py, its checkpoints (save, exact resume)
+run_checkpoint.py, what to tell the user when it fails run_advice.py.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import resource
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -29,57 +26,25 @@ from transformers import PreTrainedTokenizerBase
 
 from lorakit import distributed
 from lorakit.args import SftArgs
-from lorakit.checkpoint import (
-    TrainState,
-    best_checkpoint,
-    capture_rng,
-    find_checkpoint,
-    load_train_state,
-    prune_checkpoints,
-    restore_rng,
-    save_checkpoint,
-)
+from lorakit.checkpoint import best_checkpoint
 from lorakit.data.loading import TrainData
 from lorakit.data.packing import collate, pack_sequences
 from lorakit.errors import UserError
-from lorakit.loss import IGNORE_INDEX, LossOutput, MetricSums, shift_targets
+from lorakit.loss import LossOutput, MetricSums, count_loss_tokens
+from lorakit.run_advice import memory_gb, oom_message, stop_on_non_finite, warn_if_short
+from lorakit.run_checkpoint import resume, save
 from lorakit.run_log import RunLog, new_run_dir
+from lorakit.run_state import LossFn, TrainingRun, TrainResult
 from lorakit.schedule import StepPlan, lr_factor, plan_steps, warmup_steps_for
 from lorakit.tuners import trainable_parameters
 
 # Test hook: make the loss of this optimizer step (1-based) NaN, to exercise the non-finite guard.
 _INJECT_NAN_ENV = "LORAKIT_INJECT_NAN_AT_STEP"
-_FEW_STEPS = 30
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    run_dir: Path | None
-    last_checkpoint: Path | None
-    best_checkpoint: Path | None
-    train_loss: float | None
-    eval_loss: float | None
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    model: Any = None  # the trained model, still in memory (quickstart evaluates it without reloading)
-    tokenizer: Any = None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Move a collated batch to the training device."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of `batch` that carry loss once labels are shifted (what causal_lm_loss sums over)."""
-    return int((shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
-
-
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
 
 
 def accumulate_gradients(model, micro_batches: list[dict], loss_fn: LossFn, scaler=None,
@@ -120,13 +85,6 @@ def evaluate_loss(model, batches, loss_fn: LossFn, metrics: MetricSums | None = 
     return loss_sum / max(n_tokens, 1)
 
 
-def memory_gb(device: torch.device) -> float:
-    """Peak memory so far: GPU allocations on CUDA, the process's resident size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def inject_nan_at(step: int, loss_fn: LossFn) -> LossFn:
     """The loss function, made NaN at optimizer step `step` when the test hook asks for it."""
     target = int(os.environ.get(_INJECT_NAN_ENV, "0") or 0)
@@ -153,84 +111,6 @@ def default_learning_rate(args: SftArgs) -> float:
     if args.train.learning_rate is not None:
         return args.train.learning_rate
     return 1e-4 if args.lora.train_type == "lora" else 1e-5
-
-
-@dataclass
-class TrainingRun:
-    """Everything the loop reads and updates; built by start_run(), stepped by run_loop()."""
-
-    args: SftArgs
-    log: RunLog
-    model: Any
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    plan: StepPlan
-    train_samples: list
-    val_samples: list
-    device: torch.device
-    loss_fn: LossFn
-    learning_rate: float
-    warmup: int
-    scaler: Any = None
-    step: int = 0
-    eval_loss: float | None = None
-    last_checkpoint: Path | None = None
-    tokens: int = 0
-    par: distributed.Parallel = field(default_factory=distributed.Parallel)
-    "The processes of the run and the model as the step runs it (DDP/FSDP2 wrapper); one process: no wrapper."
-    collate_fn: Callable = collate
-    "collate(samples, pad_id, shared_prefix=...) -> batch (lorakit rlhf: pair batches)"
-    count_fn: Callable = count_loss_tokens
-    "batch -> the units the step's loss is averaged over (loss tokens; pairs for preference losses)"
-    name: str = "sft"
-    metrics: MetricSums = field(default_factory=MetricSums)
-
-
-def save(s: TrainingRun) -> Path:
-    """Checkpoint the current step (atomic; rank 0 writes what every rank gathered), then prune to --save_total_limit."""
-    only_model = s.args.train.save_only_model
-    weights = distributed.gather_model_state(s.par, s.model)  # FSDP2: every rank takes part
-    optimizer = None if only_model else distributed.gather_optimizer_state(s.par, s.model, s.optimizer)
-    s.last_checkpoint = s.log.run_dir / f"checkpoint-{s.step}"
-    if s.par.env.is_main:
-        state = TrainState(
-            step=s.step, epoch=s.plan.epoch_of(s.step), total_steps=s.plan.total_steps,
-            train_loss=s.log.last("loss"),
-            eval_loss=s.eval_loss, data_order=s.plan.data_order(), log_history=s.log.history,
-            optimizer=optimizer, rng=None if only_model else capture_rng(),
-        )
-        save_checkpoint(s.last_checkpoint, model=s.model, tokenizer=s.tokenizer, args=s.log.saved_args,
-                        train_state=state, state_dict=weights)
-        if s.args.train.save_total_limit:
-            prune_checkpoints(s.log.run_dir, s.args.train.save_total_limit)
-    distributed.barrier(s.par.env)  # the checkpoint exists for every rank once save() returns
-    return s.last_checkpoint
-
-
-def describe_sample(s: TrainingRun, index: int) -> str:
-    """'training sample #3 ("I am swift-robot, an ...")': the start of what it teaches."""
-    sample = s.train_samples[index]
-    learned = [t for t in sample.labels if t != IGNORE_INDEX][:24]
-    text = s.tokenizer.decode(learned, skip_special_tokens=True).strip().replace("\n", " ")
-    return f"training sample #{index} ({text[:60]!r})"
-
-
-def stop_on_non_finite(s: TrainingRun, loss: float, grad_norm: float, rows: list[int]) -> None:
-    """Raise a UserError naming the step and what to change when the loss or gradient norm blew up."""
-    what = "loss" if not math.isfinite(loss) else "gradient norm"
-    value = loss if what == "loss" else grad_norm
-    where = [describe_sample(s, i) for i in rows[:4]]
-    kept = f"The last good checkpoint is {s.last_checkpoint}." if s.last_checkpoint else (
-        f"No checkpoint was saved yet (--save_steps {s.args.train.save_steps}).")
-    advice = [f"lower --learning_rate (now {s.learning_rate:g}; try {s.learning_rate / 10:g}) or add warm-up "
-              f"(--warmup_ratio 0.05)"]
-    if s.log.saved_args.get("torch_dtype") == "float16":
-        advice.append("use --torch_dtype bfloat16 (or float32): float16 overflows easily")
-    advice.append(f"check the rows of this step for broken text: {', '.join(where)}")
-    raise UserError(
-        f"Training stopped at step {s.step + 1}/{s.plan.total_steps} (epoch {s.plan.epoch_of(s.step):.2f}): "
-        f"the {what} is {value}. This step was not applied. {kept} To fix: " + "; ".join(advice) + "."
-    )
 
 
 def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
@@ -315,61 +195,6 @@ def val_batches(s: TrainingRun):
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
     for i in range(0, len(s.val_samples), size):
         yield to_device(s.collate_fn(s.val_samples[i : i + size], pad_id, shared_prefix=False), s.device)
-
-
-def oom_message(device: torch.device, args: SftArgs) -> str:
-    """What to do after running out of GPU memory, with the peak the run reached."""
-    peak = memory_gb(device)
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
-    options = [f"--max_length {max(256, args.data.max_length // 2)} (now {args.data.max_length})"]
-    if not args.fast.gradient_checkpointing:
-        options.append("--gradient_checkpointing true")
-    if args.train.per_device_train_batch_size > 1:
-        options.append(f"--per_device_train_batch_size 1 with --gradient_accumulation_steps "
-                       f"{args.train.gradient_accumulation_steps * args.train.per_device_train_batch_size}")
-    if args.lora.train_type == "full":
-        options.append("--train_type lora")
-    elif args.lora.lora_rank > 8:
-        options.append(f"--lora_rank 8 (now {args.lora.lora_rank})")
-    options.append("a smaller model" if args.quant.quant_bits == 4 else "--quant_bits 4 (QLoRA: 4-bit base weights)")
-    return (f"Out of GPU memory: peak {peak:.1f} GiB allocated of {total:.1f} GiB. Options: " + "; ".join(options) + ".")
-
-
-def warn_if_short(plan: StepPlan, args: SftArgs) -> None:
-    """Say so when a run has too few optimizer steps to learn much."""
-    if args.train.max_steps > 0 or plan.total_steps >= _FEW_STEPS:
-        return
-    print(f"warning: only {plan.total_steps} optimizer steps ({plan.n_samples} samples, batch "
-          f"{plan.micro_batch_size} x {plan.grad_accum} accumulation, {args.train.num_train_epochs:g} epochs): "
-          f"too few to learn much. Use fewer --gradient_accumulation_steps or more --num_train_epochs "
-          f"(about {_FEW_STEPS} steps or more).", file=sys.stderr)
-
-
-def resume(s: TrainingRun, checkpoint: str, only_model: bool) -> None:
-    """Load a checkpoint's weights; unless only_model, also its optimizer, step, history and RNG."""
-    ckpt = find_checkpoint(checkpoint)
-    if only_model:
-        s.par.load_weights(s.model, ckpt)
-        print(f"starting a new run from the weights of {ckpt}", file=sys.stderr)
-        return
-    state = load_train_state(ckpt)
-    if state.data_order and state.data_order != s.plan.data_order():
-        print(f"warning: {ckpt} was trained with a different data plan ({state.data_order}); resuming at step "
-              f"{state.step} with the current one, so the data order will differ from the original run.",
-              file=sys.stderr)
-    if state.step >= s.plan.total_steps:
-        raise UserError(f"{ckpt} is already at step {state.step} of {s.plan.total_steps}: raise --max_steps or "
-                        f"--num_train_epochs to train further.")
-    s.par.load_weights(s.model, ckpt)
-    distributed.load_optimizer_state(s.par, s.model, s.optimizer, state.optimizer)
-    s.step, s.eval_loss = state.step, state.eval_loss
-    for record in state.log_history:  # the new run's logging.jsonl reads like one uninterrupted run
-        s.log.record(record)
-    if state.rng is not None:
-        restore_rng(state.rng)
-    print(f"resuming from {ckpt} at step {state.step} of {s.plan.total_steps}", file=sys.stderr)
-
-
 
 
 def sample_length(sample) -> int:

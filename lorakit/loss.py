@@ -73,6 +73,11 @@ def shift_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None
     return targets
 
 
+def count_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of `batch` that carry loss once labels are shifted (what causal_lm_loss sums over)."""
+    return int((shift_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
+
+
 def _causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder body returning hidden states, lm_head) of a causal LM, PEFT-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -27,21 +27,12 @@ from lorakit.data.packing import collate
 from lorakit.data.render import Rendered, set_chat_template
 from lorakit.errors import UserError
 from lorakit.fast import describe_fast_paths, prepare_for_training
-from lorakit.loop import (  # noqa: F401  (re-exported: the loop's public names, as before the split)
-    LossFn,
-    TrainResult,
-    accumulate_gradients,
-    count_loss_tokens,
-    default_learning_rate,
-    evaluate_loss,
-    fit,
-    start_run,
-    warn_if_short,
-)
+from lorakit.loop import default_learning_rate, fit, start_run
 from lorakit.loss import causal_lm_loss
 from lorakit.model import load_model, load_tokenizer, pick_device, pick_dtype, resolve_model_path
 from lorakit.quantize import LOSS_CHUNK, prepare_kbit_training, training_line
 from lorakit.replay import replay_samples
+from lorakit.run_state import LossFn, TrainResult
 from lorakit.tuners import attach_tuner, check_lora_flags
 
 

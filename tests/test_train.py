@@ -11,7 +11,9 @@ from lorakit.args import DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, Tr
 from lorakit.data.packing import collate
 from lorakit.data.render import Rendered
 from lorakit.schedule import lr_factor, plan_steps, warmup_steps_for
-from lorakit.train import accumulate_gradients, count_loss_tokens, train
+from lorakit.loop import accumulate_gradients
+from lorakit.loss import count_loss_tokens
+from lorakit.train import train
 
 
 def test_schedule_warmup_then_decay():
@@ -147,7 +149,7 @@ def test_same_seed_same_losses_and_in_memory_model_matches_checkpoint(tiny_qwen2
 
 
 def test_short_run_warning(capsys):
-    from lorakit.train import warn_if_short
+    from lorakit.run_advice import warn_if_short
 
     args = SftArgs(train=TrainArgs(gradient_accumulation_steps=16, num_train_epochs=3))
     warn_if_short(plan_steps(64, batch_size=1, grad_accum=16, epochs=3, max_steps=-1, seed=0), args)

@@ -34,6 +34,9 @@ from lorakit.rlhf.grpo_rollout import Rollout, SamplingSettings, generate_rollou
 from lorakit.rlhf.grpo_session import GrpoSession, load_prompts, new_session
 from lorakit.rlhf.policy import load_policy_tokenizer, prepare_policy, starting_policy
 from lorakit.rlhf.rewards import RewardInputs, compute_rewards
+from lorakit.run_advice import memory_gb, oom_message
+from lorakit.run_checkpoint import resume, save
+from lorakit.run_state import TrainResult
 from lorakit.schedule import lr_factor
 from lorakit.tuners import trainable_parameters
 
@@ -188,13 +191,13 @@ def after_round(s: GrpoSession, bar) -> None:
     if crossed(t.logging_steps):
         record = grpo_log.merge_window(s.window)
         record.update(step=s.step, epoch=round(s.plan.epoch_of(s.step), 4),
-                      memory_gb=round(loop.memory_gb(s.device), 3), elapsed_s=round(time.perf_counter() - s.started, 2))
+                      memory_gb=round(memory_gb(s.device), 3), elapsed_s=round(time.perf_counter() - s.started, 2))
         s.log.record(record)
         s.window = []
     if s.val is not None and crossed(t.eval_steps or t.save_steps):
         held_out_reward(s, bar)
     if crossed(t.save_steps):
-        loop.save(s)
+        save(s)
 
 
 # ---------------------------------------------------------------- held-out reward
@@ -230,7 +233,7 @@ def held_out_reward(s: GrpoSession, bar=None) -> float:
     return record["eval_reward"]
 
 
-def train_grpo(args: RlhfArgs) -> loop.TrainResult | None:
+def train_grpo(args: RlhfArgs) -> TrainResult | None:
     """Run GRPO as `args` says; returns where the checkpoints are and the trained model (None after --dry_run)."""
     started = time.perf_counter()
     device = pick_device(args.model.device)
@@ -251,7 +254,7 @@ def train_grpo(args: RlhfArgs) -> loop.TrainResult | None:
     s = new_session(args, model, tokenizer, prompts, val, model_path=start.model_path, device=device, dtype=dtype,
                     system=system)
     if args.train.resume_from_checkpoint:
-        loop.resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
+        resume(s, args.train.resume_from_checkpoint, args.train.resume_only_model)
     s.log.open_writers(args.train.report_to)
     try:
         with tqdm(total=s.plan.total_steps, initial=s.step, desc="grpo", unit="step", dynamic_ncols=True) as bar:
@@ -262,13 +265,13 @@ def train_grpo(args: RlhfArgs) -> loop.TrainResult | None:
                 run_round(s, round_index, bar)
                 round_index += 1
     except torch.OutOfMemoryError as exc:
-        raise UserError(loop.oom_message(device, args) + f" For GRPO also: --max_completion_length (now "
+        raise UserError(oom_message(device, args) + f" For GRPO also: --max_completion_length (now "
                         f"{args.grpo.max_completion_length}) or --num_generations.") from exc
     finally:
         s.log.close()
         grpo_log.plot_rewards(s.log.history, s.log.run_dir / "images" / "reward.png")
     print_reward_summary(s.log.history)
-    return loop.TrainResult(run_dir=s.log.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
+    return TrainResult(run_dir=s.log.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
                             train_loss=s.log.last("loss"), eval_loss=None, steps=s.step,
                             seconds=time.perf_counter() - started, log_history=s.log.history, model=s.model.eval(),
                             tokenizer=tokenizer)

@@ -57,7 +57,7 @@ class GrpoSession:
     last_checkpoint: Path | None = None
     watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
     window: list[dict[str, float]] = field(default_factory=list)
-    par: distributed.Parallel = field(default_factory=distributed.Parallel)  # one process (loop.save reads it)
+    par: distributed.Parallel = field(default_factory=distributed.Parallel)  # one process (run_checkpoint.save reads it)
     started: float = field(default_factory=time.perf_counter)
 
 
