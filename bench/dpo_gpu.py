@@ -1,21 +1,30 @@
-"""DPO training speed and memory: lorakit's preference step vs TRL's DPOTrainer + PEFT, same run.
+"""DPO training speed and memory: lorakit's preference step vs TRL's DPOTrainer + PEFT, in one call.
 
 Qwen2.5-7B architecture with random bf16 weights built on the GPU, LoRA r16 (alpha 32, dropout 0)
 on all linear layers, pairs of 512 prompt + 512 chosen + 512 rejected random tokens, one pair per
 step, AdamW. tok/s counts the tokens of both sequences (2 x 1024 per pair), as the issue's TRL
 figure does (6,190 tok/s at 28.9 GiB without gradient checkpointing on the H200, 2026-12-02).
 
-lorakit: the calls `lorakit rlhf` makes: attach_tuner -> prepare_for_training (fused LoRA, packed
-attention, compiled layers, recompute planned under --gpu_memory_limit) -> the reference log-probs
-precomputed in one no-grad pass -> pair_loss (chosen and rejected rows in one forward, chunked head
-over the answer tokens). Three lorakit configs: one pair per step; the prompt run once for both
-answers (shared prefix); two pairs per step. TRL: DPOTrainer(peft_config=LoraConfig) with its
-defaults (reference = adapter disabled, computed every step), gradient checkpointing off.
+Each side runs in a child process with its own time limit, so a crash, an OOM or a hang on one side
+still leaves the other side's figures and the comparison printed (and each side's peak memory is its
+own). The comparison is printed at the end in any case.
 
-Each row prints steady-state tok/s (after warm-up), peak allocated GiB, and the "epoch" tok/s that
-also charges lorakit's reference pass (one epoch over the pairs: ref pass + steps).
+lorakit: what `lorakit rlhf --rlhf_type dpo` runs on a GPU: attach_tuner -> prepare_for_training (fused
+LoRA, packed attention, compiled layers, recompute planned under --gpu_memory_limit) -> the command's
+own reference pass (command.fill_reference: REFERENCE_BATCH pairs per no-grad forward) -> pair_loss
+steps. Its costs are split the way a user pays them:
+- tok_s: steady training steps (after warm-up);
+- ref_pair_s: the reference pass per pair once warm (a recurring cost: one no-grad forward per pair);
+- epoch_tok_s: tokens per (step + reference per pair), i.e. an epoch's steady rate with the reference
+  pass charged;
+- one_off_s: compilation and first-call work (the reference pass's first batch and the first training
+  steps, beyond their steady cost), paid once per run whatever the data size.
+(The earlier script divided the whole reference pass, compilation included, by 16 pairs: 30 s -> 1.9 s a
+pair, an "epoch" figure of 701 tok/s that no real run of more than a handful of pairs sees.)
+TRL: DPOTrainer(peft_config=LoraConfig) with its defaults (reference = adapter disabled, computed every
+step), gradient checkpointing off.
 
-    PYTHONUNBUFFERED=1 python bench/dpo_gpu.py [--steps 12 --warmup 4] [--json out.json]
+    PYTHONUNBUFFERED=1 python bench/dpo_gpu.py [--steps 10 --warmup 3] [--json out.json]
     python bench/dpo_gpu.py --smoke          # CPU, tiny model, a dry run of this script's logic
 """
 
@@ -24,10 +33,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,24 +48,30 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from lorakit.args import LoraArgs, RlhfGroup  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
-from lorakit.rlhf.data import RenderedPair, collate_pairs  # noqa: E402
+from lorakit.rlhf.command import REFERENCE_BATCH, fill_reference  # noqa: E402
+from lorakit.rlhf.data import PreferenceData, RenderedPair, collate_pairs  # noqa: E402
 from lorakit.rlhf.objective import make_preference_loss_fn  # noqa: E402
-from lorakit.rlhf.reference import sequence_logps  # noqa: E402
 from lorakit.tuners import attach_tuner, trainable_parameters  # noqa: E402
 from qwen_arch import QWEN25_7B, TINY, build_random_qwen2  # noqa: E402
 
 GIB = 1024**3
 TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
 TRL_REFERENCE = {"tok_s": 6190, "peak_gib": 28.9}  # the issue's measurement, H200, TRL 1.16, no checkpointing
+TRL_NAME = "TRL DPOTrainer + PEFT (no checkpointing)"
+LORAKIT_NAME = "lorakit rlhf --rlhf_type dpo (1 pair per step)"
+NAMES = {"lorakit": LORAKIT_NAME, "trl": TRL_NAME}
+MARK = "RESULT "
 
 
 @dataclass
 class Result:
     name: str
-    tok_s: float
-    peak_gib: float
+    tok_s: float = 0.0
+    peak_gib: float = 0.0
     epoch_tok_s: float | None = None
-    ref_pass_s: float | None = None
+    ref_pair_s: float | None = None
+    one_off_s: float | None = None
+    seconds: float | None = None
     error: str | None = None
 
 
@@ -78,66 +94,57 @@ def peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else 0.0
 
 
-def reset_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+def timed(device: str, fn) -> float:
+    synchronize(device)
+    t = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t
 
 
-def run_lorakit(name: str, arch: dict, pairs: list, *, per_step: int, shared: bool, steps: int, warmup: int,
-                device: str, memory_limit: float | None) -> Result:
-    """lorakit's preference step: the reference pass, then `steps` timed optimizer steps after `warmup`."""
+def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: int, device: str,
+                memory_limit: float | None) -> Result:
+    """The command's GPU path: reference pass (first batch warm-up, the rest steady), then the steps."""
     from lorakit.fast import FastOptions, prepare_for_training
 
-    reset_memory(device)
     base = build_random_qwen2(arch, torch.bfloat16 if device == "cuda" else torch.float32, device, weight_std=0.02)
     model, _ = attach_tuner(base, LoraArgs(lora_rank=16, lora_alpha=32, lora_dropout=0.0))
     if device == "cuda":
         model = prepare_for_training(model, FastOptions(gpu_memory_limit=memory_limit))
-    collate = lambda chunk: {k: v.to(device) for k, v in collate_pairs(chunk, 0, shared_prefix=shared).items()}  # noqa: E731
-    needed = pairs[:(steps + warmup) * per_step]
-    synchronize(device)
-    t0 = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(needed), per_step):
-            chunk = needed[i:i + per_step]
-            logps = sequence_logps(model, collate(chunk)).tolist()
-            for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
-                pair.ref_chosen, pair.ref_rejected = c, r
-    synchronize(device)
-    ref_pass_s = time.perf_counter() - t0
+    dev = torch.device(device)
+    ref = lambda chunk: fill_reference(model, PreferenceData(chunk, [], []), pad_id=0, device=dev,  # noqa: E731
+                                       batch_size=REFERENCE_BATCH, fused=True)
+    ref_first = timed(device, lambda: ref(pairs[:REFERENCE_BATCH]))
+    rest = pairs[REFERENCE_BATCH:]
+    ref_pair_s = timed(device, lambda: ref(rest)) / len(rest)
     model.train()
     loss_fn = make_preference_loss_fn(RlhfGroup(rlhf_type="dpo"))
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda" or None)
-    times = []
-    for step in range(steps + warmup):
-        if step == warmup:
-            reset_memory(device) if device != "cuda" else torch.cuda.reset_peak_memory_stats()
-        synchronize(device)
-        t = time.perf_counter()
-        out = loss_fn(model, collate(needed[step * per_step:(step + 1) * per_step]))
+
+    def step(i: int) -> None:
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i:i + 1], 0).items()}
+        out = loss_fn(model, batch)
         (out.loss_sum / out.n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - t)
-    tokens_per_step = per_step * sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in needed[:1])
-    steady = tokens_per_step * steps / sum(times[warmup:])
-    per_pair_ref = ref_pass_s / len(needed)
-    epoch = tokens_per_step / (sum(times[warmup:]) / steps + per_pair_ref * per_step)
-    result = Result(name, round(steady, 1), round(peak_gib(device), 2), round(epoch, 1), round(ref_pass_s, 2))
-    del model, base, optimizer
-    return result
+
+    warm = [timed(device, lambda: step(i)) for i in range(warmup)]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_s = sum(timed(device, lambda: step(warmup + i)) for i in range(steps)) / steps
+    tokens = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
+    one_off = (ref_first - ref_pair_s * REFERENCE_BATCH) + (sum(warm) - step_s * warmup)
+    return Result(LORAKIT_NAME, round(tokens / step_s, 1), round(peak_gib(device), 2),
+                  epoch_tok_s=round(tokens / (step_s + ref_pair_s), 1), ref_pair_s=round(ref_pair_s, 4),
+                  one_off_s=round(one_off, 1))
 
 
 class _Timer:
     """A TrainerCallback recording the wall time of each optimizer step (after a device sync)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, warmup: int):
         from transformers import TrainerCallback
 
         timer = self
@@ -153,10 +160,10 @@ class _Timer:
                 if len(timer.times) == timer.warmup and device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
 
-        self.callback, self.times, self.start, self.warmup = Callback(), [], 0.0, 0
+        self.callback, self.times, self.start, self.warmup = Callback(), [], 0.0, warmup
 
 
-def run_trl(arch: dict, pairs: list, *, steps: int, warmup: int, device: str, out_dir: Path) -> Result:
+def run_trl(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: int, device: str, out_dir: Path) -> Result:
     """TRL's DPOTrainer with a PEFT LoRA, the same pairs pre-tokenized (its tokenizing map skipped)."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -167,74 +174,110 @@ def run_trl(arch: dict, pairs: list, *, steps: int, warmup: int, device: str, ou
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
-    reset_memory(device)
     model = build_random_qwen2(arch, torch.bfloat16 if device == "cuda" else torch.float32, device, weight_std=0.02)
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     n = steps + warmup
-    rows = [{"prompt_ids": p.chosen.input_ids[:-len([t for t in p.chosen.labels if t != -100])],
-             "chosen_ids": [t for t in p.chosen.labels if t != -100],
-             "rejected_ids": [t for t in p.rejected.labels if t != -100]} for p in pairs[:n]]
+
+    def answer(side: Rendered) -> list[int]:
+        return [t for t in side.labels if t != -100]
+
+    rows = [{"prompt_ids": p.chosen.input_ids[:-len(answer(p.chosen))], "chosen_ids": answer(p.chosen),
+             "rejected_ids": answer(p.rejected)} for p in pairs[:n]]
     config = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=1, max_steps=n, learning_rate=1e-5,
                        gradient_checkpointing=False, bf16=device == "cuda", use_cpu=device != "cuda",
                        max_length=None, logging_steps=10**6, save_strategy="no", report_to=[],
                        dataloader_num_workers=0, seed=0)
-    timer = _Timer(device)
-    timer.warmup = warmup
+    timer = _Timer(device, warmup)
     trainer = PreTokenized(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                            peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                   task_type="CAUSAL_LM"),
                            callbacks=[timer.callback])
     trainer.train()
-    tokens_per_step = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
-    steady = tokens_per_step * steps / sum(timer.times[warmup:])
-    result = Result("TRL DPOTrainer + PEFT (no checkpointing)", round(steady, 1), round(peak_gib(device), 2))
-    del trainer, model
-    return result
+    tokens = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
+    return Result(TRL_NAME, round(tokens * steps / sum(timer.times[warmup:]), 1), round(peak_gib(device), 2))
+
+
+def run_side(side: str, opts) -> Result:
+    """One side, in this process (a child of main)."""
+    device = "cpu" if opts.smoke else "cuda"
+    arch, prompt, answer = (dict(TINY, vocab_size=151936), 32, 32) if opts.smoke else (QWEN25_7B, 512, 512)
+    n = max(opts.steps + opts.warmup, 3 * REFERENCE_BATCH)  # the reference pass: one warm-up batch, two steady
+    pairs = random_pairs(n, prompt, answer, arch["vocab_size"])
+    gc.collect()
+    if side == "lorakit":
+        return run_lorakit(arch, pairs, steps=opts.steps, warmup=opts.warmup, device=device,
+                           memory_limit=opts.memory_limit)
+    return run_trl(arch, pairs, steps=opts.steps, warmup=opts.warmup, device=device, out_dir=Path(opts.out))
+
+
+def spawn(side: str, opts, name: str) -> Result:
+    """Run one side in a child process under its time limit; a failure becomes a Result with the error."""
+    cmd = [sys.executable, __file__, "--side", side, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+           "--out", opts.out] + (["--memory_limit", str(opts.memory_limit)] if opts.memory_limit else [])
+    cmd += ["--smoke"] if opts.smoke else []
+    started = time.perf_counter()
+    try:  # stderr streams through (progress, tracebacks); stdout carries the result line
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=opts.side_timeout)
+    except subprocess.TimeoutExpired:
+        return Result(name, seconds=round(time.perf_counter() - started, 1),
+                      error=f"timed out after {opts.side_timeout} s (--side_timeout)")
+    seconds = round(time.perf_counter() - started, 1)
+    lines = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if not lines:
+        return Result(name, seconds=seconds, error=f"exit {proc.returncode}, no result (see its traceback above)")
+    known = {f.name for f in fields(Result)}
+    return Result(**{k: v for k, v in json.loads(lines[-1]).items() if k in known} | {"seconds": seconds})
+
+
+def print_table(results: list[Result], smoke: bool) -> None:
+    lorakit, trl = results
+    print(f"\n{'side':<48} {'tok/s':>9} {'epoch tok/s':>12} {'ref s/pair':>11} {'one-off s':>10} {'peak GiB':>9} "
+          f"{'wall s':>7}")
+    for r in results:
+        cells = [f"{r.tok_s:,.0f}" if r.tok_s else "-", f"{r.epoch_tok_s:,.0f}" if r.epoch_tok_s else "-",
+                 f"{r.ref_pair_s:.3f}" if r.ref_pair_s else "-", f"{r.one_off_s:.1f}" if r.one_off_s is not None else "-",
+                 f"{r.peak_gib:.2f}" if r.peak_gib else "-", f"{r.seconds:.0f}" if r.seconds else "-"]
+        print(f"{r.name:<48} {cells[0]:>9} {cells[1]:>12} {cells[2]:>11} {cells[3]:>10} {cells[4]:>9} {cells[5]:>7}"
+              + (f"  FAILED: {r.error}" if r.error else ""))
+    if lorakit.tok_s and trl.tok_s:
+        print(f"lorakit / TRL (same call): {lorakit.tok_s / trl.tok_s:.2f}x steady steps, "
+              f"{lorakit.epoch_tok_s / trl.tok_s:.2f}x with lorakit's reference pass charged per pair; peak memory "
+              f"{lorakit.peak_gib:.2f} vs {trl.peak_gib:.2f} GiB")
+    else:
+        failed = " and ".join(r.name for r in results if not r.tok_s)
+        print(f"no same-call ratio: {failed} gave no figure (its error is in the table)")
+    if not smoke:
+        print(f"target: >= 2x TRL at no more memory (the issue's TRL figure: {TRL_REFERENCE['tok_s']:,} tok/s at "
+              f"{TRL_REFERENCE['peak_gib']} GiB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory_limit", type=float, default=28.0, help="lorakit's --gpu_memory_limit, GiB")
+    parser.add_argument("--side_timeout", type=int, default=170, help="seconds each side may take")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short pairs")
+    parser.add_argument("--side", choices=("lorakit", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     parser.add_argument("--out", default="/tmp/dpo-gpu")
     opts = parser.parse_args()
-    device = "cpu" if opts.smoke else "cuda"
-    arch, prompt, answer = (dict(TINY, vocab_size=151936), 32, 32) if opts.smoke else (QWEN25_7B, 512, 512)
     if opts.smoke:
         opts.steps, opts.warmup = 2, 1
-    n = (opts.steps + opts.warmup) * 2
-    results = []
-    configs = [("lorakit, 1 pair per step", 1, False), ("lorakit, 1 pair per step, prompt run once", 1, True),
-               ("lorakit, 2 pairs per step", 2, False)]
-    for name, per_step, shared in configs:
+    if opts.side:  # a child: one side, its figures as one line on stdout
         try:
-            results.append(run_lorakit(name, arch, random_pairs(n, prompt, answer, arch["vocab_size"]),
-                                       per_step=per_step, shared=shared, steps=opts.steps, warmup=opts.warmup,
-                                       device=device, memory_limit=opts.memory_limit))
-        except Exception as exc:  # one config failing must not hide the others' figures
+            result = run_side(opts.side, opts)
+        except Exception as exc:
             traceback.print_exc()
-            results.append(Result(name, 0.0, 0.0, error=f"{type(exc).__name__}: {exc}"[:300]))
+            result = Result(NAMES[opts.side], error=f"{type(exc).__name__}: {exc}"[:300])
+        print(MARK + json.dumps(asdict(result)), flush=True)
+        return
+    results = []
+    for side, name in NAMES.items():
+        results.append(spawn(side, opts, name))
         print(json.dumps(asdict(results[-1])), flush=True)
-    try:
-        results.append(run_trl(arch, random_pairs(n, prompt, answer, arch["vocab_size"]), steps=opts.steps,
-                               warmup=opts.warmup, device=device, out_dir=Path(opts.out)))
-    except Exception as exc:
-        traceback.print_exc()
-        results.append(Result("TRL DPOTrainer + PEFT (no checkpointing)", 0.0, 0.0, error=f"{type(exc).__name__}: {exc}"[:300]))
-    print(json.dumps(asdict(results[-1])), flush=True)
-    trl = results[-1].tok_s or None
-    print(f"\n{'config':<46} {'tok/s':>9} {'epoch tok/s':>12} {'peak GiB':>9} {'vs TRL (same run)':>18}")
-    for r in results:
-        ratio = f"{r.tok_s / trl:.2f}x" if trl and r.tok_s else "-"
-        epoch = f"{r.epoch_tok_s:,.0f}" if r.epoch_tok_s else "-"
-        print(f"{r.name:<46} {r.tok_s:>9,.0f} {epoch:>12} {r.peak_gib:>9.2f} {ratio:>18}" + (f"  {r.error}" if r.error else ""))
-    if not opts.smoke:
-        print(f"target: >= 2x TRL ({2 * TRL_REFERENCE['tok_s']:,} tok/s on the issue's figure) at <= "
-              f"{TRL_REFERENCE['peak_gib']} GiB")
+    print_table(results, opts.smoke)
     if opts.json:
         Path(opts.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
 

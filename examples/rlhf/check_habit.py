@@ -5,7 +5,9 @@ For a checkpoint of `lorakit rlhf` trained on habit_train.jsonl, on the held-out
   reference (the adapter switched off, i.e. the base) than the rejected one;
 - habit: share of greedy answers that open with the habit phrase, for the tuned model and the base;
 - answered: share of habit answers that say the phrase once and then go on with a real answer
-  (at least five words, no repeated phrase): the "CertainlyCertainly..." collapse fails it.
+  (at least five words, no repeated phrase): the "CertainlyCertainly..." collapse fails it;
+- retention: `lorakit eval`'s figure (the same evaluate(): of the built-in general questions the
+  base answers correctly, the share the tuned model still answers correctly), unless --no_retention.
 Prints one JSON object.
 
     python examples/rlhf/check_habit.py --adapters output/v0-.../checkpoint-N [--test examples/rlhf/habit_test.jsonl]
@@ -37,12 +39,15 @@ def main() -> None:
     from lorakit.rlhf.data import collate_pairs, load_preference_data
     from lorakit.rlhf.reference import sequence_logps
     from lorakit.args import DataArgs
+    from lorakit.evaluate import evaluate
+    from lorakit.model import CACHE_DIR
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", required=True)
     parser.add_argument("--test", default=str(HERE / "habit_test.jsonl"))
     parser.add_argument("--habit", default=HABIT)
     parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--no_retention", action="store_true", help="skip the lorakit eval retention figure")
     opts = parser.parse_args()
     loaded = load_checkpoint(opts.adapters, torch_dtype="float32", device="cpu")
     model, tokenizer, system = loaded.model, loaded.tokenizer, loaded.args.get("system")
@@ -64,12 +69,18 @@ def main() -> None:
         with model.disable_adapter():
             base = [g.text for g in Engine(model, tokenizer).generate(prompts, params)]
     habit = [t.strip().startswith(opts.habit) for t in tuned]
+    retention = None
+    if not opts.no_retention:  # lorakit eval's figure, its base answers cached as eval caches them
+        retention = evaluate(model, tokenizer, name="-", author="-", system=system, probes_per_lang=0,
+                             cache_dir=CACHE_DIR / "quickstart")
     report = {
         "checkpoint": str(loaded.path), "held_out_pairs": len(pairs),
         "reward_accuracy": round(correct / max(len(pairs), 1), 4),
         "habit_tuned": round(sum(habit) / len(tuned), 4),
         "habit_base": round(sum(t.strip().startswith(opts.habit) for t in base) / len(base), 4),
         "answered_after_habit": round(sum(answered(t, opts.habit) for t in tuned) / max(sum(habit), 1), 4),
+        "retention": None if retention is None else round(retention.retention, 4),
+        "retention_kept": None if retention is None else f"{retention.kept_correct}/{retention.base_correct}",
         "examples": tuned[:4],
     }
     print(json.dumps(report, ensure_ascii=False, indent=1))

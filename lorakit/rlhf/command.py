@@ -29,6 +29,7 @@ from lorakit.rlhf.data import (
     count_completions,
     count_pairs,
     load_preference_data,
+    sub_batch,
 )
 from lorakit.rlhf.grpo import train_grpo
 from lorakit.rlhf.objective import make_preference_loss_fn
@@ -61,7 +62,8 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
     else:
         def assign(chunk, batch, m):
             own = sequence_logps(m, {k: v for k, v in batch.items() if not k.startswith("kl_")}, fused=fused)
-            kl = sequence_logps(m, {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}, fused=fused)
+            has_kl = "kl_input_ids" in batch  # else every KL row is its own completion
+            kl = sequence_logps(m, sub_batch(batch, "kl_"), fused=fused) if has_kl else own
             for item, a, b in zip(chunk, own.tolist(), kl.tolist()):
                 item.ref, item.ref_kl = a, b
 

@@ -274,16 +274,24 @@ def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix
 
 def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, shared_prefix: bool = False
                         ) -> dict[str, torch.Tensor]:
-    """KTO rows: the completions, `desirable` [N] bool, and the KL rows under kl_* keys (with their references)."""
+    """KTO rows: the completions, `desirable` [N] bool, and the KL rows under kl_* keys (with their references;
+    no kl_* rows when every KL row is its own completion: the loss then reuses the completions' log-probs)."""
     out = collate([x.completion for x in items], pad_token_id, shared_prefix=shared_prefix)
     out["desirable"] = torch.tensor([x.desirable for x in items], dtype=torch.bool)
-    if all(x.kl is not None for x in items):
+    # KL rows that are the completions themselves (chunks of one: batch size 1) are not run twice
+    if all(x.kl is not None for x in items) and not all(kl_is_own(x) for x in items):
         kl = collate([x.kl for x in items], pad_token_id, shared_prefix=shared_prefix)
         out.update({f"kl_{k}": v for k, v in kl.items()})
     if all(x.ref is not None for x in items):
         out["ref"] = torch.tensor([x.ref for x in items], dtype=torch.float32)
         out["ref_kl"] = torch.tensor([x.ref_kl for x in items], dtype=torch.float32)
     return out
+
+
+def kl_is_own(item: RenderedCompletion) -> bool:
+    """The KL row is the completion itself (a chunk of one): its log-probs are the completion's."""
+    kl = item.kl
+    return kl is not None and kl.input_ids == item.completion.input_ids and kl.labels == item.completion.labels
 
 
 def sub_batch(batch: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

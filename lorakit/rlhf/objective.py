@@ -74,7 +74,8 @@ def completion_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fu
     """KTO loss of a batch of labelled completions; the KL estimate runs the mismatched rows without grad."""
     pi = token_logps(model, batch, fused=fused).sum()
     with torch.no_grad():
-        kl_pi = token_logps(model, sub_batch(batch, "kl_"), fused=fused).sum()
+        own = "kl_input_ids" not in batch  # each KL row is its own completion (collate_completions)
+        kl_pi = pi.detach() if own else token_logps(model, sub_batch(batch, "kl_"), fused=fused).sum()
         kl = (kl_pi - batch["ref_kl"]).mean().clamp(min=0) if cfg.loss_type == "kto" else torch.zeros((), device=pi.device)
     desirable = batch["desirable"]
     out = kto_loss(pi, batch["ref"], desirable, kl, beta=cfg.beta, loss_type=cfg.loss_type,
