@@ -71,8 +71,8 @@ def main() -> None:
     habit = [t.strip().startswith(opts.habit) for t in tuned]
     retention = None
     if not opts.no_retention:  # lorakit eval's figure, its base answers cached as eval caches them
-        retention = evaluate(model, tokenizer, name="-", author="-", system=system, probes_per_lang=0, other_systems=False,
-                             cache_dir=CACHE_DIR / "quickstart")
+        retention = evaluate(model, tokenizer, name="-", author="-", system=system, probes_per_lang=0,
+                             other_systems=False, cache_dir=CACHE_DIR / "quickstart")
     report = {
         "checkpoint": str(loaded.path), "held_out_pairs": len(pairs),
         "reward_accuracy": round(correct / max(len(pairs), 1), 4),
