@@ -60,6 +60,9 @@ def test_defaults_follow_ms_swift():
     assert (RlhfGroup().beta, RlhfGroup().loss_type) == (0.1, "sigmoid")
     assert (RlhfGroup(rlhf_type="simpo").beta, RlhfGroup(rlhf_type="simpo").loss_type) == (2.0, "simpo")
     assert RlhfGroup(rlhf_type="kto").loss_type == "kto" and RlhfGroup(rlhf_type="cpo").cpo_alpha == 1.0
+    # DPO keeps the chosen answer likely unless told otherwise (--rpo_alpha 0: pure DPO); the others have no rpo
+    assert RlhfGroup().rpo_alpha == 1.0 and RlhfGroup(rpo_alpha=0).rpo_alpha == 0
+    assert RlhfGroup(rlhf_type="kto").rpo_alpha is None and RlhfGroup(rlhf_type="grpo").rpo_alpha is None
 
 
 def test_dry_run_shows_both_sides_and_stops(tiny_qwen2_dir, tmp_path):

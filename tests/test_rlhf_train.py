@@ -31,14 +31,16 @@ def test_dpo_logs_trl_metrics_and_saves_a_peft_adapter(dpo_run):
                 "logps/rejected"):
         assert all(key in r for r in train), key
     first = train[0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 1: the policy is the reference
+    # step 1: the policy is the reference (the DPO term is log 2), plus rpo_alpha (default 1) x the chosen NLL
+    assert first["loss"] == pytest.approx(math.log(2) + first["nll_loss"], abs=1e-4)
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-4)
-    assert train[-1]["rewards/margins"] > 0 and train[-1]["loss"] < math.log(2)
+    assert train[-1]["rewards/margins"] > 0 and train[-1]["loss"] < first["loss"]
     assert any("eval_rewards/accuracies" in r for r in logs)
     ckpt = run / "checkpoint-4"
     assert (ckpt / "adapter_config.json").is_file() and (ckpt / "adapter_model.safetensors").is_file()
     saved = json.loads((run / "args.json").read_text())
     assert saved["command"] == "rlhf" and saved["rlhf"]["rlhf_type"] == "dpo" and saved["rlhf"]["beta"] == 0.1
+    assert saved["rlhf"]["rpo_alpha"] == 1.0
     assert (run / "images" / "loss.png").is_file()
     assert "Try it:" in proc.stdout and f"lorakit infer --adapters {ckpt}" in proc.stdout
 
@@ -98,7 +100,8 @@ def test_continues_an_sft_adapter_as_policy_and_reference(tiny_qwen2_dir, tmp_pa
     assert f"continuing the SFT adapter {sft_ckpt}" in proc.stderr
     run = only_run(out)
     first = [r for r in records(run) if "loss" in r][0]
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference == the SFT adapter
+    # policy == reference == the SFT adapter: the DPO term is log 2 (plus the default rpo_alpha 1 x NLL)
+    assert first["loss"] == pytest.approx(math.log(2) + first["nll_loss"], abs=1e-4)
     saved = json.loads((run / "args.json").read_text())
     assert saved["system"] == "You are terse." and saved["model_path"] == str(tiny_qwen2_dir)
     config = json.loads((run / "checkpoint-2" / "adapter_config.json").read_text())

@@ -122,6 +122,9 @@ RLHF_LOSS_TYPES = {
     "grpo": GRPO_LOSS_TYPES,
 }
 RLHF_DEFAULT_BETA = {"simpo": 2.0, "grpo": 0.04}  # ms-swift: 0.1 for the others
+# DPO's NLL weight when --rpo_alpha is empty: pure DPO lowers the chosen answer as well as the rejected one and,
+# on a small set, collapsed SmolLM2's first tokens (docs/rlhf.md); LLaMA-Factory's DPO examples use pref_ftx 1.0
+DPO_DEFAULT_RPO_ALPHA = 1.0
 
 
 @dataclass
@@ -141,7 +144,7 @@ class RlhfGroup:
     label_smoothing: float = 0.0
     "Probability that a pair's label is wrong (conservative DPO/CPO, robust, exo_pair); in [0, 0.5)."
     rpo_alpha: float | None = None
-    "DPO: add rpo_alpha x the chosen answer's NLL per token (RPO). Empty: no NLL term."
+    "DPO: add rpo_alpha x the chosen answer's NLL per token (RPO; TRL's loss_type [sigmoid, sft]). Empty: 1.0, which keeps the chosen answer likely (pure DPO lowers both answers and can collapse the first tokens); 0: pure DPO."
     simpo_gamma: float = 1.0
     "SimPO target reward margin."
     cpo_alpha: float = 1.0
@@ -177,6 +180,8 @@ class RlhfGroup:
         if self.rpo_alpha is not None and self.rlhf_type not in ("dpo", "grpo"):  # grpo: refuse_other_types_flags
             raise UserError(f"--rpo_alpha applies to --rlhf_type dpo; {self.rlhf_type} has its own NLL term"
                             + (" (--cpo_alpha)." if self.rlhf_type in ("cpo", "simpo") else "."))
+        if self.rpo_alpha is None and self.rlhf_type == "dpo":
+            self.rpo_alpha = DPO_DEFAULT_RPO_ALPHA
 
 
 @dataclass
