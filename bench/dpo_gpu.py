@@ -18,7 +18,10 @@ steps. Its costs are split the way a user pays them:
 - epoch_tok_s: tokens per (step + reference per pair), i.e. an epoch's steady rate with the reference
   pass charged;
 - one_off_s: compilation and first-call work (the reference pass's first batch and the first training
-  steps, beyond their steady cost), paid once per run whatever the data size.
+  steps, beyond their steady cost), paid once per run whatever the data size;
+- ref_eager_pair_s: the reference pass per pair with the compiled layers bypassed (force_eager): with
+  ref_pair_s and the first batch's share of one_off_s, the data size above which compiling the no-grad
+  graph pays for itself.
 (The earlier script divided the whole reference pass, compilation included, by 16 pairs: 30 s -> 1.9 s a
 pair, an "epoch" figure of 701 tok/s that no real run of more than a handful of pairs sees.)
 TRL: DPOTrainer(peft_config=LoraConfig) with its defaults (reference = adapter disabled, computed every
@@ -70,6 +73,7 @@ class Result:
     peak_gib: float = 0.0
     epoch_tok_s: float | None = None
     ref_pair_s: float | None = None
+    ref_eager_pair_s: float | None = None
     one_off_s: float | None = None
     seconds: float | None = None
     error: str | None = None
@@ -117,6 +121,8 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     ref_first = timed(device, lambda: ref(pairs[:REFERENCE_BATCH]))
     rest = pairs[REFERENCE_BATCH:]
     ref_pair_s = timed(device, lambda: ref(rest)) / len(rest)
+    with torch.compiler.set_stance("force_eager"):  # would skipping the no-grad compile pay for itself?
+        ref_eager_pair_s = timed(device, lambda: ref(rest)) / len(rest)
     model.train()
     loss_fn = make_preference_loss_fn(RlhfGroup(rlhf_type="dpo"))
     params = trainable_parameters(model)
@@ -138,7 +144,7 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     one_off = (ref_first - ref_pair_s * REFERENCE_BATCH) + (sum(warm) - step_s * warmup)
     return Result(LORAKIT_NAME, round(tokens / step_s, 1), round(peak_gib(device), 2),
                   epoch_tok_s=round(tokens / (step_s + ref_pair_s), 1), ref_pair_s=round(ref_pair_s, 4),
-                  one_off_s=round(one_off, 1))
+                  ref_eager_pair_s=round(ref_eager_pair_s, 4), one_off_s=round(one_off, 1))
 
 
 class _Timer:
@@ -240,6 +246,9 @@ def print_table(results: list[Result], smoke: bool) -> None:
                  f"{r.peak_gib:.2f}" if r.peak_gib else "-", f"{r.seconds:.0f}" if r.seconds else "-"]
         print(f"{r.name:<48} {cells[0]:>9} {cells[1]:>12} {cells[2]:>11} {cells[3]:>10} {cells[4]:>9} {cells[5]:>7}"
               + (f"  FAILED: {r.error}" if r.error else ""))
+    if lorakit.ref_pair_s and lorakit.ref_eager_pair_s:
+        print(f"lorakit reference pass per pair: {lorakit.ref_pair_s:.3f} s compiled, {lorakit.ref_eager_pair_s:.3f} s "
+              f"eager (compilation is in one-off s)")
     if lorakit.tok_s and trl.tok_s:
         print(f"lorakit / TRL (same call): {lorakit.tok_s / trl.tok_s:.2f}x steady steps, "
               f"{lorakit.epoch_tok_s / trl.tok_s:.2f}x with lorakit's reference pass charged per pair; peak memory "
