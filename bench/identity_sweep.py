@@ -38,7 +38,7 @@ def cpu_like_training() -> None:
 
 def main() -> None:
     from lorakit.args import QuickstartArgs
-    from lorakit.cli import build_args
+    from lorakit.cli import build_args, collect_flags
     from lorakit.data import sources
     from lorakit.quickstart import quickstart
 
@@ -60,6 +60,9 @@ def main() -> None:
         sources.SELF_COGNITION_FILE = Path(config.pop("self_cognition", default_self_cognition))
         flags = {"model_name": ["Lumen"], "model_author": ["Acme Labs"], "output_dir": opts.out, **config,
                  "model": opts.model, "device": opts.device, "torch_dtype": opts.torch_dtype}
+        unknown = set(flags) - set(collect_flags(QuickstartArgs))
+        if unknown:
+            sys.exit(f"config {name}: not quickstart flags: {', '.join(sorted(unknown))}")
         args = build_args(QuickstartArgs, flags)  # the flat flag names, grouped as the CLI groups them
         started = time.perf_counter()
         report = quickstart(args)
