@@ -21,14 +21,13 @@ import torch
 from huggingface_hub import HfApi
 
 from lorakit.args import ExportArgs, ModelArgs
-from lorakit.checkpoint import ADAPTER_CONFIG, read_args
+from lorakit.checkpoint import ADAPTER_CONFIG
 from lorakit.data.render import render_prompt, template_with_default_system
 from lorakit.errors import UserError
 from lorakit.gguf_writer import check_convertible, write_gguf
 from lorakit.infer.engine import Engine, SamplingParams, end_of_turn_ids
-from lorakit.loader import LoadedModel, find_adapter, open_model, trained_on
+from lorakit.loader import LoadedModel, find_adapter, open_model, saved_args, trained_on
 from lorakit.model import DTYPES, resolve_model_path
-from lorakit.quantize import quant_from_saved
 
 # Questions the merge check renders with the chat template (short answers keep it fast).
 VERIFY_QUESTIONS = ("Who are you?", "What is the capital of France?", "Write one sentence about the sea.")
@@ -145,7 +144,7 @@ def merge_and_check(ckpt: Path, torch_dtype: str, device: str | None, system: st
         loaded = open_model(ModelArgs(), [str(ckpt)], torch_dtype="float32", device=device, full_precision=True,
                             command="export")
     peft_model, tokenizer = loaded.model, loaded.tokenizer
-    quant = quant_from_saved(read_args(ckpt))
+    quant = saved_args(ckpt).quant
     if quant is not None:
         print(f"note: {ckpt.name} was trained on a {quant.quant_bits}-bit base (args.json); it is merged into the "
               f"full-precision base, which answers like the quantized one up to the quantization error.")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lorakit.args import BaseQuantArgs, DataArgs, FastOptions, LoraArgs, ModelArgs, SftArgs, TrainArgs
+from lorakit.args import BaseQuantArgs, DataArgs, FastOptions, LoraArgs, ModelArgs, QuantArgs, SftArgs, TrainArgs
 from lorakit.checkpoint import ADAPTER_CONFIG, find_checkpoint, list_checkpoints, load_checkpoint, read_args
 from lorakit.data.loading import resolve_system
 from lorakit.data.render import set_chat_template, strip_system_markers
@@ -64,6 +64,8 @@ class SavedArgs:
     torch_dtype: str | None = None
     sft: SftArgs | None = None
     "The flag groups as saved (None when args.json has none, e.g. a checkpoint from another tool)."
+    quant: QuantArgs | None = None
+    "The quantization of the base training ran on (None: a full-precision base)."
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> SavedArgs:
@@ -82,7 +84,8 @@ class SavedArgs:
                    chat_template=d.get("chat_template"), system=d.get("system"),
                    model_name=list(d.get("model_name") or data.get("model_name") or []),
                    model_author=list(d.get("model_author") or data.get("model_author") or []),
-                   train_type=d.get("train_type"), torch_dtype=d.get("torch_dtype"), sft=sft)
+                   train_type=d.get("train_type"), torch_dtype=d.get("torch_dtype"), sft=sft,
+                   quant=quant_from_saved(d))
 
     @property
     def use_hf(self) -> bool:
@@ -254,7 +257,7 @@ def open_model(model_args: ModelArgs, adapters: list[str] | None = None, *, syst
         raise UserError(f"The adapter {ckpt} does not fit --model {m.model}: {str(exc).splitlines()[0]} "
                         "Use the base model it was trained on (drop --model to take it from args.json).") from exc
     restore_template(loaded.tokenizer, m, saved)
-    trained = quant_from_saved(read_args(ckpt))
+    trained = saved.quant
     if base_quant.full_precision_base and trained is not None:
         print(f"note: the base of {ckpt.name} loads in full precision (--full_precision_base true); it was trained "
               f"{trained.quant_bits}-bit, so answers differ from training's by the quantization error.", file=sys.stderr)

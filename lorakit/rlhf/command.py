@@ -93,8 +93,8 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
     dtype = pick_dtype(args.model.torch_dtype, device)
     start = starting_policy(args)
     tokenizer = load_policy_tokenizer(start, args)
-    if args.data.system is None and start.adapter_args.get("system"):
-        args.data.system = start.adapter_args["system"]  # the SFT run's system prompt carries over
+    if args.data.system is None and start.adapter_args.system:
+        args.data.system = start.adapter_args.system  # the SFT run's system prompt carries over
     data = load_preference_data(args.data, tokenizer, rlhf_type=args.rlhf.rlhf_type,
                                 batch_size=args.train.per_device_train_batch_size, use_hf=args.model.use_hf,
                                 template=None, log=lambda m: print(m, file=sys.stderr))

@@ -240,8 +240,8 @@ def train_grpo(args: RlhfArgs) -> TrainResult | None:
     dtype = pick_dtype(args.model.torch_dtype, device)
     start = starting_policy(args)
     tokenizer = load_policy_tokenizer(start, args)
-    if args.data.system is None and start.adapter_args.get("system"):
-        args.data.system = start.adapter_args["system"]  # the SFT run's system prompt carries over
+    if args.data.system is None and start.adapter_args.system:
+        args.data.system = start.adapter_args.system  # the SFT run's system prompt carries over
     system = resolve_system(args.data.system)
     prompts, val = load_prompts(args, tokenizer, system)  # before any weights load
     if args.train.dry_run:

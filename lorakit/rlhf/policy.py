@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from lorakit.args import RlhfArgs
-from lorakit.checkpoint import find_checkpoint, read_args
+from lorakit.checkpoint import find_checkpoint
 from lorakit.data.render import set_chat_template
 from lorakit.errors import UserError
 from lorakit.fast import prepare_for_training
+from lorakit.loader import SavedArgs, saved_args, trained_on
 from lorakit.model import load_tokenizer, resolve_model_path
 from lorakit.tuners import attach_tuner, summarize
 
@@ -25,7 +26,8 @@ class StartingPolicy:
 
     model_path: Path
     adapter: Path | None
-    adapter_args: dict
+    adapter_args: SavedArgs
+    "The SFT checkpoint's args.json (empty without --adapters)."
 
 
 def starting_policy(args: RlhfArgs) -> StartingPolicy:
@@ -35,20 +37,18 @@ def starting_policy(args: RlhfArgs) -> StartingPolicy:
         raise UserError(f"--adapters: rlhf continues one SFT checkpoint, got {len(adapters)}: {' '.join(adapters)}")
     if not adapters:
         return StartingPolicy(resolve_model_path(args.model.model, use_hf=args.model.use_hf,
-                                                 gguf_file=args.model.gguf_file), None, {})
+                                                 gguf_file=args.model.gguf_file), None, SavedArgs())
     ckpt = find_checkpoint(adapters[0])
     if not (ckpt / "adapter_config.json").is_file():
         raise UserError(f"--adapters {adapters[0]}: {ckpt} holds full weights, not a LoRA adapter; pass it as "
                         f"--model to preference-train it (a fresh LoRA on top), or give an adapter checkpoint.")
     if args.lora.train_type != "lora":
         raise UserError("--adapters continues a LoRA adapter: use --train_type lora (the default).")
-    saved = read_args(ckpt)
-    base = args.model.model or saved.get("model_path")
-    if not base:
-        base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = args.model.model or trained_on(ckpt)
     if not base:
         raise UserError(f"--adapters {ckpt}: its args.json names no base model; pass --model.")
-    return StartingPolicy(resolve_model_path(base, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file), ckpt, saved)
+    return StartingPolicy(resolve_model_path(base, use_hf=args.model.use_hf, gguf_file=args.model.gguf_file), ckpt,
+                          saved_args(ckpt))
 
 
 def load_policy_tokenizer(start: StartingPolicy, args: RlhfArgs):

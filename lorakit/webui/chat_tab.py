@@ -15,10 +15,11 @@ from pathlib import Path
 import gradio as gr
 
 from lorakit import cli
-from lorakit.checkpoint import find_checkpoint, read_args
+from lorakit.checkpoint import find_checkpoint
 from lorakit.data.loading import resolve_system
 from lorakit.errors import UserError
 from lorakit.infer import chat
+from lorakit.loader import saved_args
 from lorakit.webui import commands
 from lorakit.webui.panel import Context
 from lorakit.webui.progress import list_checkpoints
@@ -67,7 +68,7 @@ def chat_command(ctx: Context, spec: str, system: str, sampling: dict[str, str],
     if is_checkpoint_spec(spec, ctx.cwd):
         ckpt = find_checkpoint(ctx.cwd / spec)
         if base:
-            form["model"] = read_args(ckpt).get("model_path") or ""
+            form["model"] = saved_args(ckpt).model_path or ""
         else:
             form["adapters"] = str(ckpt)
     else:

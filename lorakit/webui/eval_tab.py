@@ -8,8 +8,9 @@ from pathlib import Path
 import gradio as gr
 from matplotlib.figure import Figure
 
-from lorakit.checkpoint import find_checkpoint, read_args
+from lorakit.checkpoint import find_checkpoint
 from lorakit.errors import UserError
+from lorakit.loader import saved_args
 from lorakit.report import ROWS, figures_table
 from lorakit.webui import commands
 from lorakit.webui.commands import Command, Problem
@@ -22,11 +23,6 @@ def checkpoint_choices(ctx: Context) -> list[tuple[str, str]]:
     return [(f"{c.parent.name}/{c.name}", str(c)) for c in list_checkpoints(ctx.output_dir)]
 
 
-def saved_identity(ckpt: Path) -> tuple[list[str], list[str]]:
-    saved = read_args(ckpt)
-    data = saved.get("data", {})
-    return (saved.get("model_name") or data.get("model_name") or [],
-            saved.get("model_author") or data.get("model_author") or [])
 
 
 def eval_commands(ctx: Context, spec: str, name: str, author: str,
@@ -40,9 +36,10 @@ def eval_commands(ctx: Context, spec: str, name: str, author: str,
     cmd, problems = commands.build_command("eval", form, cwd=ctx.cwd)
     found = [cmd]
     if base_too and not problems:
-        saved_name, saved_author = saved_identity(ckpt)
-        base_form = {"model": read_args(ckpt).get("model_path") or "", "eval_output": str(ckpt / "eval-base.json"),
-                     "model_name": name or ", ".join(saved_name), "model_author": author or ", ".join(saved_author)}
+        saved = saved_args(ckpt)
+        base_form = {"model": saved.model_path or "", "eval_output": str(ckpt / "eval-base.json"),
+                     "model_name": name or ", ".join(saved.model_name),
+                     "model_author": author or ", ".join(saved.model_author)}
         for key in ("model_name", "model_author"):
             if not base_form[key]:
                 problems.append(Problem(key, f"the base model's eval needs --{key}: the checkpoint has none saved."))
