@@ -36,7 +36,8 @@ from lorakit.args import FastOptions, LoraArgs, SftArgs, TrainArgs  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
 from lorakit.fast import prepare_for_training  # noqa: E402
 from lorakit.schedule import plan_steps  # noqa: E402
-from lorakit.loop import TrainingRun, build_optimizer, optimizer_step  # noqa: E402
+from lorakit.loop import build_optimizer, optimizer_step  # noqa: E402
+from lorakit.run_state import TrainingRun  # noqa: E402
 from lorakit.run_log import RunLog  # noqa: E402
 from lorakit.train import make_loss_fn  # noqa: E402
 from lorakit.tuners import attach_tuner  # noqa: E402
