@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 
 def _dropped(x2: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
-    """x2 with dropout's mask applied (as lorakit.fast.lora does; kept here so lora.py can import this file)."""
-    return x2 if keep is None else x2 * keep / (1.0 - p)
+    """x2 with dropout's bool keep-mask applied and the kept values scaled by 1/(1-p), in one kernel (x2 itself
+    when no mask). lorakit.fast.lora uses it too (it lives here because lora.py imports this file)."""
+    return x2 if keep is None else torch.ops.aten.native_dropout_backward(x2, keep, 1.0 / (1.0 - p))
 
 
 def packed_4bit(base) -> tuple[tuple[torch.Tensor, ...], tuple]:
