@@ -112,7 +112,7 @@ def continuous_check(engine: Engine, prompts, params, alone: list[list[int]]) ->
     return dict(continuous_identical=[s.tokens for s in seqs] == expected and all(len(s.tokens) == len(a) or
                                       s.finish_reason == "stop" for s, a in zip(seqs, alone)),
                 continuous_dropped_prefix_ok=dropped.tokens == alone[0][:len(dropped.tokens)],
-                continuous_uses_graph=state is not None and state.graph is not None,
+                continuous_uses_graph=state is not None and bool(state.graphs),
                 continuous_cache_length=state.length if state else None)
 
 
@@ -151,21 +151,22 @@ def _graph_ms(fn, replays: int) -> float:
 def graph_step_ms(engine: Engine, prompt_len: int, replays: int = 100) -> float | None:
     """GPU time of one decode step alone: replay the captured graph (state reset to a valid slot)."""
     state = engine._fast.state
-    if state is None or state.graph is None:
+    if state is None or not state.graphs:
         return None
+    graph, _ = state.graphs[max(state.graphs)]  # the widest captured step: what the reply's last tokens run
     replays = min(replays, state.mask.shape[1] - prompt_len - 2)
     # The step advances slot and positions on the GPU: start both where a reply starts, so every
     # replay stays inside the cache and the rotary table.
     state.slot.fill_(prompt_len)
     state.positions.fill_(prompt_len)
-    state.graph.replay()
+    graph.replay()
     torch.cuda.synchronize()
     state.slot.fill_(prompt_len)
     state.positions.fill_(prompt_len)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        state.graph.replay()
+        graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / replays

@@ -335,7 +335,7 @@ def child_lorakit(opts, cfg: Config, out: Path, model: Path) -> None:
         fast = engine._fast
         state = fast.state if fast is not None else None
         decoder = {"fast_decoder": engine.uses_fast_path, "why_not": engine.fast_note,
-                   "compiled": bool(fast and fast.compiled), "cuda_graph": bool(state is not None and state.graph),
+                   "compiled": bool(fast and fast.compiled), "cuda_graphs_by_width": sorted(state.graphs) if state is not None else [],
                    "cache_rows_x_columns": [state.rows, state.length] if state is not None else None,
                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
         (out / f"{name}-decoder.json").write_text(json.dumps(decoder))

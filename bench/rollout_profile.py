@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from lorakit.infer.engine import Engine, SamplingParams  # noqa: E402
-from lorakit.infer.sampling import sample_tokens  # noqa: E402
+from lorakit.infer.fast_decode import attended_width  # noqa: E402
+from lorakit.infer.sampling import _exponential_noise, exponential_noise, sample_tokens  # noqa: E402
 from qwen_arch import QWEN25_7B, TINY, build_random_qwen2  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
@@ -89,17 +90,27 @@ def main() -> None:
     print(f"rollout: {whole:.2f} s = {report['generate_ms_per_step']} ms per step", flush=True)
 
     state = engine._fast.state
-    step = (lambda: state.graph.replay()) if state.graph is not None else (lambda: engine._fast.decode_step(state))
-    with torch.inference_mode():
-        replay = timed(device, step, repeats=opts.new)
+    report["decode_step_ms_by_width"] = {}
+    for width in sorted(state.graphs) or [state.length]:
+        step = (lambda: state.graphs[width][0].replay()) if state.graphs else (
+            lambda: engine._fast.decode_step(state, width))
+        with torch.inference_mode():
+            report["decode_step_ms_by_width"][width] = round(1e3 * timed(device, step, repeats=64), 3)
+    # the rollout's steps by width: prompt + k columns in use at step k
+    used = [attended_width(opts.prompt + k + 1, state.length) for k in range(opts.new)]
+    replay = sum(report["decode_step_ms_by_width"].get(w, 0.0) for w in used) / opts.new / 1e3
     report["decode_step_ms"] = round(1e3 * replay, 3)
-    print(f"decode step alone ({'graph replay' if state.graph is not None else 'eager'}): "
-          f"{report['decode_step_ms']} ms, cache {state.rows} rows x {state.length} columns", flush=True)
+    print(f"decode step alone ({'graph replay' if state.graphs else 'eager'}), by attended width: "
+          f"{report['decode_step_ms_by_width']} -> {report['decode_step_ms']} ms on average over the rollout; "
+          f"cache {state.rows} rows x {state.length} columns", flush=True)
 
     logits = torch.randn(opts.rows, model.config.vocab_size, device=device)
-    generators = [torch.Generator(device=device).manual_seed(i) for i in range(opts.rows)]
+    seeds, draws = torch.arange(opts.rows, device=device), torch.full((opts.rows,), 5, device=device)
     with torch.inference_mode():
-        sampling = timed(device, lambda: sample_tokens(logits, params, generators), repeats=50)
+        sampling = timed(device, lambda: sample_tokens(logits, params, seeds, draws), repeats=50)
+        compiled = exponential_noise(seeds, draws, logits.shape[-1])  # compiled on CUDA
+        report["noise_compiled_equals_eager"] = bool(torch.equal(compiled, _exponential_noise(seeds, draws, logits.shape[-1])))
+    print(f"compiled noise == eager noise: {report['noise_compiled_equals_eager']}", flush=True)
     report["sample_ms"] = round(1e3 * sampling, 3)
     print(f"sample_tokens alone ({opts.rows} rows): {report['sample_ms']} ms", flush=True)
     report["host_share_ms"] = round(report["generate_ms_per_step"] - report["decode_step_ms"] - report["sample_ms"], 3)

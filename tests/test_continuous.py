@@ -167,3 +167,25 @@ def test_a_sliding_window_cache_takes_new_rows_only_when_empty(qwen_tokenizer):
     assert not late.tokens and len(first.tokens) == 4  # waits while `first` runs
     run_to_end(batch, [first, late])
     assert first.tokens == alone[0] and late.tokens == alone[2] and dropped.tokens == alone[1][:3]
+
+
+def test_each_step_attends_only_the_cache_columns_in_use(model, qwen_tokenizer, prompts, alone, monkeypatch):
+    """The static decoder attends over the smallest bucket width that covers every running row's columns
+    (a short reply never reads the whole cache), and the tokens stay the reference's."""
+    monkeypatch.setattr(fast_decode, "LENGTH_BUCKET", 16)
+    assert [fast_decode.attended_width(c, 96) for c in (1, 16, 17, 33, 64, 65, 96)] == [16, 16, 32, 64, 64, 96, 96]
+    engine = engine_for(model, qwen_tokenizer, "static")
+    decoder = engine._fast
+    widths = []
+    step = decoder.decode_step
+    decoder.decode_step = lambda state, width: (widths.append((width, max(state.fill[r] for r in decoder.slots))),
+                                                step(state, width))[1]
+    batch = engine.batch(2, length=len(prompts[1]) + 20 + 64)
+    first = batch.add(prompts[2], GREEDY)
+    for _ in range(6):
+        batch.step()
+    second = batch.add(prompts[1], GREEDY)  # a longer prompt joins: the width grows to cover it
+    run_to_end(batch, [first, second])
+    assert first.tokens == alone[2] and second.tokens == alone[1]
+    assert all(used <= width for width, used in widths)  # each step's columns (after its write) are attended
+    assert len({w for w, _ in widths}) >= 2 and min(w for w, _ in widths) < decoder.state.length

@@ -172,8 +172,22 @@ def test_sampling_filters_are_exact():
     assert filter_top_k_top_p(logits, 0, 0.5).isinf().tolist() == [[False, True, True, True]]
 
 
-def _generators(seeds):
-    return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+def _splitmix64_python(x: int) -> int:
+    """SplitMix64's output function on Python ints modulo 2**64 (the published algorithm, unsigned)."""
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_on_int64_tensors_equals_the_unsigned_algorithm():
+    from lorakit.infer.sampling import splitmix64
+
+    inputs = [0, 1, 2, 12345, -1, -(1 << 63), (1 << 63) - 1, 0x7F4A7C15, -987654321987]
+    got = splitmix64(torch.tensor(inputs, dtype=torch.int64)).tolist()
+    assert [g & ((1 << 64) - 1) for g in got] == [_splitmix64_python(x & ((1 << 64) - 1)) for x in inputs]
+    assert _splitmix64_python(0) == 0xE220A8397B1DCDAF  # the first output of SplitMix64 seeded with 0
 
 
 @pytest.mark.parametrize("settings", [
@@ -181,27 +195,48 @@ def _generators(seeds):
     [(1.0, 0, 1.0)] * 5,  # one group (GRPO's rollouts): no per-group indexing
     [(0.0, 0, 1.0)] * 3,  # greedy only
 ])
-def test_batched_sampling_picks_what_multinomial_per_row_picks(settings):
-    """sample_tokens (one noise row per generator, the rest batched) == torch.multinomial row by row, draw after draw."""
-    from lorakit.infer.sampling import sample_tokens, sample_tokens_reference
+def test_batched_sampling_picks_what_each_row_picks_alone(settings):
+    """sample_tokens (groups batched) == each row computed on its own, draw after draw: a row's picks do
+    not depend on what shares its batch."""
+    from lorakit.infer.sampling import check_picks, sample_tokens, sample_tokens_reference
 
     params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in settings]
-    seeds = [None if t == 0 else 100 + i for i, (t, _, _) in enumerate(settings)]
-    fast, reference = _generators(seeds), _generators(seeds)
+    seeds = torch.tensor([100 + i for i in range(len(settings))])
     g = torch.Generator().manual_seed(0)
     picks = []
-    for _ in range(12):
+    for draw in range(12):
+        draws = torch.full((len(params),), draw)
         logits = torch.randn(len(params), 997, generator=g) * 2
-        got = sample_tokens(logits.clone(), params, fast)
-        assert got.tolist() == sample_tokens_reference(logits.clone(), params, reference).tolist()
+        got = sample_tokens(logits.clone(), params, seeds, draws)
+        assert got.tolist() == sample_tokens_reference(logits.clone(), params, seeds, draws).tolist()
         picks.append(got.tolist())
     sampled = [i for i, (t, _, _) in enumerate(settings) if t > 0]
     assert all(len({draw[i] for draw in picks}) > 1 for i in sampled)  # real draws, not an argmax
     if sampled:
         broken = torch.randn(len(params), 997, generator=g)
         broken[sampled[0], 3] = float("nan")
+        marked = sample_tokens(broken, params, seeds, torch.zeros(len(params), dtype=torch.long)).tolist()
+        assert marked[sampled[0]] == -1 and all(t >= 0 for i, t in enumerate(marked) if i != sampled[0])
         with pytest.raises(ValueError, match="NaN or inf"):
-            sample_tokens(broken, params, _generators(seeds))
+            check_picks(marked)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (6, 1.0), (0, 0.7)])
+def test_sampled_tokens_follow_the_filtered_distribution(top_k, top_p):
+    """4000 draws of one row (seed fixed, draw number 0..3999): each token's frequency is its probability
+    after temperature, top-k and top-p (as torch.multinomial's would be), and no filtered token appears."""
+    from lorakit.infer.sampling import sample_tokens
+
+    n, temperature = 4000, 1.3
+    logits = torch.linspace(2.0, -2.0, 12)
+    expected = filter_top_k_top_p(logits[None] / temperature, top_k, top_p).softmax(-1)[0]
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * n
+    picks = sample_tokens(logits.expand(n, -1).clone(), params, torch.full((n,), 7), torch.arange(n))
+    frequency = torch.bincount(picks, minlength=12).float() / n
+    assert frequency[expected == 0].sum() == 0
+    assert (frequency - expected).abs().max() < 0.03  # binomial std <= 0.008 at n = 4000
+    other_seed = sample_tokens(logits.expand(n, -1).clone(), params, torch.full((n,), 8), torch.arange(n))
+    assert (other_seed != picks).float().mean() > 0.3  # another seed, other draws
 
 
 def test_unmerged_lora_falls_back_to_the_reference(qwen_tokenizer):
@@ -248,7 +283,7 @@ def test_a_failing_compiler_falls_back_to_the_uncompiled_step(model, qwen_tokeni
     decoder.attention_in = broken
     captured = []
     monkeypatch.setattr(fast_decode.StaticDecoder, "_capture",
-                        lambda self, s: captured.append(self.attention_in(None)) if self.compiled else None)
+                        lambda self, s, width: captured.append(self.attention_in(None)) if self.compiled else None)
     with pytest.warns(UserWarning, match="inductor exploded"):
         out = engine.generate(prompts[:1], GREEDY)
     assert decoder.attention_in is fast_decode.attention_in and not decoder.compiled
@@ -261,13 +296,13 @@ def test_a_failing_graph_capture_decodes_without_a_graph(model, qwen_tokenizer, 
 
     engine = Engine(model, qwen_tokenizer, fast=True, compile=False, cuda_graphs=True)
 
-    def broken(self, s):
+    def broken(self, s, width):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(fast_decode.StaticDecoder, "_capture", broken)
     with pytest.warns(UserWarning, match="decoding without a graph"):
         out = engine.generate(prompts, GREEDY)
-    assert not engine._fast.cuda_graphs and engine._fast.state.graph is None
+    assert not engine._fast.cuda_graphs and not engine._fast.state.graphs
     assert [g.token_ids for g in out] == [g.token_ids for g in Engine(model, qwen_tokenizer, fast=False).generate(
         prompts, GREEDY)]
 

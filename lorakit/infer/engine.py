@@ -121,18 +121,13 @@ class Engine:
         return decoder.owner
 
     def new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
-        """A sequence for `prompt`: checked against the context, with its stop tokens and generator."""
+        """A sequence for `prompt`: checked against the context, with its stop tokens and sampling seed
+        (params.seed, else one drawn from torch's default generator, so torch.manual_seed repeats it)."""
         self._check_prompt(prompt)
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+        seed = params.seed if params.seed is not None else int(torch.randint(-(1 << 63), (1 << 63) - 1, ()))
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.stop_ids)
         return Sequence(list(prompt), params, min(params.max_new_tokens, self.context - len(prompt)),
-                        frozenset(stops), generator)
+                        frozenset(stops), seed)
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if len(prompt) == 0:

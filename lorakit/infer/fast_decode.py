@@ -8,8 +8,11 @@ kernels and never re-allocating. This decoder:
   time to first token is one ordinary forward and the running rows are not disturbed;
 - decodes with `decode_step`, written over the model's weights for the Llama/Qwen2 family
   (RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP): the step only reads and
-  writes fixed buffers, so on CUDA it is captured once in a CUDA graph and replayed, and its
-  two per-layer halves are compiled with torch.compile so elementwise work fuses.
+  writes fixed buffers, so on CUDA it is captured in a CUDA graph and replayed, and its
+  two per-layer halves are compiled with torch.compile so elementwise work fuses;
+- attends over the cache columns in use only (`attended_width`: a bucket that covers every running
+  row, one captured graph per bucket), so a step's attention reads what the replies have written,
+  not the whole cache.
 
 `tests/test_engine.py` and `tests/test_continuous.py` check on the CPU (no graph, no compile) that
 it picks the same greedy tokens as `reference_decoder.ReferenceDecoder`, rows joining and leaving included;
@@ -19,7 +22,7 @@ it picks the same greedy tokens as `reference_decoder.ReferenceDecoder`, rows jo
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -145,8 +148,8 @@ class DecodeState:
     values: list[torch.Tensor]
     cos: torch.Tensor  # [L, D]
     sin: torch.Tensor
-    graph: object = None
-    logits: torch.Tensor | None = None  # the graph's output buffer [B, V]
+    fill: list[int] = field(default_factory=list)  # host copy: columns each row has written (its next slot)
+    graphs: dict[int, tuple] = field(default_factory=dict)  # attended width -> (CUDA graph, its logits buffer)
 
     @property
     def rows(self) -> int:
@@ -177,6 +180,15 @@ def _layer_weights(layer, live_lora: bool = False) -> LayerWeights:
                   d.weight, d.bias),
         lora=lora,
     )
+
+
+def attended_width(columns: int, length: int) -> int:
+    """Cache columns a step attends over when the running rows use `columns`: LENGTH_BUCKET times a power of two,
+    at most the cache's length: few buckets (few captured graphs), each at most twice what is in use."""
+    width = LENGTH_BUCKET
+    while width < columns:
+        width *= 2
+    return min(width, length)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -264,6 +276,8 @@ class StaticDecoder:
         state.mask.index_fill_(0, index, float("-inf"))
         state.mask[index, :width] = visible
         state.slot.index_fill_(0, index, width)
+        for row in free:
+            state.fill[row] = width
         state.positions.index_copy_(0, index, mask.sum(-1))
         self._set_slots(self.slots + free)
         return out.logits[:, -1].float()
@@ -274,11 +288,16 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         state = self.state
         state.tokens.index_copy_(0, self.index, tokens)
-        if state.graph is not None:
-            state.graph.replay()
-            logits = state.logits
+        width = attended_width(max(state.fill[r] for r in self.slots) + 1, state.length)
+        for r in self.slots:
+            state.fill[r] += 1
+        if self.cuda_graphs and width not in state.graphs:
+            self._capture_or_fall_back(state, width)
+        if width in state.graphs:
+            graph, logits = state.graphs[width]
+            graph.replay()
         else:
-            logits = self.decode_step(state)
+            logits = self.decode_step(state, width)
         return logits.index_select(0, self.index)
 
     def _set_slots(self, slots: list[int]) -> None:
@@ -287,9 +306,10 @@ class StaticDecoder:
 
     # -- the step
 
-    def decode_step(self, s: DecodeState) -> torch.Tensor:
-        """One token per row: write its K/V at the row's own slot, attend, return logits; advance
-        slots and positions (free rows stop at the last column).
+    def decode_step(self, s: DecodeState, width: int) -> torch.Tensor:
+        """One token per row: write its K/V at the row's own slot, attend over the first `width` columns
+        (every running row's slot lies below it), return logits; advance slots and positions (free rows
+        stop at the last column).
 
         Only reads and writes `s`'s fixed buffers (no host sync, no allocation that outlives it),
         which is what makes it capturable in a CUDA graph.
@@ -304,7 +324,8 @@ class StaticDecoder:
             q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv, **lora_in)
             keys.scatter_(2, column, k[:, :, None])
             values.scatter_(2, column, v[:, :, None])
-            h = self.attention_out_mlp(h, q, keys, values, s.mask, *weights.attn_out, self.eps, **lora_out)
+            h = self.attention_out_mlp(h, q, keys[:, :, :width], values[:, :, :width], s.mask[:, :width],
+                                       *weights.attn_out, self.eps, **lora_out)
         logits = self.final_logits(h, self.norm, self.head, self.eps)
         s.slot.add_(1).clamp_(max=last)
         s.positions.add_(1).clamp_(max=last)
@@ -331,9 +352,7 @@ class StaticDecoder:
         if running is not None:
             _copy_rows(running, new)
             del running
-        if self.cuda_graphs:
-            self._capture_or_fall_back(new)
-        self.state = new
+        self.state = new  # its graphs are captured at its first steps, one per attended width
         return new
 
     def _new_state(self, rows: int, length: int) -> DecodeState:
@@ -347,27 +366,29 @@ class StaticDecoder:
             mask=torch.full((rows, length), float("-inf"), dtype=dtype, device=dev),
             keys=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
             values=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
-            cos=cos[0], sin=sin[0],
+            cos=cos[0], sin=sin[0], fill=[0] * rows,
         )
 
-    def _capture_or_fall_back(self, s: DecodeState) -> None:
+    def _capture_or_fall_back(self, s: DecodeState, width: int) -> None:
         """Capture the step; if the compiler fails, capture it uncompiled; if capture fails, decode without a graph."""
         try:
-            self._capture(s)
+            self._capture(s, width)
         except Exception as exc:  # a compiler or capture problem must not stop the user: slower, same tokens
             if self.compiled:
                 warnings.warn(f"torch.compile of the decode step failed ({exc!r:.300}); decoding uncompiled.")
                 self.compiled = False
                 self.attention_in, self.attention_out_mlp, self.final_logits = (
                     attention_in, attention_out_mlp, final_logits)
-                self._capture_or_fall_back(s)
+                s.graphs.clear()  # captured with the compiled halves: recapture alike
+                self._capture_or_fall_back(s, width)
                 return
             warnings.warn(f"CUDA graph capture of the decode step failed ({exc!r:.300}); decoding without a graph.")
             self.cuda_graphs = False
-            s.graph = s.logits = None
+            s.graphs.clear()
 
-    def _capture(self, s: DecodeState) -> None:
-        """Warm up (compiles on first use) on a side stream, then record one step as a CUDA graph.
+    def _capture(self, s: DecodeState, width: int) -> None:
+        """Warm up (compiles on first use of a shape) on a side stream, then record one step over `width`
+        columns as a CUDA graph.
 
         The warm-up steps write keys and values past each running row's slot, where nothing is
         visible yet, and the row bookkeeping (tokens, positions, slots, mask) is restored after."""
@@ -377,12 +398,12 @@ class StaticDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self.decode_step(s)
+                    self.decode_step(s, width)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                s.logits = self.decode_step(s)
-            s.graph = graph
+                logits = self.decode_step(s, width)
+            s.graphs[width] = (graph, logits)
         finally:  # also after a failure: the fallback decodes from the same rows
             for buffer, value in zip((s.tokens, s.positions, s.slot, s.mask), saved):
                 buffer.copy_(value)
@@ -394,6 +415,7 @@ def _copy_rows(old: DecodeState, new: DecodeState) -> None:
     new.tokens[:rows].copy_(old.tokens)
     new.positions[:rows].copy_(old.positions)
     new.slot[:rows].copy_(old.slot)
+    new.fill[:rows] = old.fill
     new.mask[:rows, :length].copy_(old.mask)
     for layer in range(len(new.keys)):
         new.keys[layer][:rows, :, :length].copy_(old.keys[layer])

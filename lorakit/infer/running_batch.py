@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorakit.infer.decoder import Decoder, left_pad
-from lorakit.infer.sampling import SamplingParams, apply_repetition_penalty, sample_tokens, seen_tokens
+from lorakit.infer.sampling import SamplingParams, apply_repetition_penalty, check_picks, sample_tokens, seen_tokens
 
 if TYPE_CHECKING:  # the engine makes running batches; a batch only calls back into it
     from lorakit.infer.engine import Engine
@@ -24,7 +24,8 @@ class Sequence:
     budget: int
     "Most new tokens: max_new_tokens, or what is left of the context."
     stop_ids: frozenset[int]
-    generator: torch.Generator | None = None
+    seed: int = 0
+    "The sampling seed (params.seed, or a random one when it is None); unused by greedy rows."
     tokens: list[int] = field(default_factory=list)
     "The reply so far, without the stop token."
     finish_reason: str | None = None
@@ -54,6 +55,8 @@ class RunningBatch:
         self.logits: torch.Tensor | None = None  # [rows, V] float32: each row's next-token logits
         self.seen: torch.Tensor | None = None  # [rows, V] bool, kept once a row has a repetition penalty
         self.penalty: torch.Tensor | None = None  # [rows, 1] float32, 1.0 for rows without one
+        self.seeds: torch.Tensor | None = None  # [rows] int64: each row's sampling seed
+        self.draws: torch.Tensor | None = None  # [rows] int64: tokens each row has sampled so far
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.pending)
@@ -83,7 +86,8 @@ class RunningBatch:
             if not self.rows:
                 return []
             top = self._top_logprobs()
-            tokens = sample_tokens(self._penalised(), [s.params for s in self.rows], [s.generator for s in self.rows])
+            tokens = sample_tokens(self._penalised(), [s.params for s in self.rows], self.seeds, self.draws)
+            self.draws += 1
             if self.seen is not None:
                 self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
             picked = tokens.to("cpu", non_blocking=True)
@@ -92,7 +96,9 @@ class RunningBatch:
                 self.logits = self.decoder.step(tokens)
             if ready is not None:
                 ready.synchronize()
-            for row, (seq, token) in enumerate(zip(self.rows, picked.tolist())):
+            picked = picked.tolist()
+            check_picks(picked)
+            for row, (seq, token) in enumerate(zip(self.rows, picked)):
                 if top is not None and seq.params.logprobs:
                     k = seq.params.logprobs
                     seq.logprobs.append((top[0][row][:k], top[1][row][:k]))
@@ -127,6 +133,10 @@ class RunningBatch:
         batch = left_pad([s.prompt for s in new], self.engine.pad_id, self.engine.device)
         logits = self.decoder.add(batch, max(s.budget for s in new))
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        seeds = torch.tensor([s.seed for s in new], dtype=torch.int64, device=logits.device)
+        self.seeds = seeds if self.seeds is None else torch.cat([self.seeds, seeds])
+        draws = torch.zeros(len(new), dtype=torch.int64, device=logits.device)
+        self.draws = draws if self.draws is None else torch.cat([self.draws, draws])
         if self.seen is not None or any(s.params.repetition_penalty != 1.0 for s in new):
             vocab, dev = logits.shape[-1], logits.device
             if self.seen is None:
@@ -143,10 +153,11 @@ class RunningBatch:
         self.decoder.keep(rows)
         self.rows = [self.rows[i] for i in rows]
         if not rows:
-            self.logits = self.seen = self.penalty = None
+            self.logits = self.seen = self.penalty = self.seeds = self.draws = None
             return
         index = torch.tensor(rows, device=self.logits.device)
         self.logits = self.logits.index_select(0, index)
+        self.seeds, self.draws = self.seeds.index_select(0, index), self.draws.index_select(0, index)
         if self.seen is not None:
             self.seen, self.penalty = self.seen.index_select(0, index), self.penalty.index_select(0, index)
 

@@ -60,51 +60,103 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
+# SplitMix64 (Steele, Lea and Flood 2014) on int64 tensors: additions and products wrap modulo 2**64 as they
+# do in uint64, and the right shifts are made logical by masking the sign bits off.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(z: torch.Tensor, k: int) -> torch.Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function of the state x + golden ratio (int64 in, int64 bit pattern out)."""
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def _exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    key = splitmix64(splitmix64(seeds) ^ draws)  # [B]: one stream per (seed, draw)
+    ids = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64)
+    bits = splitmix64(key[:, None] + ids[None, :] * _GOLDEN)  # SplitMix64's id-th output of that stream
+    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits
+    return -torch.log(uniform)
+
+
+_compiled_noise = None
+
+
+def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] float32 Exp(1) draws, a pure function of each row's (seed, draw number, token id).
+
+    Counter-based, so one batched computation serves every row, and a row's draws depend on nothing
+    else in its batch. On CUDA it is compiled into one kernel (eagerly, a dozen int64 passes)."""
+    global _compiled_noise
+    if seeds.device.type != "cuda":
+        return _exponential_noise(seeds, draws, vocab)
+    if _compiled_noise is None:
+        _compiled_noise = torch.compile(_exponential_noise, dynamic=True)
+    return _compiled_noise(seeds, draws, vocab)
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
+                  draws: torch.Tensor) -> torch.Tensor:
     """Pick one token per row from float32 logits [B, V] with each row's own parameters.
 
-    Greedy rows take the argmax. A sampling row draws from its own generator, so a seeded request gets
-    the same reply whatever else shares its batch. The same picks as `sample_tokens_reference`
-    (torch.multinomial per row), in a few batched kernels: multinomial draws one sample as
-    argmax(p / q) with q ~ Exp(1) from the generator, so each row fills its own row of q from its
-    generator and the rest runs once for rows that share temperature, top-k and top-p. No host sync
-    per row (multinomial makes two), which kept a GPU decoding 64 rows waiting on the host."""
+    Greedy rows take the argmax. A sampling row picks argmax(p / q) over its filtered probabilities p,
+    q ~ Exp(1) per token: the exponential race, which picks token t with probability p_t (as
+    torch.multinomial). q comes from `exponential_noise(seed, draw)` (seeds, draws: [B] int64; the caller
+    counts a row's draws), so a seeded request gets the same reply whatever shares its batch, and the
+    whole batch is a few kernels with no host sync: per-row generators made two syncs and a launch per
+    row and step, which kept a GPU decoding 64 rows waiting on the host. A sampling row whose
+    probabilities hold NaN (NaN or +inf logits) gets -1: `check_picks` raises on it once the picks reach
+    the host (they go there anyway)."""
     tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
         return tokens
-    noise = torch.empty((len(sampled), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for j, i in enumerate(sampled):
-        noise[j].exponential_(1, generator=generators[i])
         p = params[i]
         groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(j)
-    if len(sampled) == len(params) and len(groups) == 1:
+    everyone = len(sampled) == len(params)
+    index = None if everyone else torch.tensor(sampled, device=logits.device)
+    if everyone and len(groups) == 1:
         (temperature, top_k, top_p), = groups
         probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
     else:
-        probs = torch.empty_like(noise)
+        probs = torch.empty((len(sampled), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
         for (temperature, top_k, top_p), rows in groups.items():
-            index = torch.tensor([sampled[j] for j in rows], device=logits.device)
-            probs[rows] = filter_top_k_top_p(logits.index_select(0, index) / temperature, top_k, top_p).softmax(-1)
-    if bool(probs.isnan().any()):  # NaN or +inf logits (multinomial refuses them too)
+            rows_index = torch.tensor([sampled[j] for j in rows], device=logits.device)
+            probs[rows] = filter_top_k_top_p(logits.index_select(0, rows_index) / temperature, top_k, top_p).softmax(-1)
+    row_seeds, row_draws = (seeds, draws) if everyone else (seeds.index_select(0, index), draws.index_select(0, index))
+    picked = (probs / exponential_noise(row_seeds, row_draws, logits.shape[-1])).argmax(-1)
+    picked = picked.masked_fill(probs.isnan().any(-1), -1)
+    if everyone:
+        return picked
+    return tokens.index_copy_(0, index, picked)
+
+
+def check_picks(tokens: list[int]) -> None:
+    """Raise on a sampling row that had no valid distribution (sample_tokens marks it -1)."""
+    if any(t < 0 for t in tokens):
         raise ValueError("Sampling: the model's next-token logits contain NaN or inf; the weights or the "
                          "inputs are broken (a diverged training run?).")
-    picked = (probs / noise).argmax(-1)
-    if len(sampled) == len(params):
-        return picked
-    return tokens.index_copy_(0, torch.tensor(sampled, device=logits.device), picked)
 
 
-def sample_tokens_reference(logits: torch.Tensor, params: list[SamplingParams],
-                            generators: list[torch.Generator | None]) -> torch.Tensor:
-    """sample_tokens one row at a time with torch.multinomial: the plain computation the tests compare with."""
+def sample_tokens_reference(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
+                            draws: torch.Tensor) -> torch.Tensor:
+    """sample_tokens one row at a time, nothing batched: the plain computation the tests compare with."""
     tokens = logits.argmax(-1)
-    for i, (p, generator) in enumerate(zip(params, generators)):
+    for i, p in enumerate(params):
         if p.temperature > 0:
-            row = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p)
-            tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=generator)[0, 0]
+            probs = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p).softmax(-1)
+            noise = _exponential_noise(seeds[i:i + 1], draws[i:i + 1], logits.shape[-1])
+            tokens[i] = -1 if probs.isnan().any() else (probs / noise).argmax(-1)[0]
     return tokens
 
 
