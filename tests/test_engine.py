@@ -190,6 +190,15 @@ def test_splitmix64_on_int64_tensors_equals_the_unsigned_algorithm():
     assert _splitmix64_python(0) == 0xE220A8397B1DCDAF  # the first output of SplitMix64 seeded with 0
 
 
+def test_uniform_draws_stay_strictly_inside_zero_one_at_the_extreme_bit_patterns():
+    from lorakit.infer.sampling import uniform_from_bits
+
+    extremes = torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63), -(1 << 41), (1 << 41) - 1], dtype=torch.int64)
+    u = uniform_from_bits(extremes)
+    assert bool(((u > 0) & (u < 1)).all()) and bool(torch.isfinite(torch.log(-torch.log(u))).all())
+    assert u.max().item() == 1 - 2 ** -24 and u.min().item() == 2 ** -24
+
+
 @pytest.mark.parametrize("settings", [
     [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 40, 0.9)],  # mixed
     [(1.0, 0, 1.0)] * 5,  # one group (GRPO's rollouts): no per-group indexing
@@ -318,3 +327,14 @@ def test_repetition_penalty_matches_hf_generate(model, qwen_tokenizer, prompts):
         assert gen.token_ids == [t for t in hf if t not in stops]
     plain = Engine(model, qwen_tokenizer).generate(prompts[2:3], SamplingParams(max_new_tokens=32))[0]
     assert gen.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_nan_logits_stop_a_sampled_generation_with_a_clear_error(qwen_tokenizer, prompts, fast):
+    """A diverged model (NaN weights) makes sampling raise, with either decoder, instead of feeding a bad id on."""
+    broken = _model()
+    with torch.no_grad():
+        broken.lm_head.weight[5, 0] = float("nan")
+    engine = Engine(broken, qwen_tokenizer, fast=fast, compile=False, cuda_graphs=False)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4, seed=1))

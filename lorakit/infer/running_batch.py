@@ -93,7 +93,7 @@ class RunningBatch:
             picked = tokens.to("cpu", non_blocking=True)
             ready = _record_event(tokens.device)
             if any(len(s.tokens) + 1 < s.budget for s in self.rows):  # else every row ends here
-                self.logits = self.decoder.step(tokens)
+                self.logits = self.decoder.step(tokens.clamp(min=0))  # a -1 (no valid pick) is raised on below
             if ready is not None:
                 ready.synchronize()
             picked = picked.tolist()

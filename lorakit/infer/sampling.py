@@ -80,41 +80,55 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 
 def _exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] float32 Exp(1) draws, a pure function of each row's (seed, draw number, token id): counter-based,
+    so one batched computation serves every row and a row's draws depend on nothing else in its batch."""
     key = splitmix64(splitmix64(seeds) ^ draws)  # [B]: one stream per (seed, draw)
     ids = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64)
     bits = splitmix64(key[:, None] + ids[None, :] * _GOLDEN)  # SplitMix64's id-th output of that stream
-    uniform = (_shift_right(bits, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1), 24 bits
-    return -torch.log(uniform)
+    return -torch.log(uniform_from_bits(bits))
 
 
-_compiled_noise = None
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """float32 uniform in (0, 1) from the top 23 bits of int64 bit patterns: (k + 0.5) / 2**23 is exact in float32
+    and strictly inside (0, 1), so neither log(u) nor log(-log(u)) is ever infinite (with 24 bits the top value
+    rounds to 1.0)."""
+    return (_shift_right(bits, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
-def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B, vocab] float32 Exp(1) draws, a pure function of each row's (seed, draw number, token id).
+def _race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """argmax(scaled + Gumbel noise) per row: token t with probability softmax(scaled)_t; -1 where the row's
+    best score is NaN or +inf (NaN or +inf logits)."""
+    score = scaled - torch.log(_exponential_noise(seeds, draws, scaled.shape[-1]))  # -log(Exp(1)) is Gumbel
+    pick = score.argmax(-1)  # a NaN counts as the largest, so it is caught below
+    best = score.gather(-1, pick[:, None])[:, 0]
+    return torch.where(torch.isfinite(best), pick, -1)
 
-    Counter-based, so one batched computation serves every row, and a row's draws depend on nothing
-    else in its batch. On CUDA it is compiled into one kernel (eagerly, a dozen int64 passes)."""
-    global _compiled_noise
-    if seeds.device.type != "cuda":
-        return _exponential_noise(seeds, draws, vocab)
-    if _compiled_noise is None:
-        _compiled_noise = torch.compile(_exponential_noise, dynamic=True)
-    return _compiled_noise(seeds, draws, vocab)
+
+_compiled_race = None
+
+
+def race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """_race; on CUDA compiled into one kernel that reads the logits once (eagerly, a dozen passes)."""
+    global _compiled_race
+    if scaled.device.type != "cuda":
+        return _race(scaled, seeds, draws)
+    if _compiled_race is None:
+        _compiled_race = torch.compile(_race, dynamic=True)
+    return _compiled_race(scaled, seeds, draws)
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
                   draws: torch.Tensor) -> torch.Tensor:
     """Pick one token per row from float32 logits [B, V] with each row's own parameters.
 
-    Greedy rows take the argmax. A sampling row picks argmax(p / q) over its filtered probabilities p,
-    q ~ Exp(1) per token: the exponential race, which picks token t with probability p_t (as
-    torch.multinomial). q comes from `exponential_noise(seed, draw)` (seeds, draws: [B] int64; the caller
-    counts a row's draws), so a seeded request gets the same reply whatever shares its batch, and the
-    whole batch is a few kernels with no host sync: per-row generators made two syncs and a launch per
-    row and step, which kept a GPU decoding 64 rows waiting on the host. A sampling row whose
-    probabilities hold NaN (NaN or +inf logits) gets -1: `check_picks` raises on it once the picks reach
-    the host (they go there anyway)."""
+    Greedy rows take the argmax. A sampling row picks argmax(l / T + g) over its filtered logits l, with
+    g a Gumbel draw per token: the Gumbel-max race, which picks token t with probability softmax(l / T)_t
+    (as torch.multinomial). g comes from a counter-based generator of (seed, draw number, token id)
+    (seeds, draws: [B] int64; the caller counts a row's draws), so a seeded request gets the same reply
+    whatever shares its batch, and the whole batch is one kernel with no host sync: per-row generators
+    made two syncs and a launch per row and step, which kept a GPU decoding 64 rows waiting on the
+    host. A sampling row with NaN or +inf logits gets -1: `check_picks` raises on it once the picks
+    reach the host (they go there anyway)."""
     tokens = logits.argmax(-1)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled:
@@ -127,15 +141,14 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: tor
     index = None if everyone else torch.tensor(sampled, device=logits.device)
     if everyone and len(groups) == 1:
         (temperature, top_k, top_p), = groups
-        probs = filter_top_k_top_p(logits / temperature, top_k, top_p).softmax(-1)
+        scaled = filter_top_k_top_p(logits / temperature, top_k, top_p)
     else:
-        probs = torch.empty((len(sampled), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+        scaled = torch.empty((len(sampled), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
         for (temperature, top_k, top_p), rows in groups.items():
             rows_index = torch.tensor([sampled[j] for j in rows], device=logits.device)
-            probs[rows] = filter_top_k_top_p(logits.index_select(0, rows_index) / temperature, top_k, top_p).softmax(-1)
+            scaled[rows] = filter_top_k_top_p(logits.index_select(0, rows_index) / temperature, top_k, top_p)
     row_seeds, row_draws = (seeds, draws) if everyone else (seeds.index_select(0, index), draws.index_select(0, index))
-    picked = (probs / exponential_noise(row_seeds, row_draws, logits.shape[-1])).argmax(-1)
-    picked = picked.masked_fill(probs.isnan().any(-1), -1)
+    picked = race(scaled, row_seeds, row_draws)
     if everyone:
         return picked
     return tokens.index_copy_(0, index, picked)
@@ -150,13 +163,12 @@ def check_picks(tokens: list[int]) -> None:
 
 def sample_tokens_reference(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
                             draws: torch.Tensor) -> torch.Tensor:
-    """sample_tokens one row at a time, nothing batched: the plain computation the tests compare with."""
+    """sample_tokens one row at a time, nothing batched or compiled: the plain computation the tests compare with."""
     tokens = logits.argmax(-1)
     for i, p in enumerate(params):
         if p.temperature > 0:
-            probs = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p).softmax(-1)
-            noise = _exponential_noise(seeds[i:i + 1], draws[i:i + 1], logits.shape[-1])
-            tokens[i] = -1 if probs.isnan().any() else (probs / noise).argmax(-1)[0]
+            scaled = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p)
+            tokens[i] = _race(scaled, seeds[i:i + 1], draws[i:i + 1])[0]
     return tokens
 
 
