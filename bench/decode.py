@@ -191,8 +191,8 @@ def diagnostics(engine: Engine, rows: int) -> dict:
     state = fast.state
     q = torch.randn(rows, fast.n_kv, fast.n_heads // fast.n_kv, fast.head_dim, device=dev, dtype=dtype)
     mask = state.mask[:rows, None, None, :]
-    out["attention_ms"] = _graph_ms(lambda: [F.scaled_dot_product_attention(q, k[:rows], v[:rows], attn_mask=mask)
-                                             for k, v in zip(state.keys, state.values)], 20)
+    out["attention_ms"] = _graph_ms(lambda: [F.scaled_dot_product_attention(q, kv[0, :rows], kv[1, :rows], attn_mask=mask)
+                                             for kv in state.kv], 20)
     big = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(big)
     ms = _graph_ms(lambda: dst.copy_(big), 10)

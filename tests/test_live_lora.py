@@ -53,7 +53,7 @@ def prompts(qwen_tokenizer):
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                     ["v_proj", "up_proj"]])
+                                     ["v_proj", "up_proj"], ["o_proj", "down_proj"]])  # all, some, none of q/k/v
 def test_live_adapter_fast_path_equals_reference_and_follows_updates(qwen_tokenizer, prompts, targets):
     model = _lora_model(targets)
     assert "merge_lora" in unsupported_reason(model) and unsupported_reason(model, live_lora=True) is None

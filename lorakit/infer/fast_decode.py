@@ -74,16 +74,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int, lora_qkv=None):
-    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D], k, v [B, KV, D].
+def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int, lora_qkv_b=None):
+    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D] and the new keys and
+    values stacked, kv [2, B, KV, D] (one tensor, so one write puts both in the cache).
 
     q, k and v come from one matrix product with the three weights stacked (one large read of
-    the weights instead of two small ones that cannot reach full memory bandwidth)."""
+    the weights instead of two small ones that cannot reach full memory bandwidth). With a live
+    adapter, its stacked A rows sit under them (lora_qkv_b is then s B, [q+k+v out, r]): the same
+    product gives x A^T, and only the B product is extra."""
     x = rms_norm(h, ln, eps)
     batch = h.shape[0]
-    qkv = add_lora(F.linear(x, w_qkv, b_qkv), x, lora_qkv).view(batch, n_heads + 2 * n_kv, -1)
-    q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=1)
-    return rotate(q, cos, sin), rotate(k, cos, sin), v
+    out = F.linear(x, w_qkv, b_qkv)
+    if lora_qkv_b is not None:
+        rank = lora_qkv_b.shape[1]
+        out = out[:, :-rank] + F.linear(out[:, -rank:], lora_qkv_b)
+    q, k, v = out.view(batch, n_heads + 2 * n_kv, -1).split([n_heads, n_kv, n_kv], dim=1)
+    return rotate(q, cos, sin), torch.stack((rotate(k, cos, sin), v))
 
 
 def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, wd, bd, eps: float,
@@ -127,7 +133,7 @@ def _lora_kwargs(weights: LayerWeights) -> tuple[dict, dict]:
     if weights.lora is None:
         return {}, {}
     qkv, o, gate_up, down = (g.tensors for g in weights.lora)
-    return {"lora_qkv": qkv}, {"lora_o": o, "lora_gate_up": gate_up, "lora_down": down}
+    return {"lora_qkv_b": qkv[1] if qkv else None}, {"lora_o": o, "lora_gate_up": gate_up, "lora_down": down}
 
 
 @dataclass
@@ -144,8 +150,7 @@ class DecodeState:
     positions: torch.Tensor  # [B] long: its rotary position
     slot: torch.Tensor  # [B] long: the cache column each row's token is written to
     mask: torch.Tensor  # [B, L] model dtype: 0 visible, -inf not
-    keys: list[torch.Tensor]  # per layer [B, KV, L, D]
-    values: list[torch.Tensor]
+    kv: list[torch.Tensor]  # per layer [2, B, KV, L, D]: keys and values in one tensor
     cos: torch.Tensor  # [L, D]
     sin: torch.Tensor
     fill: list[int] = field(default_factory=list)  # host copy: columns each row has written (its next slot)
@@ -163,17 +168,20 @@ class DecodeState:
 def _layer_weights(layer, live_lora: bool = False) -> LayerWeights:
     a, m = layer.self_attn, layer.mlp
     projections = [base_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
-    w_qkv = torch.cat([p.weight for p in projections]).detach()
+    weight = projections[0].weight
+    rank = LoraGroup.rank_of([a.q_proj, a.k_proj, a.v_proj]) if live_lora else 0
+    # q, k, v stacked (a copy), then a live adapter's A rows (filled and refreshed by its LoraGroup)
+    w_qkv = torch.cat([p.weight.detach() for p in projections] + [weight.new_zeros(rank, weight.shape[1])])
     b_qkv = None
     if any(p.bias is not None for p in projections):
-        b_qkv = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features)
-                           for p in projections]).detach()
+        b_qkv = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
+                           for p in projections] + [weight.new_zeros(rank)])
     o, g, u, d = (base_linear(p) for p in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
     lora = None
     if live_lora:
         dtype = w_qkv.dtype
-        lora = [LoraGroup([a.q_proj, a.k_proj, a.v_proj], dtype), LoraGroup([a.o_proj], dtype),
-                LoraGroup([m.gate_proj, m.up_proj], dtype), LoraGroup([m.down_proj], dtype)]
+        lora = [LoraGroup([a.q_proj, a.k_proj, a.v_proj], dtype, a_rows=w_qkv[w_qkv.shape[0] - rank:]),
+                LoraGroup([a.o_proj], dtype), LoraGroup([m.gate_proj, m.up_proj], dtype), LoraGroup([m.down_proj], dtype)]
     return LayerWeights(
         attn_in=(layer.input_layernorm.weight, w_qkv, b_qkv),
         attn_out=(o.weight, o.bias, layer.post_attention_layernorm.weight, g.weight, g.bias, u.weight, u.bias,
@@ -268,9 +276,9 @@ class StaticDecoder:
             out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
         index = torch.tensor(free, device=state.tokens.device)
-        for layer, (keys, values) in enumerate(_cache_tensors(cache_of(out))):
-            state.keys[layer][index, :, :width] = keys.to(state.keys[layer].dtype)
-            state.values[layer][index, :, :width] = values.to(state.values[layer].dtype)
+        for kv, (keys, values) in zip(state.kv, _cache_tensors(cache_of(out))):
+            kv[0, index, :, :width] = keys.to(kv.dtype)
+            kv[1, index, :, :width] = values.to(kv.dtype)
         visible = torch.zeros(mask.shape, dtype=state.mask.dtype, device=mask.device).masked_fill_(
             ~mask.bool(), float("-inf"))
         state.mask.index_fill_(0, index, float("-inf"))
@@ -316,15 +324,14 @@ class StaticDecoder:
         """
         batch, last = s.rows, s.length - 1
         s.mask.scatter_(1, s.slot[:, None], 0.0)
-        column = s.slot.view(batch, 1, 1, 1).expand(batch, self.n_kv, 1, self.head_dim)
+        column = s.slot.view(1, batch, 1, 1, 1).expand(2, batch, self.n_kv, 1, self.head_dim)
         h = F.embedding(s.tokens, self.embed)
         cos, sin = s.cos[s.positions][:, None], s.sin[s.positions][:, None]
-        for weights, keys, values in zip(self.layers, s.keys, s.values):
+        for weights, kv in zip(self.layers, s.kv):
             lora_in, lora_out = _lora_kwargs(weights)
-            q, k, v = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv, **lora_in)
-            keys.scatter_(2, column, k[:, :, None])
-            values.scatter_(2, column, v[:, :, None])
-            h = self.attention_out_mlp(h, q, keys[:, :, :width], values[:, :, :width], s.mask[:, :width],
+            q, new = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv, **lora_in)
+            kv.scatter_(3, column, new[:, :, :, None])
+            h = self.attention_out_mlp(h, q, kv[0, :, :, :width], kv[1, :, :, :width], s.mask[:, :width],
                                        *weights.attn_out, self.eps, **lora_out)
         logits = self.final_logits(h, self.norm, self.head, self.eps)
         s.slot.add_(1).clamp_(max=last)
@@ -364,8 +371,7 @@ class StaticDecoder:
             positions=torch.zeros(rows, dtype=torch.long, device=dev),
             slot=torch.full((rows,), length - 1, dtype=torch.long, device=dev),
             mask=torch.full((rows, length), float("-inf"), dtype=dtype, device=dev),
-            keys=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
-            values=[torch.zeros(cache_shape, dtype=dtype, device=dev) for _ in self.layers],
+            kv=[torch.zeros((2, *cache_shape), dtype=dtype, device=dev) for _ in self.layers],
             cos=cos[0], sin=sin[0], fill=[0] * rows,
         )
 
@@ -417,9 +423,8 @@ def _copy_rows(old: DecodeState, new: DecodeState) -> None:
     new.slot[:rows].copy_(old.slot)
     new.fill[:rows] = old.fill
     new.mask[:rows, :length].copy_(old.mask)
-    for layer in range(len(new.keys)):
-        new.keys[layer][:rows, :, :length].copy_(old.keys[layer])
-        new.values[layer][:rows, :, :length].copy_(old.values[layer])
+    for layer in range(len(new.kv)):
+        new.kv[layer][:, :rows, :, :length].copy_(old.kv[layer])
 
 
 def _cache_tensors(cache):

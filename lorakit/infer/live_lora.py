@@ -28,23 +28,35 @@ def base_linear(module) -> torch.nn.Linear:
     return module.base_layer if hasattr(module, "base_layer") else module
 
 
+def _adapters(projections: list) -> list[tuple]:
+    """(module, active adapter name) of each projection that is a plain LoRA layer."""
+    return [(m, next(a for a in m.active_adapters if a in m.lora_A)) for m in projections if is_plain_lora(m)]
+
+
 class LoraGroup:
     """The adapters of projections that read the same input, stacked: x -> x A^T B^T (all outputs concatenated)."""
 
-    def __init__(self, projections: list, dtype: torch.dtype):
+    def __init__(self, projections: list, dtype: torch.dtype, a_rows: torch.Tensor | None = None):
+        """a_rows: where the stacked A lives ([rank_of(projections), in], e.g. rows under a stacked base weight,
+        so one product gives both); a buffer of its own when None."""
         self.projections = projections
         self.parts = []  # (module, adapter name, row offset in A, column offset in B output) per adapted projection
         ranks, out = 0, 0
+        adapted = dict(_adapters(projections))
         for m in projections:
-            if is_plain_lora(m):
-                name = next(a for a in m.active_adapters if a in m.lora_A)
-                self.parts.append((m, name, ranks, out))
-                ranks += m.lora_A[name].weight.shape[0]
+            if m in adapted:
+                self.parts.append((m, adapted[m], ranks, out))
+                ranks += m.lora_A[adapted[m]].weight.shape[0]
             out += base_linear(m).out_features
         ref = base_linear(projections[0]).weight
-        self.a = torch.zeros(ranks, ref.shape[1], dtype=dtype, device=ref.device)
+        self.a = torch.zeros(ranks, ref.shape[1], dtype=dtype, device=ref.device) if a_rows is None else a_rows
         self.b = torch.zeros(out, ranks, dtype=dtype, device=ref.device)
         self.refresh()
+
+    @staticmethod
+    def rank_of(projections: list) -> int:
+        """Rows of the stacked A: the adapted projections' ranks summed."""
+        return sum(m.lora_A[name].weight.shape[0] for m, name in _adapters(projections))
 
     @torch.no_grad()
     def refresh(self) -> None:
