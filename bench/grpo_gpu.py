@@ -215,6 +215,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", choices=["build", "lorakit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--beta", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--rollout_compiles", nargs="+", default=["default"],
+                        help="torch.compile modes of the rollout decoder to run (default: lorakit's own choice; "
+                             "e.g. max-autotune-no-cudagraphs)")
+    parser.add_argument("--rollout_compile", default="default", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     cfg = Config.smoke() if opts.smoke else Config()
     cfg.steps = opts.steps or cfg.steps
@@ -237,10 +241,10 @@ def main() -> None:
         if code != 0:
             raise SystemExit("building the random model failed; nothing to measure")
     if not opts.skip_lorakit:
-        for beta in opts.betas:
-            name = f"lorakit_beta{beta:g}"
-            code, seconds = run_child(name, ["--child", "lorakit", "--beta", str(beta), *common],
-                                      opts.lorakit_timeout)
+        for beta, mode in [(b, m) for b in opts.betas for m in opts.rollout_compiles]:
+            name = child_name(beta, mode)
+            code, seconds = run_child(name, ["--child", "lorakit", "--beta", str(beta), "--rollout_compile", mode,
+                                             *common], opts.lorakit_timeout)
             results[name] = lorakit_result(out / name, out / f"{name}-decoder.json", code, seconds)
             print("RESULT " + json.dumps({name: results[name]}), flush=True)
             print(f"== {name}: {split_line(results[name])}", flush=True)
@@ -252,6 +256,10 @@ def main() -> None:
     print(json.dumps(results, indent=1), flush=True)
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=1))
+
+
+def child_name(beta: float, mode: str) -> str:
+    return f"lorakit_beta{beta:g}" + ("" if mode == "default" else f"_{mode}")
 
 
 def summarize(results: dict, smoke: bool) -> None:
@@ -301,8 +309,10 @@ def child_lorakit(opts, cfg: Config, out: Path, model: Path) -> None:
     from lorakit import cli
     from lorakit.rlhf import grpo, grpo_session
 
-    name = f"lorakit_beta{opts.beta:g}"
+    name = child_name(opts.beta, opts.rollout_compile)
     run_dir = out / name
+    if opts.rollout_compile != "default":
+        grpo_session.ROLLOUT_COMPILE = opts.rollout_compile
     shutil.rmtree(run_dir, ignore_errors=True)
     sampling = grpo.sampling
     grpo.sampling = lambda args: dataclasses.replace(sampling(args), ignore_eos=True)  # equal work: every reply 512
