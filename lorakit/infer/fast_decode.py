@@ -7,7 +7,8 @@ kernels and never re-allocating. This decoder:
   model's own forward (the reference computation) and its cache is copied into a free row, so
   time to first token is one ordinary forward and the running rows are not disturbed;
 - decodes with `decode_step`, written over the model's weights for the Llama/Qwen2 family
-  (RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP): the step only reads and
+  (RMSNorm, rotary embedding, grouped-query attention, SwiGLU MLP; the math and the weights'
+  layout are in lorakit.infer.decode_step): the step only reads and
   writes fixed buffers, so on CUDA it is captured in a CUDA graph and replayed, and its
   two per-layer halves are compiled with torch.compile so elementwise work fuses;
 - attends over the cache columns in use only (`attended_width`: a bucket that covers every running
@@ -27,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lorakit.infer.live_lora import LoraGroup, add_lora, base_linear, is_plain_lora
+from lorakit.infer.decode_step import (attention_in, attention_out_mlp, final_logits, layer_weights,
+                                      lora_kwargs)
+from lorakit.infer.live_lora import is_plain_lora
 from lorakit.kv_cache import cache_of
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -57,83 +60,7 @@ def unsupported_reason(model, *, live_lora: bool = False) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------- the math (pure functions)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as Llama/Qwen2 compute it: normalise in float32, scale in the input dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half form). x [B, H, D]; cos, sin [B, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def attention_in(h, ln, w_qkv, b_qkv, cos, sin, eps: float, n_heads: int, n_kv: int, lora_qkv_b=None):
-    """First half of a layer for one new token per row: h [B, hidden] -> q [B, H, D] and the new keys and
-    values stacked, kv [2, B, KV, D] (one tensor, so one write puts both in the cache).
-
-    q, k and v come from one matrix product with the three weights stacked (one large read of
-    the weights instead of two small ones that cannot reach full memory bandwidth). With a live
-    adapter, its stacked A rows sit under them (lora_qkv_b is then s B, [q+k+v out, r]): the same
-    product gives x A^T, and only the B product is extra."""
-    x = rms_norm(h, ln, eps)
-    batch = h.shape[0]
-    out = F.linear(x, w_qkv, b_qkv)
-    if lora_qkv_b is not None:
-        rank = lora_qkv_b.shape[1]
-        out = out[:, :-rank] + F.linear(out[:, -rank:], lora_qkv_b)
-    q, k, v = out.view(batch, n_heads + 2 * n_kv, -1).split([n_heads, n_kv, n_kv], dim=1)
-    return rotate(q, cos, sin), torch.stack((rotate(k, cos, sin), v))
-
-
-def attention_out_mlp(h, q, k_cache, v_cache, mask, wo, bo, ln, wg, bg, wu, bu, wd, bd, eps: float,
-                      lora_o=None, lora_gate_up=None, lora_down=None):
-    """Second half: attend over the cache, project, residual, SwiGLU MLP, residual.
-
-    q [B, H, D]; k_cache, v_cache [B, KV, L, D]; mask [B, L] (0 where visible, -inf elsewhere).
-    The H // KV query heads sharing a KV head attend as that head's 'query rows', so grouped
-    attention needs no copy of the cache.
-    """
-    batch, n_heads, dim = q.shape
-    n_kv = k_cache.shape[1]
-    grouped = q.view(batch, n_kv, n_heads // n_kv, dim)
-    o = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask[:, None, None, :])
-    o = o.reshape(batch, n_heads * dim)
-    h = h + add_lora(F.linear(o, wo, bo), o, lora_o)
-    x = rms_norm(h, ln, eps)
-    gate, up = F.linear(x, wg, bg), F.linear(x, wu, bu)
-    if lora_gate_up is not None:  # the live adapter (lorakit.infer.live_lora): one stacked pair for gate and up
-        extra = F.linear(F.linear(x, lora_gate_up[0]), lora_gate_up[1])
-        gate, up = gate + extra[:, :gate.shape[1]], up + extra[:, gate.shape[1]:]
-    act = F.silu(gate) * up
-    return h + add_lora(F.linear(act, wd, bd), act, lora_down)
-
-
-def final_logits(h, norm, head, eps: float) -> torch.Tensor:
-    return F.linear(rms_norm(h, norm, eps), head).float()
-
-
 # ---------------------------------------------------------------- the decoder
-
-
-@dataclass
-class LayerWeights:
-    attn_in: tuple
-    attn_out: tuple
-    lora: list[LoraGroup] | None = None  # qkv, o, gate+up, down: a live adapter's stacked tensors
-
-
-def _lora_kwargs(weights: LayerWeights) -> tuple[dict, dict]:
-    if weights.lora is None:
-        return {}, {}
-    qkv, o, gate_up, down = (g.tensors for g in weights.lora)
-    return {"lora_qkv_b": qkv[1] if qkv else None}, {"lora_o": o, "lora_gate_up": gate_up, "lora_down": down}
 
 
 @dataclass
@@ -163,32 +90,6 @@ class DecodeState:
     @property
     def length(self) -> int:
         return self.mask.shape[1]
-
-
-def _layer_weights(layer, live_lora: bool = False) -> LayerWeights:
-    a, m = layer.self_attn, layer.mlp
-    projections = [base_linear(p) for p in (a.q_proj, a.k_proj, a.v_proj)]
-    weight = projections[0].weight
-    rank = LoraGroup.rank_of([a.q_proj, a.k_proj, a.v_proj]) if live_lora else 0
-    # q, k, v stacked (a copy), then a live adapter's A rows (filled and refreshed by its LoraGroup)
-    w_qkv = torch.cat([p.weight.detach() for p in projections] + [weight.new_zeros(rank, weight.shape[1])])
-    b_qkv = None
-    if any(p.bias is not None for p in projections):
-        b_qkv = torch.cat([p.bias.detach() if p.bias is not None else weight.new_zeros(p.out_features)
-                           for p in projections] + [weight.new_zeros(rank)])
-    o, g, u, d = (base_linear(p) for p in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
-    lora = None
-    if live_lora:
-        dtype = w_qkv.dtype
-        lora = [LoraGroup([a.q_proj, a.k_proj, a.v_proj], dtype, a_rows=w_qkv[w_qkv.shape[0] - rank:]),
-                LoraGroup([a.o_proj], dtype), LoraGroup([m.gate_proj, m.up_proj], dtype), LoraGroup([m.down_proj], dtype)]
-    return LayerWeights(
-        attn_in=(layer.input_layernorm.weight, w_qkv, b_qkv),
-        attn_out=(o.weight, o.bias, layer.post_attention_layernorm.weight, g.weight, g.bias, u.weight, u.bias,
-                  d.weight, d.bias),
-        lora=lora,
-    )
-
 
 def attended_width(columns: int, length: int) -> int:
     """Cache columns a step attends over when the running rows use `columns`: LENGTH_BUCKET times a power of two,
@@ -227,7 +128,7 @@ class StaticDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.context = getattr(cfg, "max_position_embeddings", None) or 1 << 30
-        self.layers = [_layer_weights(layer, live_lora) for layer in base.model.layers]
+        self.layers = [layer_weights(layer, live_lora) for layer in base.model.layers]
         self.embed = base.get_input_embeddings().weight
         self.norm = base.model.norm.weight
         self.head = base.get_output_embeddings().weight
@@ -328,7 +229,7 @@ class StaticDecoder:
         h = F.embedding(s.tokens, self.embed)
         cos, sin = s.cos[s.positions][:, None], s.sin[s.positions][:, None]
         for weights, kv in zip(self.layers, s.kv):
-            lora_in, lora_out = _lora_kwargs(weights)
+            lora_in, lora_out = lora_kwargs(weights)
             q, new = self.attention_in(h, *weights.attn_in, cos, sin, self.eps, self.n_heads, self.n_kv, **lora_in)
             kv.scatter_(3, column, new[:, :, :, None])
             h = self.attention_out_mlp(h, q, kv[0, :, :, :width], kv[1, :, :, :width], s.mask[:, :width],
