@@ -338,3 +338,14 @@ def test_nan_logits_stop_a_sampled_generation_with_a_clear_error(qwen_tokenizer,
     engine = Engine(broken, qwen_tokenizer, fast=fast, compile=False, cuda_graphs=False)
     with pytest.raises(ValueError, match="NaN or inf"):
         engine.generate(prompts[:2], SamplingParams(temperature=1.0, max_new_tokens=4, seed=1))
+
+
+def test_top_k_and_top_p_together_equal_top_k_then_the_full_vocabulary_nucleus():
+    """The nucleus taken among the k candidates only (the fast path) keeps what the two filters one after the
+    other keep, the second sorting the whole vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(50, 0.9), (5, 0.5), (1, 0.3), (200, 0.99)]:
+        logits = torch.randn(8, 3000, generator=g) * 3
+        both = filter_top_k_top_p(logits, top_k, top_p)
+        assert torch.equal(both, filter_top_k_top_p(filter_top_k_top_p(logits, top_k, 1.0), 0, top_p))
+        assert bool((both.isfinite().sum(-1) <= top_k).all()) and bool((both.isfinite().sum(-1) >= 1).all())

@@ -47,17 +47,26 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus to -inf (the most likely token always survives)."""
+    """Set logits outside the top-k / nucleus to -inf (the most likely token always survives).
+
+    With both, the nucleus is taken among the k candidates only (sorting k values, not the vocabulary: the
+    other tokens are out anyway), which is what makes GRPO's default top-k 50 + top-p 0.9 cheap per step."""
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        values, ids = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+        if top_p < 1.0:
+            values = values.masked_fill(_outside_nucleus(values, top_p), float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this token already reached top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, _outside_nucleus(sorted_logits, top_p))
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _outside_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """For logits sorted largest first: True where the mass of the tokens before already reached top_p."""
+    probs = sorted_logits.softmax(-1)
+    return (probs.cumsum(-1) - probs) >= top_p
 
 
 # SplitMix64 (Steele, Lea and Flood 2014) on int64 tensors: additions and products wrap modulo 2**64 as they
