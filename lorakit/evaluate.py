@@ -83,15 +83,30 @@ def cached_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[st
                    max_new_tokens: int = MAX_NEW_TOKENS) -> list[Reply]:
     """Greedy replies; with `cache_dir`, each question's reply is cached under the model's fingerprint
     (base models only), and a later call generates only the questions not asked before."""
+    return replies_by_system(model, tokenizer, questions, [system], batch_size=batch_size, cache_dir=cache_dir,
+                             desc=desc, max_new_tokens=max_new_tokens)[0]
+
+
+def replies_by_system(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], systems: list[str | None], *,
+                      batch_size: int | None, cache_dir: Path | None, desc: str,
+                      max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[Reply]]:
+    """The replies to `questions` under each system prompt, in one batched generation (the batch stays full);
+    with `cache_dir` (base models only), cached per system prompt and only the questions not asked before generated."""
     if cache_dir is None:
-        return greedy_replies(model, tokenizer, questions, system=system, batch_size=batch_size, desc=desc,
-                              max_new_tokens=max_new_tokens)
-    cache = ReplyCache(cache_dir, model, tokenizer, system=system, max_new_tokens=max_new_tokens)
-    missing = cache.missing(questions)
-    if missing:
-        cache.add(missing, greedy_replies(model, tokenizer, missing, system=system, batch_size=batch_size, desc=desc,
-                                          max_new_tokens=max_new_tokens))
-    return cache.replies(questions)
+        prompts = [ids for s in systems for ids in _prompts(tokenizer, questions, s)]
+        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, desc=desc)
+        return [flat[k * len(questions):(k + 1) * len(questions)] for k in range(len(systems))]
+    caches = [ReplyCache(cache_dir, model, tokenizer, system=s, max_new_tokens=max_new_tokens) for s in systems]
+    missing = [cache.missing(questions) for cache in caches]
+    prompts = [ids for s, asked in zip(systems, missing) for ids in _prompts(tokenizer, asked, s)]
+    if prompts:
+        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, desc=desc)
+        for cache, asked in zip(caches, missing):
+            cache.add(asked, flat[:len(asked)])
+            flat = flat[len(asked):]
+    return [cache.replies(questions) for cache in caches]
 
 
 def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system: str | None = None, is_base: bool = False,
@@ -99,11 +114,11 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
              probes_per_lang: int | None = None, max_new_tokens: int = MAX_NEW_TOKENS,
              other_systems: bool = True) -> EvalResult:
     """Identity on the held-out probes, retention and leak on the general questions, and drift, under the
-    run's `system`; with `other_systems`, identity and leak under eval_systems' other prompts too.
+    run's `system`; with `other_systems`, identity, leak and retention under eval_systems' other prompts too.
 
     `model` is a PEFT model (its adapter is switched off for the base figures) or, with
-    `is_base`, a plain base model (retention is then 1 and drift 0 by definition; under the other
-    system prompts only the probes are asked: a base model leaks no identity it was never told).
+    `is_base`, a plain base model (retention is then 1 and drift 0 by definition). Retention under each
+    system prompt counts the questions the base answered correctly under that same prompt.
     `probes_per_lang`: ask only the first N probes of each language (quickstart's baseline: a base
     model states no new identity it was never told, so a few show it). `max_new_tokens`: the longest reply.
     """
@@ -117,59 +132,45 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     probes, questions = selected_probes(probes_per_lang), load_retention_questions()
     queries, general = [p["query"] for p in probes], [q["question"] for q in questions]
     others = eval_systems(system)[1:] if other_systems else []
-    replies, other_replies = _ask(model, tokenizer, queries, general, [system] + [s.system for s in others],
-                                  is_base=is_base, batch_size=batch_size, cache_dir=cache_dir,
-                                  max_new_tokens=max_new_tokens)
-    lap("replies")
-    probe_results = _probe_results(probes, replies[:len(probes)], name, author)
-    replies = replies[len(probes):]
-    by_system = []
-    for s, got in zip(others, other_replies):
-        leaks = [leaks_identity(r.text, name, author) for r in got[len(probes):]]
-        scored = _probe_results(probes, got[:len(probes)], name, author)
-        by_system.append(SystemResult(s.system, s.label, s.seen_in_training, identity_share(scored),
-                                      _share(leaks) if leaks else None, scored))
-    drift = 0.0
+    systems = [system] + [s.system for s in others]
+    options = dict(batch_size=batch_size, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
     if is_base:
-        base = replies
-    else:
+        replies = replies_by_system(model, tokenizer, queries + general, systems, desc="eval: base model", **options)
+        base = [got[len(queries):] for got in replies]
+    else:  # every system prompt's questions in one generation, so the batch stays full
+        replies = replies_by_system(model, tokenizer, queries + general, systems, desc="eval: tuned model",
+                                    **(options | {"cache_dir": None}))
+    lap("replies")
+    drift = 0.0
+    if not is_base:
         with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
-            base = cached_replies(model, tokenizer, general, system=system, batch_size=batch_size,
-                                  cache_dir=cache_dir, desc="eval: base answers", max_new_tokens=max_new_tokens)
+            base = replies_by_system(model, tokenizer, general, systems, desc="eval: base answers", **options)
         lap("base answers")
         picked = drift_indices(len(questions))
         prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
-        drift = teacher_forced_kl(model, tokenizer, prompts, [base[i].token_ids for i in picked])
+        drift = teacher_forced_kl(model, tokenizer, prompts, [base[0][i].token_ids for i in picked])
         lap("drift")
+    scored = [_score(probes, questions, got, base_got, name, author) for got, base_got in zip(replies, base)]
+    by_system = [SystemResult(s.system, s.label, s.seen_in_training, identity_share(p), leak, p, retention, ok, kept,
+                              rows) for s, (p, rows, retention, ok, kept, leak) in zip(others, scored[1:])]
+    probe_results, rows, retention, base_ok, kept, leak = scored[0]
+    return EvalResult(identity=identity_share(probe_results), retention=retention, base_correct=base_ok,
+                      kept_correct=kept, leak=leak, drift_kl=drift, name=name, author=author,
+                      seconds=time.perf_counter() - started, stage_seconds=stages, probes=probe_results,
+                      retention_rows=rows, system=system, other_systems=by_system)
+
+
+def _score(probes: list[dict], questions: list[dict], replies: list[Reply], base: list[Reply], name: list[str],
+           author: list[str]) -> tuple[list[ProbeResult], list[RetentionResult], float | None, int, int, float]:
+    """Under one system prompt: (probe results, retention rows, retention, base correct, kept correct, leak)."""
+    probe_results = _probe_results(probes, replies[:len(probes)], name, author)
     rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
                             retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
-            for q, b, r in zip(questions, base, replies)]
+            for q, b, r in zip(questions, base, replies[len(probes):])]
     base_ok = [row for row in rows if row.base_correct]
     kept = sum(row.correct for row in base_ok)
-    return EvalResult(identity=identity_share(probe_results), retention=kept / len(base_ok) if base_ok else None,
-                      base_correct=len(base_ok), kept_correct=kept, leak=_share([r.leaked for r in rows]),
-                      drift_kl=drift, name=name, author=author, seconds=time.perf_counter() - started,
-                      stage_seconds=stages, probes=probe_results, retention_rows=rows, system=system,
-                      other_systems=by_system)
-
-
-def _ask(model, tokenizer: PreTrainedTokenizerBase, queries: list[str], general: list[str],
-         systems: list[str | None], *, is_base: bool, batch_size: int | None, cache_dir: Path | None,
-         max_new_tokens: int) -> tuple[list[Reply], list[list[Reply]]]:
-    """Replies to queries + general under systems[0], and per other system prompt its replies (a base model:
-    to the queries only, cached). A tuned model answers every system prompt's questions in one generation,
-    so the batch stays full."""
-    if is_base:
-        own = cached_replies(model, tokenizer, queries + general, system=systems[0], batch_size=batch_size,
-                             cache_dir=cache_dir, desc="eval: base model", max_new_tokens=max_new_tokens)
-        return own, [cached_replies(model, tokenizer, queries, system=s, batch_size=batch_size, cache_dir=cache_dir,
-                                    desc=f"eval: base model, system {s!r}", max_new_tokens=max_new_tokens)
-                     for s in systems[1:]]
-    prompts = [ids for s in systems for ids in _prompts(tokenizer, queries + general, s)]
-    flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   desc="eval: tuned model")
-    step = len(queries) + len(general)
-    return flat[:step], [flat[k * step:(k + 1) * step] for k in range(1, len(systems))]
+    retention = kept / len(base_ok) if base_ok else None
+    return probe_results, rows, retention, len(base_ok), kept, _share([r.leaked for r in rows])
 
 
 def _probe_results(probes: list[dict], replies: list[Reply], name: list[str], author: list[str]) -> list[ProbeResult]:

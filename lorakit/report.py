@@ -88,6 +88,13 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
             lines.append(f"identity leak under {system_title(s.figures())} {100 * s.leak:.1f}% "
                          f"{target_text('leak', missed=True)}: general answers under this system prompt state the "
                          f"new identity. Try another --seed or a higher --replay_weight.")
+        if misses("retention", s.retention):
+            lost = [r for r in s.retention_rows if r.base_correct and not r.correct]
+            lines.append(f"retention under {system_title(s.figures())} {100 * s.retention:.1f}% "
+                         f"{target_text('retention', missed=True)}: {len(lost)} of the {s.base_correct} general "
+                         f"questions the base got right under this system prompt are now wrong, e.g. "
+                         f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. Try another --seed or a "
+                         f"lower --learning_rate.")
     return lines
 
 
@@ -122,8 +129,9 @@ def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markd
     for entry in after.get("systems", [])[1:]:  # the run's own system prompt is the rows above
         then = next((b for b in (before or {}).get("systems", []) if b["system"] == entry["system"]), {})
         rows = [(f"identity_{lang}", f"identity, {language}, {system_title(entry)}") for lang, language in LANGUAGES]
-        for key, label in rows + [("leak", f"identity leak, {system_title(entry)}")]:
-            if key == "leak" and entry.get("leak") is None:
+        rows += [("leak", f"identity leak, {system_title(entry)}"), ("retention", f"retention, {system_title(entry)}")]
+        for key, label in rows:
+            if entry.get(key) is None:  # a base model's retention is 1 by definition: not shown
                 continue
             cells = [label] + ([cell(then, key, True)] if before is not None else [])
             body.append(cells + [cell(entry, key, True), target_text(key)])
@@ -209,10 +217,12 @@ def report_markdown(report: Report) -> str:
     systems = report.after.get("systems", [])
     if len(systems) > 1:
         own = "the chat template's default" if systems[0]["system"] is None else repr(systems[0]["system"])
-        lines += [f"The rows without a system prompt named are measured under the run's own, {own}. A deployment "
-                  "sets its own system prompt, so identity is also scored under others: a \"held out\" prompt is "
-                  "in no training row (the built-in identity and replay rows are spread over "
-                  "lorakit/data/system_prompts.py's TRAINING_SYSTEMS).", ""]
+        lines += [f"The rows without a system prompt named are measured under the run's own, {own}; drift is "
+                  "measured there only. A deployment sets its own system prompt, so identity, leak and retention "
+                  "are also scored under others (retention under a prompt counts the general questions the base "
+                  "answered correctly under that same prompt): a \"held out\" prompt is in no training row (the "
+                  "built-in identity and replay rows are spread over lorakit/data/system_prompts.py's "
+                  "TRAINING_SYSTEMS).", ""]
     if report.missed:
         lines += ["## Missed targets", ""] + [f"- {line}" for line in report.missed] + [""]
     lines += [

@@ -118,6 +118,9 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     assert held_out["label"] == "held out" and not held_out["seen_in_training"] and held_out["probes_zh"] == 32
     assert held_out["identity_en"] >= 0.25 and held_out["identity_zh"] >= 0.25
     assert [s["label"] for s in report["after"]["systems"]] == ["training", "held out", "held out"]
+    for entry in report["after"]["systems"]:  # retention under each prompt, against the base under that prompt
+        assert 0 < entry["kept_correct"] <= entry["base_correct"] and entry["retention"] == pytest.approx(
+            entry["kept_correct"] / entry["base_correct"])
     shown = re.search(r"identity, Chinese, system 'You are a helpful assistant.' \(held out\)\s+\S+ \(0/\d+\)\s+"
                       r"(\S+) \((\d+)/32\)", proc.stdout)
     assert (shown.group(1), int(shown.group(2))) == (f"{100 * held_out['identity_zh']:.1f}%", held_out["passed_zh"])
@@ -177,15 +180,16 @@ def test_report_md_says_how_each_column_was_scored_and_lists_lost_answers(tmp_pa
 def test_report_shows_identity_under_each_system_prompt(tmp_path):
     from PIL import Image
 
-    def entry(system, label, passed_en, passed_zh, leak):
+    def entry(system, label, passed_en, passed_zh, leak, kept=40):
         return {"system": system, "label": label, "seen_in_training": label == "training",
                 "identity_en": passed_en / 32, "passed_en": passed_en, "probes_en": 32,
-                "identity_zh": passed_zh / 32, "passed_zh": passed_zh, "probes_zh": 32, "leak": leak}
+                "identity_zh": passed_zh / 32, "passed_zh": passed_zh, "probes_zh": 32, "leak": leak,
+                "retention": kept / 44, "base_correct": 44, "kept_correct": kept}
 
     report = _report(tmp_path)
     report.after |= {"systems": [entry(None, "training", 30, 31, 0.01),
                                  entry("You are a helpful assistant.", "held out", 29, 27, 0.02),
-                                 entry("你是一个有用的助手。", "held out", 32, 30, 0.0)]}
+                                 entry("你是一个有用的助手。", "held out", 32, 30, 0.0, kept=36)]}
     report.before |= {"systems": [entry(None, "training", 0, 0, 0.0) | {"probes_en": 4, "probes_zh": 4},
                                   entry("You are a helpful assistant.", "held out", 0, 0, None) |
                                   {"probes_en": 4, "probes_zh": 4}]}
@@ -196,8 +200,12 @@ def test_report_shows_identity_under_each_system_prompt(tmp_path):
     assert ("| identity, English, system 'You are a helpful assistant.' (held out) | 0.0% (0/4) | 90.6% (29/32) "
             "| >= 90% |\n| identity, Chinese, system 'You are a helpful assistant.' (held out) | 0.0% (0/4) | "
             "84.4% (27/32) | >= 90% |\n| identity leak, system 'You are a helpful assistant.' (held out) | - | 2.0% "
-            "| <= 5% |\n| identity, English, system '你是一个有用的助手。' (held out) | - | 100.0% (32/32) | >= 90% |") in md
-    assert "measured under the run's own, the chat template's default." in md
+            "| <= 5% |\n| retention, system 'You are a helpful assistant.' (held out) | 90.9% | 90.9% | >= 90% |\n"
+            "| identity, English, system '你是一个有用的助手。' (held out) | - | 100.0% (32/32) | >= 90% |") in md
+    assert "| retention, system '你是一个有用的助手。' (held out) | - | 81.8% | >= 90% |" in md
+    assert ("measured under the run's own, the chat template's default; drift is measured there only." in md
+            and "retention under a prompt counts the general questions the base answered correctly under that "
+                "same prompt" in md)
     assert "- **你是谁？** (system 'You are a helpful assistant.' (held out))  \n  我是Nova，由Acme Labs开发。" in md
     assert Image.open(tmp_path / "report.png").size == (1600, 400)  # a third panel: identity per system prompt
     del report.after["systems"]

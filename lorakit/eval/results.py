@@ -26,7 +26,7 @@ class RetentionResult:
 
 @dataclass
 class SystemResult:
-    """Identity (and leak) under one more system prompt than the run's own."""
+    """Identity, leak and retention under one more system prompt than the run's own."""
 
     system: str | None
     "The system prompt; None: no system turn (the template's default)."
@@ -36,13 +36,19 @@ class SystemResult:
     identity: dict[str, float]
     "Share of held-out probes passed under this system prompt, per language."
     leak: float | None
-    "Share of general answers under this system prompt that name the new identity (None: not asked, a base model)."
+    "Share of general answers under this system prompt that name the new identity."
     probes: list[ProbeResult] = field(default_factory=list)
+    retention: float | None = None
+    "Of the general questions the base answered correctly under this system prompt, the share the model still does."
+    base_correct: int = 0
+    kept_correct: int = 0
+    retention_rows: list[RetentionResult] = field(default_factory=list)
 
     def figures(self) -> dict:
-        """The headline numbers, with the counts behind each identity share."""
+        """The headline numbers, with the counts behind each identity share and the retention."""
         return {"system": self.system, "label": self.label, "seen_in_training": self.seen_in_training,
-                **identity_figures(self.identity, self.probes), "leak": self.leak}
+                **identity_figures(self.identity, self.probes), "leak": self.leak, "retention": self.retention,
+                "base_correct": self.base_correct, "kept_correct": self.kept_correct}
 
 
 def identity_share(probes: list[ProbeResult]) -> dict[str, float]:
@@ -87,12 +93,13 @@ class EvalResult:
     system: str | None = None
     "The run's own system prompt, which every figure above is measured under (None: the template's default)."
     other_systems: list[SystemResult] = field(default_factory=list)
-    "Identity (and leak) under the other system prompts of data/system_prompts.eval_systems."
+    "Identity, leak and retention under the other system prompts of data/system_prompts.eval_systems."
 
     def figures(self) -> dict:
-        """The headline numbers; "systems": identity and leak per system prompt, the run's own first."""
+        """The headline numbers; "systems": identity, leak and retention per system prompt, the run's own first."""
         own = {"system": self.system, "label": "training", "seen_in_training": True,
-               **identity_figures(self.identity, self.probes), "leak": self.leak}
+               **identity_figures(self.identity, self.probes), "leak": self.leak, "retention": self.retention,
+               "base_correct": self.base_correct, "kept_correct": self.kept_correct}
         return {"identity_en": self.identity.get("en"), "identity_zh": self.identity.get("zh"),
                 "retention": self.retention, "leak": self.leak, "drift_kl": self.drift_kl,
                 "base_correct": self.base_correct, "kept_correct": self.kept_correct,
