@@ -6,10 +6,18 @@ answer position carries the base's whole next-token distribution (its top-k), no
 picked: a drifting model is pulled back on every plausible token, which holds the model in place
 with short answers (a cut answer also teaches no early stop: it has no end-of-turn target).
 Answers are generated once per (model, template, system, prompts, length, k) and cached as JSONL,
-token ids included, so training sees exactly the tokens whose distributions were recorded. The prompts
-are asked under the same mix of system prompts as the built-in identity rows (data/system_prompts.py):
-training the identity under a generic system prompt with no general answer under it would teach the
-model to introduce itself whenever that prompt is set.
+token ids included, so training sees exactly the tokens whose distributions were recorded.
+
+The rows are spread over the same mix of system prompts as the built-in identity rows
+(data/system_prompts.py): training the identity under a generic system prompt with no general answer
+under it would teach the model to introduce itself whenever that prompt is set. Their targets are the
+base's answers under the run's own system prompt, whatever prompt the row is rendered under (context
+distillation): the base answers best under its own prompt, and under others, Chinese ones above all, a
+small base echoes the system prompt or the question (SmolLM2-135M answered '端午节有哪些习俗？' under
+'你是一个人工智能助手。' with '你是一个人工智能助手？...'). Distilling those echoes taught the tuned model to
+repeat an unseen Chinese system prompt instead of introducing itself (held-out Chinese identity 75%,
+96.9% with these targets; experiments/quickstart-recipe.md). So the general answers, like the identity,
+are taught not to depend on the system prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lorakit.data.cache import write_text_atomic
@@ -98,7 +106,7 @@ class ReplayAnswer:
     "Per answer token: the base's top-k tokens and probabilities (before that token was picked)."
     text: str = ""
     system: str | None = None
-    "The system prompt the prompt was asked under (None: the template's default)."
+    "The system prompt of prompt_ids (None: the template's default); the answer is the base's under the run's own."
 
     def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT, weight: float = 1.0) -> Rendered:
         """Prompt (no loss) + answer; every answer token's target is `pick_weight` on the token the base
@@ -149,30 +157,42 @@ def write_answers(path: Path, answers: list[ReplayAnswer]) -> None:
 def replay_answers(model, tokenizer, n: int, *, system: str | None, cache_dir: Path,
                    max_new_tokens: int = REPLAY_MAX_NEW_TOKENS, top_k: int = REPLAY_TOP_K,
                    batch_size: int | None = None) -> list[ReplayAnswer]:
-    """The base model's greedy answers to N built-in prompts with its top-k distributions (cached per model).
+    """The base model's greedy answers to N built-in prompts with its top-k distributions (cached per model),
+    each row rendered under system_mix's prompts (`under_system_mix`).
 
-    Prompt i is asked under system_mix's i-th system prompt (`system`, the run's own, for the largest share).
-    Generated once; a later call with the same model, template, system, N, length and k reads the cache.
-    `model` must be the base model (no adapter): its answers are the targets.
+    The answers are generated under `system` (the run's own) only. Generated once; a later call with the same
+    model, template, system, N, length and k reads the cache. `model` must be the base model (no adapter):
+    its answers are the targets.
     """
     if n <= 0:
         raise UserError(f"--replay must be positive to build replay rows, got {n}.")
     prompts = pick_prompts(n)
-    systems = system_mix(len(prompts), system)
-    path = replay_cache_path(model, tokenizer, prompts, system=systems, max_new_tokens=max_new_tokens,
+    path = replay_cache_path(model, tokenizer, prompts, system=system, max_new_tokens=max_new_tokens,
                              cache_dir=cache_dir, top_k=top_k)
     if path.is_file():
         print(f"replay: reusing {path}", file=sys.stderr)
-        return read_answers(path)
-    ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], system=s) for p, s in zip(prompts, systems)]
+        return under_system_mix(read_answers(path), tokenizer, system)
+    ids = [render_prompt(tokenizer, [{"role": "user", "content": p}], system=system) for p in prompts]
     gens = generate_replies(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             desc="replay: base answers", logprobs=top_k)
-    answers = [answer_from_generation(p, i, g, s) for p, i, g, s in zip(prompts, ids, gens, systems)]
+    answers = [answer_from_generation(p, i, g, system) for p, i, g in zip(prompts, ids, gens)]
     write_answers(path, answers)
     ended = sum(g.finish_reason == "stop" for g in gens)
     print(f"replay: {len(answers)} base answers ({ended} ended within {max_new_tokens} tokens; the others are "
           f"learned up to the cut, with no end-of-turn) -> {path}", file=sys.stderr)
-    return answers
+    return under_system_mix(answers, tokenizer, system)
+
+
+def under_system_mix(answers: list[ReplayAnswer], tokenizer, run_system: str | None) -> list[ReplayAnswer]:
+    """Answer i with its prompt rendered under system_mix's i-th system prompt; the answer tokens and their
+    targets stay the base's under `run_system` (the module docstring says why)."""
+    out = []
+    for answer, system in zip(answers, system_mix(len(answers), run_system)):
+        if system != answer.system:
+            ids = render_prompt(tokenizer, [{"role": "user", "content": answer.prompt}], system=system)
+            answer = replace(answer, prompt_ids=ids, system=system)
+        out.append(answer)
+    return out
 
 
 def replay_samples(model, tokenizer, n: int, *, weight: float = 1.0, weight_zh: float | None = None,

@@ -119,19 +119,29 @@ def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatc
         replay_answers(model, tok, 0, system=None, cache_dir=tmp_path)
 
 
-def test_replay_prompts_are_asked_under_the_identity_rows_mix_of_system_prompts(tiny, tmp_path):
+def test_replay_rows_take_the_mix_of_system_prompts_and_the_base_answers_under_the_runs_own(tiny, tmp_path):
     from lorakit.data.render import render_prompt
     from lorakit.data.system_prompts import TRAINING_SYSTEMS
+    from lorakit.replay import generate_replies, read_answers
 
     model, tok = tiny
     answers = replay_answers(model, tok, 9, system="Be brief.", cache_dir=tmp_path, max_new_tokens=2, top_k=3)
     run = ["Be brief." if s is None else s for s in TRAINING_SYSTEMS]
     assert [a.system for a in answers] == run + run[:1]
-    for a in answers:  # the prompt the answer (and its distributions) was generated from, system prompt and all
+    for a in answers:  # the row is rendered under its own system prompt of the mix
         assert a.prompt_ids == render_prompt(tok, [{"role": "user", "content": a.prompt}], system=a.system)
+    # ... and its targets are what the base says under the run's own prompt, whichever prompt the row has
+    own = [render_prompt(tok, [{"role": "user", "content": a.prompt}], system="Be brief.") for a in answers]
+    direct = generate_replies(model, tok, own, max_new_tokens=2, logprobs=3)
+    assert [a.answer_ids[:len(g.token_ids)] for a, g in zip(answers, direct)] == [list(g.token_ids) for g in direct]
+    assert [[list(ids) for ids, _ in g.logprobs] for g in direct] == [a.top_ids[:len(g.logprobs)]
+                                                                    for a, g in zip(answers, direct)]
+    (cached,) = tmp_path.glob("replay-9-*.jsonl")  # one generation under the run's own prompt is cached
+    assert {a.system for a in read_answers(cached)} == {"Be brief."}
     again = replay_answers(model, tok, 9, system=None, cache_dir=tmp_path, max_new_tokens=2, top_k=3)
     assert [a.system for a in again][:3] == [None, TRAINING_SYSTEMS[1], None]  # another run prompt: another cache
     assert again[0].prompt_ids != answers[0].prompt_ids and again[1].prompt_ids == answers[1].prompt_ids
+    assert len(list(tmp_path.glob("replay-9-*.jsonl"))) == 2
 
 
 def test_a_cache_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
