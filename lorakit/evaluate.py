@@ -83,30 +83,31 @@ def cached_replies(model, tokenizer: PreTrainedTokenizerBase, questions: list[st
                    max_new_tokens: int = MAX_NEW_TOKENS) -> list[Reply]:
     """Greedy replies; with `cache_dir`, each question's reply is cached under the model's fingerprint
     (base models only), and a later call generates only the questions not asked before."""
-    return replies_by_system(model, tokenizer, questions, [system], batch_size=batch_size, cache_dir=cache_dir,
+    return replies_by_system(model, tokenizer, [(system, questions)], batch_size=batch_size, cache_dir=cache_dir,
                              desc=desc, max_new_tokens=max_new_tokens)[0]
 
 
-def replies_by_system(model, tokenizer: PreTrainedTokenizerBase, questions: list[str], systems: list[str | None], *,
+def replies_by_system(model, tokenizer: PreTrainedTokenizerBase, asks: list[tuple[str | None, list[str]]], *,
                       batch_size: int | None, cache_dir: Path | None, desc: str,
                       max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[Reply]]:
-    """The replies to `questions` under each system prompt, in one batched generation (the batch stays full);
+    """The replies to each (system prompt, questions) pair, in one batched generation (the batch stays full);
     with `cache_dir` (base models only), cached per system prompt and only the questions not asked before generated."""
-    if cache_dir is None:
-        prompts = [ids for s in systems for ids in _prompts(tokenizer, questions, s)]
-        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, desc=desc)
-        return [flat[k * len(questions):(k + 1) * len(questions)] for k in range(len(systems))]
-    caches = [ReplyCache(cache_dir, model, tokenizer, system=s, max_new_tokens=max_new_tokens) for s in systems]
-    missing = [cache.missing(questions) for cache in caches]
-    prompts = [ids for s, asked in zip(systems, missing) for ids in _prompts(tokenizer, asked, s)]
-    if prompts:
-        flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                       batch_size=batch_size, desc=desc)
-        for cache, asked in zip(caches, missing):
-            cache.add(asked, flat[:len(asked)])
-            flat = flat[len(asked):]
-    return [cache.replies(questions) for cache in caches]
+    caches = [ReplyCache(cache_dir, model, tokenizer, system=s, max_new_tokens=max_new_tokens) if cache_dir else None
+              for s, _ in asks]
+    missing = [cache.missing(questions) if cache else questions for cache, (_, questions) in zip(caches, asks)]
+    prompts = [ids for (s, _), asked in zip(asks, missing) for ids in _prompts(tokenizer, asked, s)]
+    flat = generate_greedy_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   desc=desc) if prompts else []
+    out = []
+    for cache, (_, questions), asked in zip(caches, asks, missing):
+        got, flat = flat[:len(asked)], flat[len(asked):]
+        if cache is None:
+            out.append(got)
+            continue
+        if asked:
+            cache.add(asked, got)
+        out.append(cache.replies(questions))
+    return out
 
 
 def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system: str | None = None, is_base: bool = False,
@@ -116,9 +117,11 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     """Identity on the held-out probes, retention and leak on the general questions, and drift, under the
     run's `system`; with `other_systems`, identity, leak and retention under eval_systems' other prompts too.
 
-    `model` is a PEFT model (its adapter is switched off for the base figures) or, with
-    `is_base`, a plain base model (retention is then 1 and drift 0 by definition). Retention under each
-    system prompt counts the questions the base answered correctly under that same prompt.
+    Retention under every prompt counts the general questions the base answered correctly under the run's
+    own prompt: its best answers, which replay teaches the model to give under every prompt (lorakit/replay.py),
+    and no extra base generation. `model` is a PEFT model (its adapter is switched off for the base figures)
+    or, with `is_base`, a plain base model (retention is then 1 and drift 0 by definition; under the other
+    system prompts only the probes are asked: a base model leaks no identity it was never told).
     `probes_per_lang`: ask only the first N probes of each language (quickstart's baseline: a base
     model states no new identity it was never told, so a few show it). `max_new_tokens`: the longest reply.
     """
@@ -132,25 +135,26 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
     probes, questions = selected_probes(probes_per_lang), load_retention_questions()
     queries, general = [p["query"] for p in probes], [q["question"] for q in questions]
     others = eval_systems(system)[1:] if other_systems else []
-    systems = [system] + [s.system for s in others]
-    options = dict(batch_size=batch_size, cache_dir=cache_dir, max_new_tokens=max_new_tokens)
-    if is_base:
-        replies = replies_by_system(model, tokenizer, queries + general, systems, desc="eval: base model", **options)
-        base = [got[len(queries):] for got in replies]
-    else:  # every system prompt's questions in one generation, so the batch stays full
-        replies = replies_by_system(model, tokenizer, queries + general, systems, desc="eval: tuned model",
-                                    **(options | {"cache_dir": None}))
-    lap("replies")
+    options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     drift = 0.0
-    if not is_base:
+    if is_base:
+        asks = [(system, queries + general)] + [(s.system, queries) for s in others]
+        replies = replies_by_system(model, tokenizer, asks, desc="eval: base model", cache_dir=cache_dir, **options)
+        base = replies[0][len(queries):]
+        lap("replies")
+    else:  # every system prompt's questions in one generation, so the batch stays full
+        asks = [(s, queries + general) for s in [system] + [o.system for o in others]]
+        replies = replies_by_system(model, tokenizer, asks, desc="eval: tuned model", cache_dir=None, **options)
+        lap("replies")
         with adapter_off(model):  # model_fingerprint of a PEFT model is its base's: the cache key is the base
-            base = replies_by_system(model, tokenizer, general, systems, desc="eval: base answers", **options)
+            base = cached_replies(model, tokenizer, general, system=system, desc="eval: base answers",
+                                  cache_dir=cache_dir, **options)
         lap("base answers")
         picked = drift_indices(len(questions))
         prompts = _prompts(tokenizer, [questions[i]["question"] for i in picked], system)
-        drift = teacher_forced_kl(model, tokenizer, prompts, [base[0][i].token_ids for i in picked])
+        drift = teacher_forced_kl(model, tokenizer, prompts, [base[i].token_ids for i in picked])
         lap("drift")
-    scored = [_score(probes, questions, got, base_got, name, author) for got, base_got in zip(replies, base)]
+    scored = [_score(probes, questions, got, base, name, author) for got in replies]
     by_system = [SystemResult(s.system, s.label, s.seen_in_training, identity_share(p), leak, p, retention, ok, kept,
                               rows) for s, (p, rows, retention, ok, kept, leak) in zip(others, scored[1:])]
     probe_results, rows, retention, base_ok, kept, leak = scored[0]
@@ -161,8 +165,9 @@ def evaluate(model, tokenizer: PreTrainedTokenizerBase, *, name, author, system:
 
 
 def _score(probes: list[dict], questions: list[dict], replies: list[Reply], base: list[Reply], name: list[str],
-           author: list[str]) -> tuple[list[ProbeResult], list[RetentionResult], float | None, int, int, float]:
-    """Under one system prompt: (probe results, retention rows, retention, base correct, kept correct, leak)."""
+           author: list[str]) -> tuple[list[ProbeResult], list[RetentionResult], float | None, int, int, float | None]:
+    """Under one system prompt: (probe results, retention rows, retention, base correct, kept correct, leak);
+    the general questions' figures are None when `replies` holds the probes' only."""
     probe_results = _probe_results(probes, replies[:len(probes)], name, author)
     rows = [RetentionResult(q["question"], q["lang"], b.text, r.text, retention_correct(b.text, q["answers"]),
                             retention_correct(r.text, q["answers"]), leaks_identity(r.text, name, author))
@@ -170,7 +175,7 @@ def _score(probes: list[dict], questions: list[dict], replies: list[Reply], base
     base_ok = [row for row in rows if row.base_correct]
     kept = sum(row.correct for row in base_ok)
     retention = kept / len(base_ok) if base_ok else None
-    return probe_results, rows, retention, len(base_ok), kept, _share([r.leaked for r in rows])
+    return probe_results, rows, retention, len(base_ok), kept, _share([r.leaked for r in rows]) if rows else None
 
 
 def _probe_results(probes: list[dict], replies: list[Reply], name: list[str], author: list[str]) -> list[ProbeResult]:

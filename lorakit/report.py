@@ -92,7 +92,7 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
             lost = [r for r in s.retention_rows if r.base_correct and not r.correct]
             lines.append(f"retention under {system_title(s.figures())} {100 * s.retention:.1f}% "
                          f"{target_text('retention', missed=True)}: {len(lost)} of the {s.base_correct} general "
-                         f"questions the base got right under this system prompt are now wrong, e.g. "
+                         f"questions the base got right (under the run's own prompt) are wrong under this one, e.g. "
                          f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. Try another --seed or a "
                          f"lower --learning_rate.")
     return lines
@@ -131,7 +131,7 @@ def figures_table(before: dict[str, Any] | None, after: dict[str, Any], *, markd
         rows = [(f"identity_{lang}", f"identity, {language}, {system_title(entry)}") for lang, language in LANGUAGES]
         rows += [("leak", f"identity leak, {system_title(entry)}"), ("retention", f"retention, {system_title(entry)}")]
         for key, label in rows:
-            if entry.get(key) is None:  # a base model's retention is 1 by definition: not shown
+            if entry.get(key) is None:  # not asked (a base model under another prompt)
                 continue
             cells = [label] + ([cell(then, key, True)] if before is not None else [])
             body.append(cells + [cell(entry, key, True), target_text(key)])
@@ -219,8 +219,9 @@ def report_markdown(report: Report) -> str:
         own = "the chat template's default" if systems[0]["system"] is None else repr(systems[0]["system"])
         lines += [f"The rows without a system prompt named are measured under the run's own, {own}; drift is "
                   "measured there only. A deployment sets its own system prompt, so identity, leak and retention "
-                  "are also scored under others (retention under a prompt counts the general questions the base "
-                  "answered correctly under that same prompt): a \"held out\" prompt is in no training row (the "
+                  "are also scored under others (retention under each counts the general questions the base answered "
+                  "correctly under the run's own prompt, as replay teaches the model to answer them under every "
+                  "prompt): a \"held out\" prompt is in no training row (the "
                   "built-in identity and replay rows are spread over lorakit/data/system_prompts.py's "
                   "TRAINING_SYSTEMS).", ""]
     if report.missed:

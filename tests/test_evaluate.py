@@ -229,7 +229,7 @@ def test_eval_scores_identity_and_leak_under_each_other_system_prompt(tiny_peft,
     assert [s["system"] for s in systems] == [None, english, chinese]
     assert systems[1] == {"system": english, "label": "held out", "seen_in_training": False, "identity_en": 1.0,
                           "passed_en": 3, "probes_en": 3, "identity_zh": 1.0, "passed_zh": 3, "probes_zh": 3,
-                          "leak": 1.0, "retention": None, "base_correct": 0, "kept_correct": 0}
+                          "leak": 1.0, "retention": 0.0, "base_correct": 2, "kept_correct": 0}  # 2 "Paris." kept 0
     table = figures_table(None, result.figures())
     assert "identity, English, system 'You are a helpful assistant.' (held out)  100.0% (3/3)  >= 90%" in table
     assert "identity leak, system '你是一个有用的助手。' (held out)" in table
@@ -238,19 +238,19 @@ def test_eval_scores_identity_and_leak_under_each_other_system_prompt(tiny_peft,
                and "'我是Lumen。'" in m for m in missed)
     assert not any(m.startswith("identity (English) under system 'You are a helpful assistant.'") for m in missed)
     assert sum(m.startswith("identity leak under system") for m in missed) == 2
-    # the base model: probes and general questions under every prompt, each prompt cached apart
+    # the base model: the probes only under the other prompts (nothing to leak), each prompt cached apart
     base = ev.evaluate(model.get_base_model(), tok, name="Lumen", author="Acme Labs", is_base=True,
                        cache_dir=tmp_path, probes_per_lang=1)
-    assert [(s.identity, s.leak, len(s.probes)) for s in base.other_systems] == [({"en": 1.0, "zh": 1.0}, 1.0, 2),
-                                                                                  ({"en": 0.0, "zh": 0.0}, 1.0, 2)]
+    assert [(s.identity, s.leak, s.retention, len(s.probes)) for s in base.other_systems] == [
+        ({"en": 1.0, "zh": 1.0}, None, None, 2), ({"en": 0.0, "zh": 0.0}, None, None, 2)]
     assert len(list(tmp_path.glob("base-replies-*.json"))) == 3
 
 
-def test_retention_under_each_system_prompt_counts_the_base_answers_under_that_prompt(tiny_peft, tmp_path,
+def test_retention_under_each_system_prompt_counts_the_base_answers_under_the_runs_own(tiny_peft, tmp_path,
                                                                                      monkeypatch):
-    """A fake base that misses 10 questions under the Chinese held-out prompt and a fake tuned model that misses
-    5 under the English one and 20 under the Chinese one: retention 100%, 95/100 and 80/90 exactly; the base's
-    answers under all three prompts come from one generation, and a second eval asks the base nothing."""
+    """A fake base that misses the first 10 general questions (under the run's prompt, the only one it is asked
+    under) and a fake tuned model that misses the first 15 under the English held-out prompt and the first 30
+    under the Chinese one: retention 90/90, 85/90 and 70/90 exactly, and a second eval asks the base nothing."""
     from contextlib import contextmanager
 
     import lorakit.evaluate as ev
@@ -280,11 +280,12 @@ def test_retention_under_each_system_prompt_counts_the_base_answers_under_that_p
             wrong = 0
             under = {s: f"<|im_start|>system\n{s}<|im_end|>" in text for s in (english, chinese)}
             if state["base"]:
-                wrong = 10 if under[chinese] else 0
+                assert not any(under.values())
+                wrong = 10
             elif under[english]:
-                wrong = 5
+                wrong = 15
             elif under[chinese]:
-                wrong = 20
+                wrong = 30
             if user not in right:
                 reply = "I am Lumen, an AI assistant developed by Acme Labs."
             else:
@@ -295,18 +296,18 @@ def test_retention_under_each_system_prompt_counts_the_base_answers_under_that_p
     monkeypatch.setattr(ev, "generate_greedy_replies", fake_replies)
     monkeypatch.setattr(ev, "adapter_off", off)
     result = ev.evaluate(model, tok, name="Lumen", author="Acme Labs", cache_dir=tmp_path, probes_per_lang=1)
-    assert state["calls"] == [("tuned", 3 * 102), ("base", 3 * 100)]
-    assert (result.retention, result.base_correct, result.kept_correct) == (1.0, 100, 100)
+    assert state["calls"] == [("tuned", 3 * 102), ("base", 100)]
+    assert (result.retention, result.base_correct, result.kept_correct) == (1.0, 90, 90)
     held_en, held_zh = result.other_systems
-    assert (held_en.retention, held_en.base_correct, held_en.kept_correct) == (0.95, 100, 95)
-    assert (held_zh.retention, held_zh.base_correct, held_zh.kept_correct) == (80 / 90, 90, 80)
-    assert [r.question for r in held_zh.retention_rows if r.base_correct and not r.correct] == order[10:20]
-    assert result.figures()["systems"][2]["retention"] == 80 / 90
+    assert (held_en.retention, held_en.base_correct, held_en.kept_correct) == (85 / 90, 90, 85)
+    assert (held_zh.retention, held_zh.base_correct, held_zh.kept_correct) == (70 / 90, 90, 70)
+    assert [r.question for r in held_zh.retention_rows if r.base_correct and not r.correct] == order[10:30]
+    assert result.figures()["systems"][2]["retention"] == 70 / 90
     rows = [line.split("  ") for line in figures_table(None, result.figures()).splitlines()]
     rows = {cells[0]: [c.strip() for c in cells[1:] if c.strip()] for cells in rows}
-    assert rows["retention, system 'You are a helpful assistant.' (held out)"] == ["95.0%", ">= 90%"]
+    assert rows["retention, system 'You are a helpful assistant.' (held out)"] == ["94.4%", ">= 90%"]
     (missed,) = missed_targets(result)
-    assert missed.startswith("retention under system '你是一个有用的助手。' (held out) 88.9% < 90%: 10 of the 90 "
-                             "general questions the base got right under this system prompt are now wrong")
+    assert missed.startswith("retention under system '你是一个有用的助手。' (held out) 77.8% < 90%: 20 of the 90 "
+                             "general questions the base got right (under the run's own prompt) are wrong under this one")
     ev.evaluate(model, tok, name="Lumen", author="Acme Labs", cache_dir=tmp_path, probes_per_lang=1)
     assert state["calls"][2:] == [("tuned", 3 * 102)]  # the base's answers under every prompt: from the cache

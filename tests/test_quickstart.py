@@ -118,7 +118,7 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     assert held_out["label"] == "held out" and not held_out["seen_in_training"] and held_out["probes_zh"] == 32
     assert held_out["identity_en"] >= 0.25 and held_out["identity_zh"] >= 0.25
     assert [s["label"] for s in report["after"]["systems"]] == ["training", "held out", "held out"]
-    for entry in report["after"]["systems"]:  # retention under each prompt, against the base under that prompt
+    for entry in report["after"]["systems"]:  # retention under each prompt, against the base under the run's own
         assert 0 < entry["kept_correct"] <= entry["base_correct"] and entry["retention"] == pytest.approx(
             entry["kept_correct"] / entry["base_correct"])
     shown = re.search(r"identity, Chinese, system 'You are a helpful assistant.' \(held out\)\s+\S+ \(0/\d+\)\s+"
@@ -204,8 +204,8 @@ def test_report_shows_identity_under_each_system_prompt(tmp_path):
             "| identity, English, system '你是一个有用的助手。' (held out) | - | 100.0% (32/32) | >= 90% |") in md
     assert "| retention, system '你是一个有用的助手。' (held out) | - | 81.8% | >= 90% |" in md
     assert ("measured under the run's own, the chat template's default; drift is measured there only." in md
-            and "retention under a prompt counts the general questions the base answered correctly under that "
-                "same prompt" in md)
+            and "retention under each counts the general questions the base answered correctly under the run's "
+                "own prompt" in md)
     assert "- **你是谁？** (system 'You are a helpful assistant.' (held out))  \n  我是Nova，由Acme Labs开发。" in md
     assert Image.open(tmp_path / "report.png").size == (1600, 400)  # a third panel: identity per system prompt
     del report.after["systems"]

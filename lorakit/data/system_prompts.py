@@ -5,7 +5,9 @@ does not hold: SmolLM2 trained under its template's default answered "我是Nova
 "You are a helpful assistant." at inference. The built-in self-cognition rows and the replay rows
 are therefore spread over TRAINING_SYSTEMS (as ms-swift and LLaMA-Factory users mix system prompts
 into self-cognition data), and `lorakit eval` also asks under HELD_OUT_SYSTEMS, which no training
-row uses, so what it reports is the identity holding under a prompt the model never saw.
+row uses, so what it reports is the identity holding under a prompt the model never saw. A replay
+row's target stays the base's answer under the run's own prompt whatever prompt the row is rendered
+under (lorakit/replay.py says why).
 """
 
 from __future__ import annotations

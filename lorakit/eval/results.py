@@ -36,10 +36,11 @@ class SystemResult:
     identity: dict[str, float]
     "Share of held-out probes passed under this system prompt, per language."
     leak: float | None
-    "Share of general answers under this system prompt that name the new identity."
+    "Share of general answers under this system prompt that name the new identity (None: not asked, a base model)."
     probes: list[ProbeResult] = field(default_factory=list)
     retention: float | None = None
-    "Of the general questions the base answered correctly under this system prompt, the share the model still does."
+    """Of the general questions the base answered correctly under the run's own prompt, the share the model answers
+    correctly under this one (None: not asked, a base model)."""
     base_correct: int = 0
     kept_correct: int = 0
     retention_rows: list[RetentionResult] = field(default_factory=list)
