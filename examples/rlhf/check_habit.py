@@ -81,7 +81,12 @@ def main() -> None:
         "answered_after_habit": round(sum(answered(t, opts.habit) for t in tuned) / max(sum(habit), 1), 4),
         "retention": None if retention is None else round(retention.retention, 4),
         "retention_kept": None if retention is None else f"{retention.kept_correct}/{retention.base_correct}",
+        "drift_kl": None if retention is None else round(retention.drift_kl, 4),
         "examples": tuned[:4],
+        "not_answered": [t for t, h in zip(tuned, habit) if h and not answered(t, opts.habit)],
+        "retention_lost": [] if retention is None else [
+            {"question": r.question, "base": r.base_reply, "reply": r.reply}
+            for r in retention.retention_rows if r.base_correct and not r.correct],
     }
     print(json.dumps(report, ensure_ascii=False, indent=1))
 
