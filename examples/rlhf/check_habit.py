@@ -5,7 +5,9 @@ For a checkpoint of `lorakit rlhf` trained on habit_train.jsonl, on the held-out
   reference (the adapter switched off, i.e. the base) than the rejected one;
 - habit: share of greedy answers that open with the habit phrase, for the tuned model and the base;
 - answered: share of habit answers that say the phrase once and then go on with a real answer
-  (at least five words, no repeated phrase): the "CertainlyCertainly..." collapse fails it;
+  (three words or more, numbers counted, the phrase not repeated): the "Quick take: Quick take:" and
+  "Quick take:" + nothing collapses fail it, the base's own "Half of 250 is 100." passes;
+  answered_5_words is the older, stricter figure (five words of letters: it failed that answer too);
 - retention: `lorakit eval`'s figure (the same evaluate(): of the built-in general questions the
   base answers correctly, the share the tuned model still answers correctly), unless --no_retention.
 Prints one JSON object.
@@ -26,10 +28,10 @@ HERE = Path(__file__).resolve().parent
 HABIT = "Quick take:"
 
 
-def answered(text: str, habit: str = HABIT) -> bool:
-    """The habit once, then a real answer (five words or more)."""
+def answered(text: str, habit: str = HABIT, *, word: str = r"\w+", words: int = 3) -> bool:
+    """The habit once, then a real answer (`words` matches of `word` or more)."""
     rest = text.strip()[len(habit):]
-    return text.strip().startswith(habit) and habit not in rest and len(re.findall(r"[A-Za-z]{2,}", rest)) >= 5
+    return text.strip().startswith(habit) and habit not in rest and len(re.findall(word, rest)) >= words
 
 
 def main() -> None:
@@ -79,6 +81,8 @@ def main() -> None:
         "habit_tuned": round(sum(habit) / len(tuned), 4),
         "habit_base": round(sum(t.strip().startswith(opts.habit) for t in base) / len(base), 4),
         "answered_after_habit": round(sum(answered(t, opts.habit) for t in tuned) / max(sum(habit), 1), 4),
+        "answered_5_words": round(sum(answered(t, opts.habit, word=r"[A-Za-z]{2,}", words=5) for t in tuned)
+                                  / max(sum(habit), 1), 4),
         "retention": None if retention is None else round(retention.retention, 4),
         "retention_kept": None if retention is None else f"{retention.kept_correct}/{retention.base_correct}",
         "drift_kl": None if retention is None else round(retention.drift_kl, 4),
