@@ -349,3 +349,30 @@ def test_top_k_and_top_p_together_equal_top_k_then_the_full_vocabulary_nucleus()
         both = filter_top_k_top_p(logits, top_k, top_p)
         assert torch.equal(both, filter_top_k_top_p(filter_top_k_top_p(logits, top_k, 1.0), 0, top_p))
         assert bool((both.isfinite().sum(-1) <= top_k).all()) and bool((both.isfinite().sum(-1) >= 1).all())
+
+
+def test_a_failing_sampling_compiler_falls_back_to_the_same_eager_picks(monkeypatch):
+    """On CUDA the race is compiled; if the compiler fails there, sampling warns and picks the same tokens eagerly.
+    (Simulated on the CPU: the device check and the compiled function are patched.)"""
+    from lorakit.infer import sampling
+
+    def broken(*args):
+        raise RuntimeError("Scalar -7046029254386353131 is out of range for type int32")
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seeds, draws = torch.tensor([1, 2, 3]), torch.tensor([0, 4, 9])
+    expected = sampling._race(logits, seeds, draws, sampling.stream_steps(50, logits.device))
+
+    class FakeCuda:
+        type = "cuda"
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return FakeCuda()
+
+    monkeypatch.setattr(sampling, "_compiled_race", broken)
+    monkeypatch.setattr(sampling, "stream_steps", lambda vocab, device: torch.arange(1, vocab + 1) * sampling._GOLDEN)
+    with pytest.warns(UserWarning, match="sampling uncompiled"):
+        got = sampling.race(logits.as_subclass(OnCuda), seeds, draws)
+    assert torch.equal(got.as_subclass(torch.Tensor), expected) and sampling._compiled_race is False

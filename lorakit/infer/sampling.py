@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,12 +89,12 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def _exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+def _exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """[B, vocab] float32 Exp(1) draws, a pure function of each row's (seed, draw number, token id): counter-based,
-    so one batched computation serves every row and a row's draws depend on nothing else in its batch."""
+    so one batched computation serves every row and a row's draws depend on nothing else in its batch.
+    steps: `stream_steps(vocab)`."""
     key = splitmix64(splitmix64(seeds) ^ draws)  # [B]: one stream per (seed, draw)
-    ids = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64)
-    bits = splitmix64(key[:, None] + ids[None, :] * _GOLDEN)  # SplitMix64's id-th output of that stream
+    bits = splitmix64(key[:, None] + steps[None, :])  # SplitMix64's id-th output of that stream
     return -torch.log(uniform_from_bits(bits))
 
 
@@ -104,10 +105,22 @@ def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     return (_shift_right(bits, 41).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
-def _race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+_STEPS: dict = {}
+
+
+def stream_steps(vocab: int, device) -> torch.Tensor:
+    """(1..vocab) x golden ratio as an int64 tensor, made once outside any compiled code: Triton computes an
+    arange as int32 and refuses the 64-bit product (seen compiling the race on an H200)."""
+    key = (vocab, str(device))
+    if key not in _STEPS:
+        _STEPS[key] = torch.arange(1, vocab + 1, dtype=torch.int64, device=device) * _GOLDEN
+    return _STEPS[key]
+
+
+def _race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """argmax(scaled + Gumbel noise) per row: token t with probability softmax(scaled)_t; -1 where the row's
     best score is NaN or +inf (NaN or +inf logits)."""
-    score = scaled - torch.log(_exponential_noise(seeds, draws, scaled.shape[-1]))  # -log(Exp(1)) is Gumbel
+    score = scaled - torch.log(_exponential_noise(seeds, draws, steps))  # -log(Exp(1)) is Gumbel
     pick = score.argmax(-1)  # a NaN counts as the largest, so it is caught below
     best = score.gather(-1, pick[:, None])[:, 0]
     return torch.where(torch.isfinite(best), pick, -1)
@@ -117,13 +130,20 @@ _compiled_race = None
 
 
 def race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """_race; on CUDA compiled into one kernel that reads the logits once (eagerly, a dozen passes)."""
+    """_race; on CUDA compiled into one kernel that reads the logits once (eagerly, a dozen passes); eager, with a
+    warning, if the compiler fails."""
     global _compiled_race
-    if scaled.device.type != "cuda":
-        return _race(scaled, seeds, draws)
+    steps = stream_steps(scaled.shape[-1], scaled.device)
+    if scaled.device.type != "cuda" or _compiled_race is False:
+        return _race(scaled, seeds, draws, steps)
     if _compiled_race is None:
         _compiled_race = torch.compile(_race, dynamic=True)
-    return _compiled_race(scaled, seeds, draws)
+    try:
+        return _compiled_race(scaled, seeds, draws, steps)
+    except Exception as exc:  # a compiler problem must not stop generation: the same picks, eagerly
+        warnings.warn(f"torch.compile of the sampling step failed ({exc!r:.300}); sampling uncompiled.")
+        _compiled_race = False
+        return _race(scaled, seeds, draws, steps)
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
@@ -177,7 +197,7 @@ def sample_tokens_reference(logits: torch.Tensor, params: list[SamplingParams], 
     for i, p in enumerate(params):
         if p.temperature > 0:
             scaled = filter_top_k_top_p(logits[i:i + 1] / p.temperature, p.top_k, p.top_p)
-            tokens[i] = _race(scaled, seeds[i:i + 1], draws[i:i + 1])[0]
+            tokens[i] = _race(scaled, seeds[i:i + 1], draws[i:i + 1], stream_steps(logits.shape[-1], logits.device))[0]
     return tokens
 
 
