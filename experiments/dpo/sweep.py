@@ -57,7 +57,8 @@ def main() -> None:
     figures = json.loads(check.stdout)
     ref = [line for line in proc.stderr.splitlines() if "reference log-probs" in line]
     record = {"tag": opts.tag, "rlhf_type": opts.rlhf_type, "flags": opts.extra, "data": Path(opts.data).name,
-              "train_s": round(train_s, 1), "train_cpu_s": round(cpu_s, 1), "load": [round(load_before, 1), round(load_after, 1)],
+              "train_s": round(train_s, 1), "train_cpu_s": round(cpu_s, 1),
+              "load": [round(load_before, 1), round(load_after, 1)],
               "omp_threads": os.environ.get("OMP_NUM_THREADS"),
               "reference": ref[-1] if ref else None, "steps": log[-1].get("step") if log else None,
               "last_log": log[-1] if log else None, **figures}
