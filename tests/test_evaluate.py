@@ -307,7 +307,7 @@ def test_retention_under_each_system_prompt_counts_the_base_answers_under_the_ru
     rows = {cells[0]: [c.strip() for c in cells[1:] if c.strip()] for cells in rows}
     assert rows["retention, system 'You are a helpful assistant.' (held out)"] == ["94.4%", ">= 90%"]
     (missed,) = missed_targets(result)
-    assert missed.startswith("retention under system '你是一个有用的助手。' (held out) 77.8% < 90%: 20 of the 90 "
-                             "general questions the base got right (under the run's own prompt) are wrong under this one")
+    assert missed.startswith("retention under system '你是一个有用的助手。' (held out) 77.8% < 90%: 20 of the 90 general "
+                             "questions the base got right (under the run's own prompt) are wrong under this one")
     ev.evaluate(model, tok, name="Lumen", author="Acme Labs", cache_dir=tmp_path, probes_per_lang=1)
     assert state["calls"][2:] == [("tuned", 3 * 102)]  # the base's answers under every prompt: from the cache
