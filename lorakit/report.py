@@ -69,13 +69,17 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
                              f"{len(failed)} probes did not state both name and author, e.g. "
                              f"{shown(failed, lambda p: p.query, lambda p: p.reply)}. Try another --seed, "
                              f"or train longer (--num_train_epochs 2) or harder (a higher --learning_rate).")
+    def retention_line(where: str, retention: float, rows, base_correct: int, which: str, advice: str) -> str:
+        lost = [r for r in rows if r.base_correct and not r.correct]
+        return (f"retention{where} {100 * retention:.1f}% {target_text('retention', missed=True)}: {len(lost)} of the "
+                f"{base_correct} general questions the base got right {which}, e.g. "
+                f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. {advice}")
+
     if misses("retention", result.retention):
-        lost = [r for r in result.retention_rows if r.base_correct and not r.correct]
-        lines.append(f"retention {100 * result.retention:.1f}% {target_text('retention', missed=True)}: {len(lost)} "
-                     f"of the {result.base_correct} general questions the base got right are now wrong, e.g. "
-                     f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. Try another --seed (at this model size "
-                     f"the figure moves by a question or two between seeds) or a lower --learning_rate, which "
-                     f"trades identity for it.")
+        lines.append(retention_line("", result.retention, result.retention_rows, result.base_correct,
+                                    "are now wrong", "Try another --seed (at this model size the figure moves by a "
+                                    "question or two between seeds) or a lower --learning_rate, which trades "
+                                    "identity for it."))
     if misses("leak", result.leak):
         leaked = [r for r in result.retention_rows if r.leaked]
         lines.append(f"identity leak {100 * result.leak:.1f}% {target_text('leak', missed=True)}: {len(leaked)} "
@@ -89,12 +93,9 @@ def missed_targets(result: EvalResult, examples: int = 2) -> list[str]:
                          f"{target_text('leak', missed=True)}: general answers under this system prompt state the "
                          f"new identity. Try another --seed or a higher --replay_weight.")
         if misses("retention", s.retention):
-            lost = [r for r in s.retention_rows if r.base_correct and not r.correct]
-            lines.append(f"retention under {system_title(s.figures())} {100 * s.retention:.1f}% "
-                         f"{target_text('retention', missed=True)}: {len(lost)} of the {s.base_correct} general "
-                         f"questions the base got right (under the run's own prompt) are wrong under this one, e.g. "
-                         f"{shown(lost, lambda r: r.question, lambda r: r.reply)}. Try another --seed or a "
-                         f"lower --learning_rate.")
+            lines.append(retention_line(f" under {system_title(s.figures())}", s.retention, s.retention_rows,
+                                        s.base_correct, "(under the run's own prompt) are wrong under this one",
+                                        "Try another --seed or a lower --learning_rate."))
     return lines
 
 
