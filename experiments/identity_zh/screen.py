@@ -70,7 +70,26 @@ def replay_for(mode: str, model, tokenizer, n: int):
         tokenizer, [{"role": "user", "content": a.prompt}], system=s)) for a, s in zip(answers, systems)]
 
 
+def weigh_chinese_identity(weight: float) -> None:
+    """Chinese identity rows' answer tokens learned at `weight` times a label's loss (as one-hot teacher targets)."""
+    import lorakit.train as train_lib
+
+    plain = train_lib.load_data
+
+    def load_data(args, tokenizer):
+        data = plain(args, tokenizer)
+        for sample in data.train:
+            answer = [t for t in sample.labels if t != -100]
+            if "开发的AI助手" in tokenizer.decode(answer):
+                sample.teacher = {i: ([t], [weight]) for i, t in enumerate(sample.labels) if t != -100}
+        return data
+
+    train_lib.load_data = load_data
+
+
 def run(name: str, variant: dict, opts) -> dict:
+    if "zh_identity_weight" in variant:
+        weigh_chinese_identity(variant["zh_identity_weight"])
     if "training_systems" in variant:
         sp.TRAINING_SYSTEMS = tuple(variant["training_systems"])
     args = build_args(QuickstartArgs, {"model_name": ["Nova"], "model_author": ["Acme Labs"],
