@@ -89,13 +89,13 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def _exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """[B, vocab] float32 Exp(1) draws, a pure function of each row's (seed, draw number, token id): counter-based,
+def _gumbel_noise(seeds: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[B, vocab] float32 Gumbel draws, a pure function of each row's (seed, draw number, token id): counter-based,
     so one batched computation serves every row and a row's draws depend on nothing else in its batch.
     steps: `stream_steps(vocab)`."""
     key = splitmix64(splitmix64(seeds) ^ draws)  # [B]: one stream per (seed, draw)
     bits = splitmix64(key[:, None] + steps[None, :])  # SplitMix64's id-th output of that stream
-    return -torch.log(uniform_from_bits(bits))
+    return -torch.log(-torch.log(uniform_from_bits(bits)))
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def stream_steps(vocab: int, device) -> torch.Tensor:
 def _race(scaled: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """argmax(scaled + Gumbel noise) per row: token t with probability softmax(scaled)_t; -1 where the row's
     best score is NaN or +inf (NaN or +inf logits)."""
-    score = scaled - torch.log(_exponential_noise(seeds, draws, steps))  # -log(Exp(1)) is Gumbel
+    score = scaled + _gumbel_noise(seeds, draws, steps)
     pick = score.argmax(-1)  # a NaN counts as the largest, so it is caught below
     best = score.gather(-1, pick[:, None])[:, 0]
     return torch.where(torch.isfinite(best), pick, -1)
@@ -187,7 +187,7 @@ def check_picks(tokens: list[int]) -> None:
     """Raise on a sampling row that had no valid distribution (sample_tokens marks it -1)."""
     if any(t < 0 for t in tokens):
         raise ValueError("Sampling: the model's next-token logits contain NaN or inf; the weights or the "
-                         "inputs are broken (a diverged training run?).")
+                         "inputs are broken (a diverged training run? sample from an earlier checkpoint).")
 
 
 def sample_tokens_reference(logits: torch.Tensor, params: list[SamplingParams], seeds: torch.Tensor,
