@@ -119,21 +119,40 @@ def shift_teacher(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     return ids, probs
 
 
-def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [N, K], weights [N, K]): the teacher's distribution where it has one, else the one-hot label.
+def shift_loss_scale(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Each target's loss weight, aligned like `shift_targets` ([B, T] fp32), or None when the batch has none.
 
-    targets: [N] (-100 ignored); teacher: ([N, K] ids, [N, K] probs, 0 on padding entries). A row
-    with a label and a teacher learns the teacher's probabilities (soft-label cross-entropy; they
-    sum to 1, or to the sample's loss weight); a row with only a label, plain cross-entropy.
+    batch["loss_scale"]: [B, T], unshifted like labels (entry t: the loss_scale of token t's sample).
     """
-    ids, probs = teacher
+    if "loss_scale" not in batch:
+        return None
+    return F.pad(batch["loss_scale"][:, 1:].float(), (0, 1), value=1.0)
+
+
+def soft_targets(targets: torch.Tensor, teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, K], weights [N, K]): the teacher's distribution where it has one, else the one-hot label;
+    each row's weights times its loss `scale`.
+
+    targets: [N] (-100 ignored); teacher: ([N, K] ids, [N, K] probs, 0 on padding entries), or None (K = 1:
+    the labels); scale: [N] per-target loss weights (`shift_loss_scale`), or None (1). A row with a label and
+    a teacher learns the teacher's probabilities (soft-label cross-entropy), a row with only a label plain
+    cross-entropy; either times its scale (a label at scale s is the one-hot target with weight s).
+    """
     valid = targets != IGNORE_INDEX
-    probs = probs.float()
-    has_teacher = (probs.sum(-1) > 0) & valid
-    hard_ids = F.pad(targets.clamp_min(0).unsqueeze(1), (0, ids.shape[1] - 1))
-    hard_w = F.pad(valid.float().unsqueeze(1), (0, ids.shape[1] - 1))
-    return (torch.where(has_teacher.unsqueeze(1), ids, hard_ids),
-            torch.where(has_teacher.unsqueeze(1), probs, hard_w))
+    hard_ids, hard_w = targets.clamp_min(0).unsqueeze(1), valid.float().unsqueeze(1)
+    if teacher is None:
+        ids, weights = hard_ids, hard_w
+    else:
+        ids, probs = teacher
+        probs = probs.float()
+        has_teacher = ((probs.sum(-1) > 0) & valid).unsqueeze(1)
+        k = ids.shape[1]
+        ids = torch.where(has_teacher, ids, F.pad(hard_ids, (0, k - 1)))
+        weights = torch.where(has_teacher, probs, F.pad(hard_w, (0, k - 1)))
+    if scale is not None:
+        weights = weights * scale.float().unsqueeze(1)
+    return ids, weights
 
 
 def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -197,7 +216,7 @@ def ce_chunk_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
 
 def soft_ce_chunk_grad(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ce_chunk_grad for weighted targets (`soft_targets`): ids, weights [n, K] (a row's weights sum to its
-    loss weight: 1 for a label or a plain teacher, 0 for no loss).
+    loss weight: its loss_scale for a label or a teacher, 0 for no loss).
 
     loss = sum_k w_k (lse - x_k); d loss / d logits = softmax * sum_k w_k - scatter(w).
     """
@@ -295,19 +314,23 @@ def causal_lm_loss(
     batch: input_ids [B, T]; labels [B, T] (-100 masked, unshifted); position_ids [B, T] (restart
     per packed sample, optional); attention_mask [B, T] (optional); teacher_ids / teacher_probs
     [B, T, K] (optional, see `shift_teacher`: distillation targets that replace the labels where
-    given). fused=True uses the chunked linear+CE (same value, far less memory); chunk_size is its
-    rows per chunk.
+    given); loss_scale [B, T] (optional, see `shift_loss_scale`: each token's loss is multiplied by its
+    sample's scale; n_tokens still counts tokens, as ms-swift's loss_scale does). Labels with a teacher or a
+    scale go through the soft-target paths (`soft_targets`). fused=True uses the chunked linear+CE (same
+    value, far less memory); chunk_size is its rows per chunk.
     """
     hidden = hidden_states(model, batch)
     _, head = _causal_lm_parts(model)
     targets = shift_targets(batch["labels"], batch.get("position_ids")).reshape(-1)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     n_tokens = (targets != IGNORE_INDEX).sum()
-    teacher = shift_teacher(batch)
+    teacher, scale = shift_teacher(batch), shift_loss_scale(batch)
     soft = None
-    if teacher is not None:
-        k = teacher[0].shape[-1]
-        soft = soft_targets(targets, (teacher[0].reshape(-1, k), teacher[1].reshape(-1, k)))
+    if teacher is not None or scale is not None:
+        if teacher is not None:
+            k = teacher[0].shape[-1]
+            teacher = (teacher[0].reshape(-1, k), teacher[1].reshape(-1, k))
+        soft = soft_targets(targets, teacher, None if scale is None else scale.reshape(-1))
     if fused:
         chunk_fn = chunk_fn_for(hidden.device, soft is not None)
         loss_sum = chunked_linear_ce(hidden, head.weight, targets, head.bias, chunk_size=chunk_size,

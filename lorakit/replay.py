@@ -110,15 +110,14 @@ class ReplayAnswer:
 
     def sample(self, pick_weight: float = REPLAY_PICK_WEIGHT, weight: float = 1.0) -> Rendered:
         """Prompt (no loss) + answer; every answer token's target is `pick_weight` on the token the base
-        picked plus (1 - pick_weight) times the base's top-k distribution (renormalised), all times the
-        sample's loss `weight` (relative to a labelled token's 1)."""
+        picked plus (1 - pick_weight) times the base's top-k distribution (renormalised); the sample's
+        loss_scale is `weight` (relative to a labelled token's 1)."""
         start = len(self.prompt_ids)
         teacher = {}
         for j, (token, ids, probs) in enumerate(zip(self.answer_ids, self.top_ids, self.top_probs)):
-            ids, mixed = target_distribution(token, ids, probs, pick_weight)
-            teacher[start + j] = (ids, [weight * p for p in mixed])
+            teacher[start + j] = target_distribution(token, ids, probs, pick_weight)
         return Rendered(input_ids=self.prompt_ids + self.answer_ids,
-                        labels=[IGNORE_INDEX] * start + self.answer_ids, teacher=teacher)
+                        labels=[IGNORE_INDEX] * start + self.answer_ids, teacher=teacher, loss_scale=weight)
 
 
 def target_distribution(token: int, ids: list[int], probs: list[float], pick_weight: float) -> tuple[list[int], list[float]]:

@@ -130,3 +130,18 @@ def test_prompt_only_still_rejects_empty_and_wrong_types():
         normalise_row({"query": " "}, SRC, require_answer=False)
     with pytest.raises(UserError, match="'response' must be a string"):
         normalise_row({"query": "q", "response": 1}, SRC, require_answer=False)
+
+
+@pytest.mark.parametrize("value, expected", [(None, 1.0), (2, 2.0), (0.5, 0.5), (0, 0.0), ("1.5", 1.5)])
+def test_loss_scale_of_a_row(value, expected):
+    row = {"query": "q", "response": "a"} | ({} if value is None else {"loss_scale": value})  # "1.5": a CSV cell
+    assert normalise_row(row, SRC) == Conversation(msgs(("user", "q"), ("assistant", "a")), SRC, loss_scale=expected)
+    messages = {"messages": msgs(("user", "q"), ("assistant", "a"))} | ({} if value is None else {"loss_scale": value})
+    assert normalise_row(messages, SRC).loss_scale == expected
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, float("nan"), float("inf"), "heavy", "nan", True, [2], {"x": 1}])
+def test_bad_loss_scale_names_the_row(value):
+    with pytest.raises(UserError) as e:
+        normalise_row({"query": "q", "response": "a", "loss_scale": value}, SRC)
+    assert str(e.value).startswith(SRC + ": 'loss_scale' must be a finite number >= 0")

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lorakit.args import DataArgs
-from lorakit.data.loading import build_datasets, load_conversations, parse_spec, sample_rows
+from lorakit.data.loading import SELF_COGNITION_FILE, build_datasets, load_conversations, parse_spec, sample_rows
 from lorakit.data.render import IGNORE_INDEX, render_conversation, render_prompt
 from lorakit.errors import UserError
 
@@ -351,3 +351,47 @@ def test_modelscope_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_modelscope)
     with pytest.raises(UserError, match="--use_hf false needs the modelscope package: pip install modelscope"):
         one(["AI-ModelScope/alpaca-gpt4-data-zh:default#10"], use_hf=False)
+
+
+# ---- loss_scale ----
+
+def test_loss_scale_reaches_the_rendered_samples_and_survives_cache_and_truncation(qwen, tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = rows_of(3) + [{"query": "long " * 100, "response": "a", "loss_scale": 0.5}]
+    rows[1]["loss_scale"] = 2
+    write_jsonl(path, rows)
+    for hit in (False, True):
+        data = build_datasets(args(dataset=[str(path)], max_length=60, truncation_strategy="left"), qwen,
+                              log=lambda m: None)
+        assert data.reports[0].cache_hit is hit
+        assert [s.loss_scale for s in data.train] == [1.0, 2.0, 1.0, 0.5]  # the long row was cut, its scale kept
+        assert data.reports[0].loss_scales == {0.5: 1, 2.0: 1} and data.reports[0].truncated == 1
+    rows[1]["loss_scale"] = 3  # the cache holds ids and masks; a changed scale is read from the rows
+    write_jsonl(path, rows)
+    data = build_datasets(args(dataset=[str(path)], max_length=60, truncation_strategy="left"), qwen, log=lambda m: None)
+    assert data.reports[0].cache_hit and [s.loss_scale for s in data.train] == [1.0, 3.0, 1.0, 0.5]
+
+
+def test_a_bad_loss_scale_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", rows_of(2) + [{"query": "q", "response": "a", "loss_scale": -1}])
+    with pytest.raises(UserError) as e:
+        load_conversations([str(path)], log=lambda m: None)
+    assert f"{path}:3: 'loss_scale' must be a finite number >= 0" in str(e.value)
+    csv = tmp_path / "d.csv"
+    csv.write_text("query,response,loss_scale\nq,a,2\nq,a,\nq,a,heavy\n", encoding="utf-8")
+    with pytest.raises(UserError, match=f"{csv}:4: 'loss_scale' must be a finite number >= 0"):
+        load_conversations([str(csv)], log=lambda m: None)
+    csv.write_text("query,response,loss_scale\nq,a,2\nq,a,\n", encoding="utf-8")
+    assert [c.loss_scale for c in one([str(csv)]).conversations] == [2.0, 1.0]  # an empty cell: the default
+
+
+def test_self_cognition_weight_zh_scales_the_chinese_rows_only():
+    names = dict(model_name=["小乐", "Lele"], model_author=["乐团", "LeTeam"])
+    plain = one(["self-cognition"], **names)
+    weighted = one(["self-cognition"], self_cognition_weight_zh=2.0, **names)
+    rows = [json.loads(line) for line in SELF_COGNITION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert [c.loss_scale for c in plain.conversations] == [1.0] * len(rows)
+    assert [c.loss_scale for c in weighted.conversations] == [2.0 if r["lang"] == "zh" else 1.0 for r in rows]
+    assert [c.messages for c in weighted.conversations] == [c.messages for c in plain.conversations]
+    with pytest.raises(UserError, match="--self_cognition_weight_zh"):
+        DataArgs(self_cognition_weight_zh=-1)

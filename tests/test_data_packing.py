@@ -114,3 +114,25 @@ def test_packed_rows_padded_to_a_fixed_width_keep_the_loss(tiny_model):
         (a, n), (b, m) = summed_loss(tiny_model, natural), summed_loss(tiny_model, fixed)
     assert n == m and abs(a.item() - b.item()) < 1e-4 * n
     assert collate(rows, pad_token_id=0, width=8)["input_ids"].shape == natural["input_ids"].shape  # never cuts
+
+
+def test_collate_carries_each_samples_loss_scale_token_by_token():
+    a, b, c = make_samples([4, 2, 3])
+    a.loss_scale, c.loss_scale = 2.0, 0.5
+    assert "loss_scale" not in collate([b], 0)  # every scale 1: no tensor, the plain loss
+    batch = collate([a, b], pad_token_id=0)
+    assert batch["loss_scale"].dtype == torch.float32
+    assert batch["loss_scale"].tolist() == [[2.0] * 4, [1.0] * 4]  # 1 on padding
+    (row,) = pack_sequences([a, b, c], 16)
+    assert row.lengths == [4, 3, 2] and row.loss_scales == [2.0, 0.5, 1.0]
+    assert collate([row], 0, width=11)["loss_scale"].tolist() == [[2.0] * 4 + [0.5] * 3 + [1.0] * 2 + [1.0] * 2]
+    assert pack_sequences([b], 16)[0].loss_scales is None
+
+
+def test_shared_prefix_keeps_the_loss_scale():
+    prefix = [7, 8, 9, 10, 11]
+    a = Rendered(prefix + [1, 2], [X] * 5 + [1, 2], loss_scale=3.0)
+    b = Rendered(prefix + [3, 4, 5], [X] * 5 + [3, 4, 5])
+    batch = collate([a, b], 0, shared_prefix=True)
+    assert batch["prefix_ids"].tolist() == [prefix[:4]]
+    assert batch["loss_scale"].tolist() == [[3.0, 3.0, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0]]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.loss import (causal_lm_loss, ce_chunk_grad, chunked_linear_ce, reference_linear_ce, shift_targets,
@@ -227,3 +228,72 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients():
         assert ref_g.keys() == g_.keys() and any("lora" in k for k in ref_g)
         for name in ref_g:
             torch.testing.assert_close(g_[name], ref_g[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _weighted_samples():
+    """Three samples (prompt without loss, then an answer) with loss_scale 2, 1 and 0.5."""
+    from lorakit.data.render import Rendered
+
+    g = torch.Generator().manual_seed(11)
+    samples = []
+    for n, prompt, scale in ((9, 3, 2.0), (14, 6, 1.0), (7, 2, 0.5)):
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        samples.append(Rendered(ids, [-100] * prompt + ids[prompt:], loss_scale=scale))
+    return samples
+
+
+def _hand_weighted_loss(model, samples):
+    """sum over samples of loss_scale x the summed next-token CE of its answer, from a plain transformers
+    forward of each sample alone; and its gradients."""
+    model.zero_grad()
+    total = 0.0
+    for s in samples:
+        logits = model(input_ids=torch.tensor([s.input_ids])).logits[0].float()
+        targets = torch.tensor(s.labels[1:])
+        total = total + s.loss_scale * F.cross_entropy(logits[:-1], targets, ignore_index=-100, reduction="sum")
+    (total * 0.37).backward()
+    return total.detach(), _grads(model)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, 4096])
+def test_loss_scale_weighs_each_samples_tokens_like_a_hand_computation(packed, chunk_size):
+    from lorakit.data.packing import collate, pack_sequences
+
+    samples = _weighted_samples()
+    batch = collate(pack_sequences(samples, 64) if packed else samples, 0)
+    want, want_g = _hand_weighted_loss(tiny_model(), samples)
+    n_answer = sum(len(s.labels) - s.labels.count(-100) for s in samples)
+    for fused in (False, True):
+        loss, n_tokens, g = _loss_and_grads(batch, fused, chunk_size)
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+        assert int(n_tokens) == n_answer  # the divisor counts tokens, not weights (ms-swift's loss_scale)
+        for name in want_g:
+            torch.testing.assert_close(g[name], want_g[name], rtol=1e-4, atol=1e-6, msg=name)
+    plain = collate([s.__class__(s.input_ids, s.labels) for s in samples], 0)
+    assert "loss_scale" not in plain
+    ones = plain | {"loss_scale": torch.ones_like(plain["labels"], dtype=torch.float32)}
+    model = tiny_model()
+    torch.testing.assert_close(causal_lm_loss(model, ones, fused=True).loss_sum, causal_lm_loss(model, plain).loss_sum,
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_loss_scale_multiplies_a_teacher_sample_too():
+    """Replay rows: a teacher's targets times the sample's loss_scale, fused and reference alike."""
+    batch = teacher_batch()
+    scaled = batch | {"loss_scale": torch.full(batch["labels"].shape, 1.5)}
+    model = tiny_model()
+    base = causal_lm_loss(model, batch).loss_sum
+    for fused in (False, True):
+        torch.testing.assert_close(causal_lm_loss(model, scaled, fused=fused, chunk_size=5).loss_sum, 1.5 * base,
+                                   rtol=1e-6, atol=1e-4)
+
+
+def test_soft_targets_scale_labels_and_teacher_rows():
+    targets = torch.tensor([5, -100, 7])
+    scale = torch.tensor([2.0, 3.0, 0.5])
+    ids, w = soft_targets(targets, None, scale)
+    assert ids.tolist() == [[5], [0], [7]] and w.tolist() == [[2.0], [0.0], [0.5]]
+    teacher = (torch.tensor([[1, 2], [1, 2], [0, 0]]), torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.0, 0.0]]))
+    ids, w = soft_targets(targets, teacher, scale)
+    assert ids.tolist() == [[1, 2], [0, 0], [7, 0]] and w.tolist() == [[0.5, 1.5], [0.0, 0.0], [0.5, 0.0]]

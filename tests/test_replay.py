@@ -97,9 +97,8 @@ def test_answer_from_generation_keeps_the_end_of_turn_only_when_the_reply_ended(
     assert sorted(sample.teacher) == [2, 3, 4]
     ids, probs = sample.teacher[4]
     assert ids[0] == 2 and probs[0] > 0.5 and sum(probs) == pytest.approx(1.0)
-    weighted = ended.sample(pick_weight=0.5, weight=0.25)  # --replay_weight: every target scaled, ids unchanged
-    for t, (ids, probs) in weighted.teacher.items():
-        assert ids == sample.teacher[t][0] and probs == pytest.approx([0.25 * p for p in sample.teacher[t][1]])
+    weighted = ended.sample(pick_weight=0.5, weight=0.25)  # --replay_weight: the sample's loss_scale, same targets
+    assert sample.loss_scale == 1.0 and weighted.loss_scale == 0.25 and weighted.teacher == sample.teacher
 
 
 def test_replay_answers_are_cached_and_become_samples(tiny, tmp_path, monkeypatch):
@@ -177,5 +176,6 @@ def test_chinese_replay_answers_get_their_own_weight(tiny, tmp_path):
     for weight_zh, expected in ((3.0, {"zh": 3.0, "en": 1.5}), (None, {"zh": 1.5, "en": 1.5})):
         samples = replay_samples(model, tok, n, weight=1.5, weight_zh=weight_zh, **kwargs)
         for kind, sample in zip(kinds, samples):
-            for _, probs in sample.teacher.values():  # each position's targets sum to the sample's weight
-                assert sum(probs) == pytest.approx(expected[kind])
+            assert sample.loss_scale == expected[kind]
+            for _, probs in sample.teacher.values():  # each position's targets: a distribution
+                assert sum(probs) == pytest.approx(1.0)

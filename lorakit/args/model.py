@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lorakit.args.checks import check_choice
@@ -82,6 +83,8 @@ class DataArgs:
     "Your model's name for the built-in self-cognition data: one value, or a Chinese and an English value."
     model_author: list[str] = field(default_factory=list)
     "Your model's author for the built-in self-cognition data: one value, or a Chinese and an English value."
+    self_cognition_weight_zh: float = 1.0
+    "Loss weight (loss_scale) of the built-in self-cognition's Chinese rows; its English rows weigh 1."
     seed: int = 42
     "Random seed for sampling, shuffling, initialisation and dropout."
     dataset_num_proc: int = 1
@@ -101,5 +104,7 @@ class DataArgs:
         check_choice("truncation_strategy", self.truncation_strategy, ("delete", "left", "right"))
         if self.max_length <= 0:
             raise UserError(f"--max_length must be positive, got {self.max_length}.")
+        if not (math.isfinite(self.self_cognition_weight_zh) and self.self_cognition_weight_zh >= 0):
+            raise UserError(f"--self_cognition_weight_zh must be a number >= 0, got {self.self_cognition_weight_zh}.")
         if self.split_dataset_ratio is not None and not 0 <= self.split_dataset_ratio < 1:
             raise UserError(f"--split_dataset_ratio must be in [0, 1), got {self.split_dataset_ratio}.")

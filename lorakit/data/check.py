@@ -100,6 +100,10 @@ def _dataset_lines(r: DatasetReport, tokenizer: PreTrainedTokenizerBase, system:
     if r.lengths:
         L = r.lengths
         out.append(f"  tokens: min {L.min} / p50 {L.p50} / p95 {L.p95} / max {L.max}; loss-bearing tokens {r.loss_tokens}")
+    if r.loss_scales:
+        scaled = ", ".join(f"{n} at {scale:g}" for scale, n in r.loss_scales.items())
+        out.append(f"  loss_scale (each answer token's loss times it): rows {scaled}; "
+                   f"{r.rows_kept - sum(r.loss_scales.values())} at 1")
     out.append(f"  system prompt: {_system_line(r, tokenizer, system)}")
     if r.special_token_rows:
         out.append(f"  WARNING: {len(r.special_token_rows)} row(s) contain special-token text (e.g. <|im_end|>), read as "

@@ -9,10 +9,14 @@ Accepted shapes (checked per row, first match wins):
 - prompt-response: {"prompt", "response", "system"?}
 - prompt-completion: {"prompt", "completion"}
 - question-answer: {"question", "answer"}
+
+Any shape may also carry "loss_scale": a number >= 0 that multiplies the loss of every answer token of
+the row (default 1; ms-swift's name for it; 2 teaches the row as hard as two copies of it would).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lorakit.errors import UserError
@@ -52,6 +56,8 @@ class Conversation:
 
     messages: list[dict[str, str]]
     source: str
+    loss_scale: float = 1.0
+    "What every answer token's loss is multiplied by (the row's \"loss_scale\"; 1 when it has none)."
 
 
 def detect_format(row: dict, *, require_answer: bool = True) -> str | None:
@@ -105,7 +111,24 @@ def normalise_row(row: dict, source: str, *, require_answer: bool = True) -> Con
         messages = _history(row, source) + _pair(_text(row, q_key, source), _answer(row, a_key, source))
         messages = _with_system(messages, row, source)
     _validate(messages, source, require_answer=require_answer)
-    return Conversation(messages=messages, source=source)
+    return Conversation(messages=messages, source=source, loss_scale=_loss_scale(row, source))
+
+
+def _loss_scale(row: dict, source: str) -> float:
+    """The row's "loss_scale": a finite number >= 0 (a CSV cell's text is read as one); 1.0 when absent."""
+    value = row.get("loss_scale")
+    if value is None:
+        return 1.0
+    number = value
+    if isinstance(value, str):  # CSV cells are text
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) or number < 0:
+        raise UserError(f"{source}: 'loss_scale' must be a finite number >= 0 (1 = a normal row, 2 = twice its loss, "
+                        f"0 = no loss), got {value!r:.80}")
+    return float(number)
 
 
 def _pair(query: str, answer: str | None) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ import os
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -60,6 +60,7 @@ class DatasetReport:
     truncated: int = 0
     lengths: LengthStats | None = None
     loss_tokens: int = 0
+    loss_scales: dict[float, int] = field(default_factory=dict)  # a loss_scale other than 1 -> rows kept with it
     rows_with_own_system: int = 0
     special_token_rows: list[str] = field(default_factory=list)  # sources of rows whose text holds e.g. <|im_end|>
     errors: list[str] = field(default_factory=list)
@@ -103,7 +104,8 @@ def render_part(
     use_cache: bool = True,
     tokenizer_fp: str | None = None,
 ) -> tuple[list[Rendered], bool]:
-    """Render one dataset's conversations (in `num_proc` processes, from the disk cache when possible)."""
+    """Render one dataset's conversations (in `num_proc` processes, from the disk cache when possible), each
+    sample with its row's loss_scale (a weight, not part of the tokens: the cache holds ids and masks only)."""
     messages = [c.messages for c in part.conversations]
     key = None
     if use_cache and messages:
@@ -111,12 +113,18 @@ def render_part(
         key = cache.cache_key(messages, tokenizer_fp=fp, system=system, loss_on_prompt=loss_on_prompt)
         hit = cache.load_cached(key)
         if hit is not None and len(hit) == len(messages):
-            return hit, True
+            return with_loss_scales(hit, part.conversations), True
     sources = [c.source for c in part.conversations]
     samples = _render_parallel(tokenizer, messages, sources, system, loss_on_prompt, num_proc)
     if key is not None:
         cache.save_cached(key, samples)
-    return samples, False
+    return with_loss_scales(samples, part.conversations), False
+
+
+def with_loss_scales(samples: list[Rendered], conversations: list[Conversation]) -> list[Rendered]:
+    """Each rendered sample with the loss_scale of the conversation it was rendered from."""
+    return [s if c.loss_scale == s.loss_scale else replace(s, loss_scale=c.loss_scale)
+            for s, c in zip(samples, conversations, strict=True)]
 
 
 _WORKER: dict = {}
@@ -164,7 +172,7 @@ def truncate(samples: list[Rendered], max_length: int, strategy: str) -> Truncat
                 dropped[f"longer than --max_length {max_length} (--truncation_strategy delete)"] += 1
                 continue
             cut = slice(-max_length, None) if strategy == "left" else slice(0, max_length)
-            s = Rendered(input_ids=s.input_ids[cut], labels=s.labels[cut])
+            s = replace(s, input_ids=s.input_ids[cut], labels=s.labels[cut])
             out.truncated += 1
             if s.num_loss_tokens == 0:
                 dropped[f"no answer tokens left after --truncation_strategy {strategy} to {max_length}"] += 1
@@ -220,7 +228,8 @@ def build_datasets(
     for role, specs in (("train", data_args.dataset), ("val", data_args.val_dataset)):
         parts = load_conversations(
             specs, seed=data_args.seed, use_hf=use_hf, model_name=data_args.model_name,
-            model_author=data_args.model_author, strict=strict, log=log,
+            model_author=data_args.model_author, self_cognition_weight_zh=data_args.self_cognition_weight_zh,
+            strict=strict, log=log,
         )
         for part in parts:
             report, kept = _process_part(part, role, tokenizer, data_args, system, fp, log)
@@ -269,6 +278,7 @@ def _process_part(
     report.rows_kept = len(kept)
     report.lengths = length_stats(kept)
     report.loss_tokens = sum(s.num_loss_tokens for s in kept)
+    report.loss_scales = dict(sorted(Counter(s.loss_scale for s in kept if s.loss_scale != 1.0).items()))
     if kept:
         report.example, report.example_messages = kept[0], part.conversations[cut.kept_index[0]].messages
     if report.dropped or report.truncated:

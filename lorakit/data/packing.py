@@ -6,7 +6,7 @@ and builds a block-diagonal causal mask, so no token attends across samples. The
 called with use_cache=False: with a KV cache present transformers skips that detection.
 Each sample's first label is set to -100 so the previous sample's last token never predicts it;
 that label is never used unpacked either (targets are labels shifted by one), so the packed loss
-equals the unpacked loss.
+equals the unpacked loss. A sample's loss_scale goes with its tokens (collate: loss_scale [B, T]).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Packed:
     position_ids: list[int]
     lengths: list[int]  # length of each sample, in order
     teacher: dict[int, tuple[list[int], list[float]]] | None = None  # as Rendered.teacher, positions in the row
+    loss_scales: list[float] | None = None  # each sample's Rendered.loss_scale, in order (None: all 1)
 
 
 def pack_sequences(samples: list[Rendered], max_length: int) -> list[Packed]:
@@ -52,13 +53,15 @@ def pack_sequences(samples: list[Rendered], max_length: int) -> list[Packed]:
 
 def _join(members: list[Rendered]) -> Packed:
     ids, labels, positions, lengths, teacher = [], [], [], [], {}
+    scales = [s.loss_scale for s in members]
     for s in members:
         teacher.update({len(ids) + t: top for t, top in (s.teacher or {}).items()})
         ids += s.input_ids
         labels += [IGNORE_INDEX] + s.labels[1:]
         positions += range(len(s.input_ids))
         lengths.append(len(s.input_ids))
-    return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths, teacher=teacher or None)
+    return Packed(input_ids=ids, labels=labels, position_ids=positions, lengths=lengths, teacher=teacher or None,
+                  loss_scales=scales if any(x != 1.0 for x in scales) else None)
 
 
 def shared_prefix_length(batch: list[Rendered]) -> int:
@@ -80,7 +83,8 @@ def shared_prefix_length(batch: list[Rendered]) -> int:
 
 def strip_prefix(sample: Rendered, n: int) -> Rendered:
     teacher = {t - n: top for t, top in sample.teacher.items()} if sample.teacher else None
-    return Rendered(input_ids=sample.input_ids[n:], labels=sample.labels[n:], teacher=teacher)
+    return Rendered(input_ids=sample.input_ids[n:], labels=sample.labels[n:], teacher=teacher,
+                    loss_scale=sample.loss_scale)
 
 
 def collate(batch: list[Rendered] | list[Packed], pad_token_id: int, *, shared_prefix: bool = False,
@@ -98,7 +102,8 @@ def collate(batch: list[Rendered] | list[Packed], pad_token_id: int, *, shared_p
     Rendered samples: input_ids, labels (-100 on padding), attention_mask (1 real, 0 padding).
     Packed rows: input_ids, labels, position_ids and no attention_mask, so the model isolates each
     sample; padding forms its own segment (positions 0..p-1) after the real tokens.
-    Samples with distillation targets add teacher_ids / teacher_probs [B, T, K] (probs 0 elsewhere).
+    Samples with distillation targets add teacher_ids / teacher_probs [B, T, K] (probs 0 elsewhere);
+    samples with a loss_scale other than 1 add loss_scale [B, T] (fp32: each token's sample's scale).
     """
     prefix = shared_prefix_length(batch) if shared_prefix and not isinstance(batch[0], Packed) else 0
     if prefix:
@@ -125,7 +130,28 @@ def collate(batch: list[Rendered] | list[Packed], pad_token_id: int, *, shared_p
         out["attention_mask"] = attention_mask
     if any(x.teacher for x in batch):
         out.update(collate_teacher(batch, width))
+    if any(_token_scales(x) is not None for x in batch):
+        out["loss_scale"] = collate_loss_scale(batch, width)
     return out
+
+
+def _token_scales(x: Rendered | Packed) -> list[float] | None:
+    """The loss_scale of each token of a row, or None when every one is 1."""
+    if isinstance(x, Packed):
+        if x.loss_scales is None:
+            return None
+        return [scale for scale, n in zip(x.loss_scales, x.lengths) for _ in range(n)]
+    return None if x.loss_scale == 1.0 else [x.loss_scale] * len(x.input_ids)
+
+
+def collate_loss_scale(batch: list[Rendered] | list[Packed], width: int) -> torch.Tensor:
+    """loss_scale (fp32) [B, T]: each token's sample's loss_scale, unshifted like labels; 1 on padding."""
+    scale = torch.ones((len(batch), width), dtype=torch.float32)
+    for r, x in enumerate(batch):
+        token_scales = _token_scales(x)
+        if token_scales is not None:
+            scale[r, : len(token_scales)] = torch.tensor(token_scales, dtype=torch.float32)
+    return scale
 
 
 def collate_teacher(batch: list[Rendered] | list[Packed], width: int) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ class Rendered:
     labels: list[int]
     teacher: dict[int, tuple[list[int], list[float]]] | None = None
     "Distillation targets: token position -> the teacher's top-k (ids, probs) for that token (replaces its label)."
+    loss_scale: float = 1.0
+    "What the loss of each of its tokens is multiplied by (the row's loss_scale; replay: --replay_weight)."
 
     @property
     def num_loss_tokens(self) -> int:

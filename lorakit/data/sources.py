@@ -59,6 +59,7 @@ def load_conversations(
     use_hf: bool | None = None,
     model_name: list[str] | tuple[str, ...] = (),
     model_author: list[str] | tuple[str, ...] = (),
+    self_cognition_weight_zh: float = 1.0,
     strict: bool = True,
     require_answer: bool = True,
     log=None,
@@ -66,12 +67,14 @@ def load_conversations(
     """Read and validate every spec; strict=True raises on any malformed row (listing up to 20).
 
     require_answer=False (batch inference) also accepts rows with no answer, ending in a user turn.
+    self_cognition_weight_zh: the loss_scale of the built-in self-cognition's Chinese rows.
     """
     log = log or log_to_stderr
     parts = []
     for text in specs:
         spec = parse_spec(text)
-        rows, location = _read_spec(spec.name, use_hf=use_hf, model_name=model_name, model_author=model_author)
+        rows, location = _read_spec(spec.name, use_hf=use_hf, model_name=model_name, model_author=model_author,
+                                    weight_zh=self_cognition_weight_zh)
         log(f"loaded {len(rows)} rows from {location}")
         conversations, errors, formats = [], [], Counter()
         for row, source in rows:
@@ -113,9 +116,10 @@ def sample_rows(items: list, n: int, seed: int) -> list:
     return out + rng.sample(items, n - len(out))
 
 
-def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author) -> tuple[list[tuple[dict, str]], str]:
+def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author,
+               weight_zh: float = 1.0) -> tuple[list[tuple[dict, str]], str]:
     if name in SELF_COGNITION_NAMES:
-        return _self_cognition_rows(model_name, model_author), "built-in self-cognition"
+        return _self_cognition_rows(model_name, model_author, weight_zh), "built-in self-cognition"
     path = Path(name).expanduser()
     if not path.is_absolute():
         path = Path.cwd() / path
@@ -130,10 +134,11 @@ def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author) -> t
     )
 
 
-def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
+def _self_cognition_rows(model_name, model_author, weight_zh: float = 1.0) -> list[tuple[dict, str]]:
     """The built-in identity rows with {{NAME}}/{{AUTHOR}} filled ([zh, en] pairs as in ms-swift), each under
     the system prompt data/system_prompts.py gives its line (none: the run's own), so the identity holds
-    under the system prompts a deployment sets, not only under the one training used."""
+    under the system prompts a deployment sets, not only under the one training used. The Chinese rows get
+    loss_scale `weight_zh` (--self_cognition_weight_zh)."""
     names, authors = _pair(model_name, "--model_name"), _pair(model_author, "--model_author")
     missing = [flag for flag, v in (("--model_name", names), ("--model_author", authors)) if v is None]
     if missing:
@@ -154,6 +159,8 @@ def _self_cognition_rows(model_name, model_author) -> list[tuple[dict, str]]:
         system = training_system(index)
         if system is not None:
             filled["system"] = system
+        if k == 0 and weight_zh != 1.0:
+            filled["loss_scale"] = weight_zh
         rows.append((filled, f"built-in self-cognition:{source.rsplit(':', 1)[-1]}"))
     return rows
 
