@@ -23,6 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from lorakit.fast import lora_dropout
 from lorakit.fast.qlora import _dropped, is_linear_4bit, packed_4bit, qlora_linear
 
 
@@ -68,10 +69,14 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float 
 
 def lora_linear_ops(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """lora_linear as plain ops: under torch.compile the partitioner then sees the whole layer and
-    may recompute cheap tensors (norm outputs, SwiGLU product) instead of keeping them."""
-    low_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    low = F.linear(F.linear(low_in, lora_a.to(x.dtype)), (lora_b * scale).to(x.dtype))
-    return F.linear(x, weight, bias) + low
+    may recompute cheap tensors (norm outputs, SwiGLU product) instead of keeping them. With dropout on a
+    GPU, the A product makes its mask in the kernel (fast/lora_dropout.py) instead of storing it."""
+    if dropout_p > 0 and x.is_cuda and lora_dropout.available():
+        low_a = lora_dropout.lora_a_through_dropout(x, lora_a, dropout_p)
+    else:
+        low_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+        low_a = F.linear(low_in, lora_a.to(x.dtype))
+    return F.linear(x, weight, bias) + F.linear(low_a, (lora_b * scale).to(x.dtype))
 
 
 LORA_IMPLS = {"function": lora_linear, "ops": lora_linear_ops}
