@@ -5,6 +5,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import lorakit.loss
+from lorakit.data.packing import collate, pack_sequences
+from lorakit.data.render import Rendered
 from lorakit.loss import (causal_lm_loss, ce_chunk_grad, chunked_linear_ce, reference_linear_ce, shift_targets,
                           soft_ce_chunk_grad, soft_targets)
 
@@ -232,8 +235,6 @@ def test_shared_prefix_batch_gives_the_same_loss_and_gradients():
 
 def _weighted_samples():
     """Three samples (prompt without loss, then an answer) with loss_scale 2, 1 and 0.5."""
-    from lorakit.data.render import Rendered
-
     g = torch.Generator().manual_seed(11)
     samples = []
     for n, prompt, scale in ((9, 3, 2.0), (14, 6, 1.0), (7, 2, 0.5)):
@@ -258,8 +259,6 @@ def _hand_weighted_loss(model, samples):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("chunk_size", [4, 4096])
 def test_loss_scale_weighs_each_samples_tokens_like_a_hand_computation(packed, chunk_size):
-    from lorakit.data.packing import collate, pack_sequences
-
     samples = _weighted_samples()
     batch = collate(pack_sequences(samples, 64) if packed else samples, 0)
     want, want_g = _hand_weighted_loss(tiny_model(), samples)
@@ -297,3 +296,16 @@ def test_soft_targets_scale_labels_and_teacher_rows():
     teacher = (torch.tensor([[1, 2], [1, 2], [0, 0]]), torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.0, 0.0]]))
     ids, w = soft_targets(targets, teacher, scale)
     assert ids.tolist() == [[1, 2], [0, 0], [7, 0]] and w.tolist() == [[0.5, 1.5], [0.0, 0.0], [0.5, 0.0]]
+
+
+def test_compiled_chunk_fn_honours_loss_scale(monkeypatch):
+    """The GPU fast path compiles the chunk function (chunk_fn_for on CUDA); compiled here on the CPU, the
+    weighted loss and gradients still equal the hand computation."""
+    compiled = torch.compile(soft_ce_chunk_grad, dynamic=True)
+    monkeypatch.setattr(lorakit.loss, "chunk_fn_for", lambda device, soft=False: compiled if soft else ce_chunk_grad)
+    samples = _weighted_samples()
+    want, want_g = _hand_weighted_loss(tiny_model(), samples)
+    loss, _, g = _loss_and_grads(collate(pack_sequences(samples, 64), 0), True, 8)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-4)
+    for name in want_g:
+        torch.testing.assert_close(g[name], want_g[name], rtol=1e-4, atol=1e-6, msg=name)
