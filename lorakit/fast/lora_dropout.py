@@ -56,14 +56,16 @@ def keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> Tensor:
 
 
 if triton is not None:
+    # what the kernels see (jit code reads only constexpr globals)
+    _GOLDEN, _MIX1, _MIX2 = tl.constexpr(GOLDEN), tl.constexpr(MIX1), tl.constexpr(MIX2)
 
     @triton.jit
     def _keep(rows, cols, n_cols, seed, thr):
-        h = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32) * GOLDEN + seed
+        h = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32) * _GOLDEN + seed
         h ^= h >> 16
-        h *= MIX1
+        h *= _MIX1
         h ^= h >> 13
-        h *= MIX2
+        h *= _MIX2
         h ^= h >> 16
         return h >= thr
 
