@@ -125,3 +125,14 @@ def test_fast_path_line_names_what_is_off_and_why():
     assert "fused LoRA on 1/2 layers (not fused: 1 with trainable base weights)" in line
     assert "torch.compile off (--torch_compile false)" in line
     assert "off on cpu" in describe_fast_paths(model, None, torch.device("cpu"))
+
+
+def test_fast_path_line_says_when_lora_dropout_cannot_use_its_kernels(monkeypatch):
+    from lorakit.fast import FastOptions, describe_fast_paths, lora_dropout
+
+    monkeypatch.setattr(lora_dropout, "available", lambda: False)
+    line = describe_fast_paths(peft_model(dropout=0.1), FastOptions(), torch.device("cuda"))
+    assert "(LoRA dropout through torch ops, which store its mask: Triton is not installed)" in line
+    assert "Triton" not in describe_fast_paths(peft_model(dropout=0.0), FastOptions(), torch.device("cuda"))
+    monkeypatch.setattr(lora_dropout, "available", lambda: True)
+    assert "Triton" not in describe_fast_paths(peft_model(dropout=0.1), FastOptions(), torch.device("cuda"))

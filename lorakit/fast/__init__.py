@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 
 from lorakit.args import FastOptions  # the flags are the settings; importable from here too
-from lorakit.fast import attention
+from lorakit.fast import attention, lora_dropout
 from lorakit.fast.lora import can_fuse, fuse_lora_layers, fuse_refusal, is_lora_linear, unfuse_lora_layers
 from lorakit.kv_cache import CACHE_ARG
 from lorakit.quantize import is_quantized
@@ -192,6 +192,10 @@ def describe_fast_paths(model: torch.nn.Module, opts: FastOptions | None, device
         fused = f"fused LoRA on {len(lora) - sum(refused.values())}/{len(lora)} layers"
         if refused:
             fused += " (not fused: " + ", ".join(f"{n} with {why}" for why, n in refused.items()) + ")"
+        dropout = any(isinstance(m.lora_dropout[n], torch.nn.Dropout) for m in lora for n in m.active_adapters
+                      if n in m.lora_dropout)
+        if dropout and opts.torch_compile and not lora_dropout.available():
+            fused += " (LoRA dropout through torch ops, which store its mask: Triton is not installed)"
     else:
         fused = "fused LoRA: no LoRA layers (full fine-tuning)"
     attn = "packed attention on" if opts.packed_attention else "packed attention off (--packed_attention false)"
