@@ -120,3 +120,17 @@ def test_wrong_return_shape_is_an_error(tmp_path):
         R.compute_rewards(funcs[:1], inputs(["a", "b"]))
     with pytest.raises(UserError, match=r"returned 'high' for completion 0 \(data.jsonl:1\)"):
         R.compute_rewards(funcs[1:], inputs(["a", "b"]))
+
+
+def test_the_readme_reward_loads_as_a_plugin_and_scores_as_it_says(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("**GRPO with your own reward**", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 10
+    plugin = tmp_path / "my_rewards.py"
+    plugin.write_text(code)
+    [fn] = R.resolve_reward_funcs(["concise_answer"], [str(plugin)], R.RewardSettings())
+    assert fn.origin == str(plugin)
+    assert fn.fn(["Paris.", "The capital is Paris", "Lyon"], answer=["Paris", "Paris", "Paris"]) == [1.0, 0.25, 0.0]
