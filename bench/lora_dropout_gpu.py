@@ -3,7 +3,7 @@ compiled torch ops (F.dropout then the product: what the compiled training step 
 backward, at the Qwen2.5-7B shapes of one packed 4096-token row. Also checks the kernels against the torch
 reference built on the same mask.
 
-    python bench/lora_dropout_gpu.py [--json out.json]
+    python bench/lora_dropout_gpu.py [--json out.json] [--sweep]   (--sweep: each kernel's time per block shape)
 """
 
 from __future__ import annotations
@@ -57,13 +57,50 @@ def check(rows: int, cols: int, rank: int, p: float) -> dict:
             "rel_err_grad_a": rel(ga, ref_ga), "rel_err_dx": rel(dx, ref_dx)}
 
 
+SWEEP = {"product": [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8), (16, 128, 4), (128, 64, 8)],
+         "grad_x": [(64, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 64, 4), (32, 64, 4)],
+         "grad_a": [(32, 128, 4), (64, 128, 4), (64, 64, 4), (32, 256, 8), (128, 128, 8), (16, 128, 4)]}
+
+
+def sweep(rows: int, cols: int, rank: int, p: float) -> dict:
+    """GPU us per call of each kernel under each block shape of SWEEP (the i-th shapes of all three together)."""
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(rank, cols, device="cuda") * 0.02).requires_grad_()
+    grad = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+    default = dict(lora_dropout.BLOCKS)
+    times: dict[str, dict[str, float]] = {name: {} for name in SWEEP}
+    for i in range(len(SWEEP["product"])):
+        lora_dropout.BLOCKS.update({name: shapes[i] for name, shapes in SWEEP.items()})
+        for _ in range(3):
+            lora_dropout.lora_a_through_dropout(x, a, p).backward(grad)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                lora_dropout.lora_a_through_dropout(x, a, p).backward(grad)
+            torch.cuda.synchronize()
+        for event in prof.key_averages():
+            for name in SWEEP:
+                if f"_{name}_kernel" in event.key:
+                    times[name][str(SWEEP[name][i])] = round(event.self_device_time_total / 10, 2)
+    lora_dropout.BLOCKS.update(default)
+    return {"cols": cols, "us_per_call": times, "best": {n: min(t, key=t.get) for n, t in times.items() if t}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=float, default=0.05)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--json")
+    parser.add_argument("--sweep", action="store_true")
     opts = parser.parse_args()
+    if opts.sweep:
+        found = [sweep(opts.rows, cols, opts.rank, opts.p) for cols in (3584, 18944)]
+        for row in found:
+            print(json.dumps(row), flush=True)
+        if opts.json:
+            Path(opts.json).write_text(json.dumps(found, indent=1))
+        return
     compiled = torch.compile(torch_ops)
     results = []
     for cols in (3584, 18944):  # attention/gate/up input width; down_proj's input width

@@ -32,7 +32,8 @@ except ImportError:  # CPU-only installs; `available()` says so
 GOLDEN = 0x9E3779B1
 MIX1, MIX2 = 0x85EBCA6B, 0xC2B2AE35
 MASK32 = 0xFFFFFFFF
-MAX_RANK = 128
+# (rows, columns, warps) of each kernel's block; bench/lora_dropout_gpu.py --sweep times the alternatives
+BLOCKS = {"product": (32, 64, 4), "grad_x": (64, 64, 4), "grad_a": (32, 128, 4)}
 
 
 def available() -> bool:
@@ -146,9 +147,9 @@ def dropped_lora_a(x2: Tensor, lora_a: Tensor, seed: Tensor, p: float) -> Tensor
     rows, cols = x2.shape
     rank = lora_a.shape[0]
     out = x2.new_empty(rows, rank)
-    br = 32
+    br, bc, warps = BLOCKS["product"]
     _product_kernel[(triton.cdiv(rows, br),)](x2, lora_a, out, seed, rows, cols, rank, threshold(p), 1.0 / (1.0 - p),
-                                              BR=br, BC=64, RP=_rank_block(rank), EXACT=_interpreted())
+                                              BR=br, BC=bc, RP=_rank_block(rank), EXACT=_interpreted(), num_warps=warps)
     return out
 
 
@@ -165,14 +166,17 @@ def dropped_lora_a_backward(dxa: Tensor, x2: Tensor, lora_a: Tensor, seed: Tenso
     rank = lora_a.shape[0]
     thr, scale, rp = threshold(p), 1.0 / (1.0 - p), _rank_block(rank)
     dx = torch.empty_like(x2)
-    br, bc = 64, 64
-    _grad_x_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](dxa, lora_a, dx, seed, rows, cols, rank, thr,
-                                                                   scale, BR=br, BC=bc, RP=rp, EXACT=_interpreted())
+    br, bc, warps = BLOCKS["grad_x"]
+    _grad_x_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](dxa, lora_a, dx, seed, rows, cols, rank, thr, scale,
+                                                                   BR=br, BC=bc, RP=rp, EXACT=_interpreted(),
+                                                                   num_warps=warps)
     grad_a = torch.zeros(rank, cols, dtype=torch.float32, device=x2.device)
-    splits = max(1, min(triton.cdiv(rows, 256), 4 * _sm_count(x2.device) // triton.cdiv(cols, 128)))
-    per_split = triton.cdiv(triton.cdiv(rows, splits), 32) * 32
-    _grad_a_kernel[(triton.cdiv(cols, 128), triton.cdiv(rows, per_split))](
-        dxa, x2, grad_a, seed, rows, cols, rank, thr, scale, per_split, BR=32, BC=128, RP=rp, EXACT=_interpreted())
+    br, bc, warps = BLOCKS["grad_a"]
+    splits = max(1, min(triton.cdiv(rows, 256), 4 * _sm_count(x2.device) // triton.cdiv(cols, bc)))
+    per_split = triton.cdiv(triton.cdiv(rows, splits), br) * br
+    _grad_a_kernel[(triton.cdiv(cols, bc), triton.cdiv(rows, per_split))](
+        dxa, x2, grad_a, seed, rows, cols, rank, thr, scale, per_split, BR=br, BC=bc, RP=rp, EXACT=_interpreted(),
+        num_warps=warps)
     return dx, grad_a.to(lora_a.dtype)
 
 
