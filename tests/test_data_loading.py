@@ -385,13 +385,15 @@ def test_a_bad_loss_scale_names_file_and_line(tmp_path):
     assert [c.loss_scale for c in one([str(csv)]).conversations] == [2.0, 1.0]  # an empty cell: the default
 
 
-def test_self_cognition_weight_zh_scales_the_chinese_rows_only():
+def test_self_cognition_weight_zh_scales_the_chinese_identity_rows_only():
     names = dict(model_name=["小乐", "Lele"], model_author=["乐团", "LeTeam"])
     plain = one(["self-cognition"], **names)
     weighted = one(["self-cognition"], self_cognition_weight_zh=2.0, **names)
     rows = [json.loads(line) for line in SELF_COGNITION_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert [c.loss_scale for c in plain.conversations] == [1.0] * len(rows)
-    assert [c.loss_scale for c in weighted.conversations] == [2.0 if r["lang"] == "zh" else 1.0 for r in rows]
+    assert [c.loss_scale for c in weighted.conversations] == [
+        2.0 if (r["lang"], r["kind"]) == ("zh", "identity") else 1.0 for r in rows]
+    assert sum(c.loss_scale == 2.0 for c in weighted.conversations) == 88
     assert [c.messages for c in weighted.conversations] == [c.messages for c in plain.conversations]
     with pytest.raises(UserError, match="--self_cognition_weight_zh"):
         DataArgs(self_cognition_weight_zh=-1)

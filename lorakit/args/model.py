@@ -84,7 +84,7 @@ class DataArgs:
     model_author: list[str] = field(default_factory=list)
     "Your model's author for the built-in self-cognition data: one value, or a Chinese and an English value."
     self_cognition_weight_zh: float = 1.0
-    "Loss weight (loss_scale) of the built-in self-cognition's Chinese rows; its English rows weigh 1."
+    "Loss weight (loss_scale) of the built-in self-cognition's Chinese identity rows; its other rows weigh 1."
     seed: int = 42
     "Random seed for sampling, shuffling, initialisation and dropout."
     dataset_num_proc: int = 1

@@ -67,7 +67,7 @@ def load_conversations(
     """Read and validate every spec; strict=True raises on any malformed row (listing up to 20).
 
     require_answer=False (batch inference) also accepts rows with no answer, ending in a user turn.
-    self_cognition_weight_zh: the loss_scale of the built-in self-cognition's Chinese rows.
+    self_cognition_weight_zh: the loss_scale of the built-in self-cognition's Chinese identity rows.
     """
     log = log or log_to_stderr
     parts = []
@@ -137,8 +137,8 @@ def _read_spec(name: str, *, use_hf: bool | None, model_name, model_author,
 def _self_cognition_rows(model_name, model_author, weight_zh: float = 1.0) -> list[tuple[dict, str]]:
     """The built-in identity rows with {{NAME}}/{{AUTHOR}} filled ([zh, en] pairs as in ms-swift), each under
     the system prompt data/system_prompts.py gives its line (none: the run's own), so the identity holds
-    under the system prompts a deployment sets, not only under the one training used. The Chinese rows get
-    loss_scale `weight_zh` (--self_cognition_weight_zh)."""
+    under the system prompts a deployment sets, not only under the one training used. The Chinese identity
+    rows get loss_scale `weight_zh` (--self_cognition_weight_zh)."""
     names, authors = _pair(model_name, "--model_name"), _pair(model_author, "--model_author")
     missing = [flag for flag, v in (("--model_name", names), ("--model_author", authors)) if v is None]
     if missing:
@@ -159,7 +159,7 @@ def _self_cognition_rows(model_name, model_author, weight_zh: float = 1.0) -> li
         system = training_system(index)
         if system is not None:
             filled["system"] = system
-        if k == 0 and weight_zh != 1.0:
+        if k == 0 and row.get("kind") == "identity" and weight_zh != 1.0:
             filled["loss_scale"] = weight_zh
         rows.append((filled, f"built-in self-cognition:{source.rsplit(':', 1)[-1]}"))
     return rows
