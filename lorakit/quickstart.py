@@ -38,6 +38,10 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # little in place and Chinese general questions drew the new self-introduction (leak 4-5% -> 2-3%, and
 # retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; experiments/results/sweep12-cpu9*).
 REPLAY_ZH_FACTOR = 2.0
+# The same for what is new: the built-in self-cognition's Chinese rows weigh twice its English ones, so each
+# language keeps its identity-to-replay ratio and Chinese as a whole gets twice the pull. Without it Chinese
+# identity under unseen system prompts fell to 84.4/87.5% at seed 1 (experiments/identity_zh/README.md).
+SELF_COGNITION_ZH_WEIGHT = 2.0
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
 
@@ -56,6 +60,7 @@ class Recipe:
     replay_max_new_tokens: int
     replay_weight: float
     replay_weight_zh: float
+    self_cognition_weight_zh: float
     reason: str
 
 
@@ -94,7 +99,8 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
                   epochs: float | None = None, learning_rate: float | None = None, batch_size: int | None = None,
                   lora_layers: int | None = None, target_modules: list[str] | None = None,
                   replay_max_new_tokens: int | None = None,
-                  replay_weight: float | None = None, replay_weight_zh: float | None = None) -> Recipe:
+                  replay_weight: float | None = None, replay_weight_zh: float | None = None,
+                  self_cognition_weight_zh: float | None = None) -> Recipe:
     """Epochs, learning rate and batch size from the data size, model size and device.
 
     Enough optimizer steps matter more than epochs: ten steps teach nothing however many epochs
@@ -124,6 +130,8 @@ def choose_recipe(n_rows: int, n_params: int, device_type: str, *, n_layers: int
                   layers_to_transform=layers, target_modules=modules,
                   replay_max_new_tokens=replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS,
                   replay_weight=weight, replay_weight_zh=replay_weight_zh or REPLAY_ZH_FACTOR * weight,
+                  self_cognition_weight_zh=(self_cognition_weight_zh if self_cognition_weight_zh is not None
+                                            else SELF_COGNITION_ZH_WEIGHT),
                   reason=reason)
 
 
@@ -136,7 +144,8 @@ def sft_args_for(args: QuickstartArgs, recipe: Recipe, datasets: list[str], repl
     """The `sft` flags quickstart trains with (the same code path as `lorakit sft`): its groups with the recipe in."""
     return SftArgs(
         model=args.model,
-        data=replace(args.data, dataset=datasets, split_dataset_ratio=0.0, max_length=1024),
+        data=replace(args.data, dataset=datasets, split_dataset_ratio=0.0, max_length=1024,
+                     self_cognition_weight_zh=recipe.self_cognition_weight_zh),
         lora=replace(args.lora, lora_rank=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
                      target_modules=recipe.target_modules, layers_to_transform=recipe.layers_to_transform),
         train=replace(args.train, num_train_epochs=recipe.num_train_epochs, learning_rate=recipe.learning_rate,
@@ -226,7 +235,8 @@ def quickstart(args: QuickstartArgs) -> Report:
                 learning_rate=r.learning_rate, batch_size=r.per_device_train_batch_size,
                 lora_layers=r.lora_layers, replay_max_new_tokens=r.replay_max_new_tokens,
                 target_modules=lora_targets(args, model, n_params),
-                replay_weight=r.replay_weight, replay_weight_zh=r.replay_weight_zh)
+                replay_weight=r.replay_weight, replay_weight_zh=r.replay_weight_zh,
+                self_cognition_weight_zh=r.self_cognition_weight_zh)
     datasets, answers = training_mix(args, model, tokenizer, r.replay_max_new_tokens or REPLAY_MAX_NEW_TOKENS)
     replay_rows = len(answers)
     del model  # train() loads its own copy; never hold two on a GPU

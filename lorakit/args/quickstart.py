@@ -32,11 +32,14 @@ class RecipeArgs:
     "Loss weight of a replay token relative to an identity token (default: chosen by quickstart)."
     replay_weight_zh: float | None = None
     "Loss weight of the replay tokens that answer Chinese prompts (default: twice --replay_weight)."
+    self_cognition_weight_zh: float | None = None
+    "Loss weight (loss_scale) of the built-in Chinese identity rows; English ones weigh 1 (default: 2)."
     per_device_train_batch_size: int | None = None
     "Samples per optimizer step (default: the widest, up to 12 on CPU and 8 on GPU, that still gives 36 steps)."
 
     def __post_init__(self):  # before any model loads: a bad recipe flag costs nothing
-        for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh", "per_device_train_batch_size"):
+        for name in ("replay_max_new_tokens", "replay_weight", "replay_weight_zh", "self_cognition_weight_zh",
+                     "per_device_train_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
         check_positive("learning_rate", self.learning_rate)
