@@ -7,8 +7,10 @@ import re
 
 import pytest
 
+from lorakit.args import QuickstartArgs, RecipeArgs
+from lorakit.errors import UserError
 from lorakit.quickstart import (ATTENTION, MAX_EPOCHS, MIN_STEPS, choose_recipe, default_target_modules,
-                                 self_cognition_rows)
+                                 self_cognition_rows, sft_args_for)
 from lorakit.replay import load_general_prompts
 from lorakit.report import Report, figures_table, write_report
 
@@ -50,6 +52,17 @@ def test_recipe_learning_rate_follows_model_size_and_flags_win():
     assert 1e-4 <= choose_recipe(200, 7_600_000_000, "cuda").learning_rate <= 2e-4
     chosen = choose_recipe(200, 135_000_000, "cpu", epochs=1.5, learning_rate=3e-4)
     assert (chosen.num_train_epochs, chosen.learning_rate) == (1.5, 3e-4)
+
+
+def test_recipe_weighs_the_chinese_identity_rows_twice_and_hands_it_to_sft():
+    assert choose_recipe(200, 135_000_000, "cpu").self_cognition_weight_zh == 2.0
+    recipe = choose_recipe(200, 135_000_000, "cpu", self_cognition_weight_zh=1.0)  # --self_cognition_weight_zh 1
+    assert recipe.self_cognition_weight_zh == 1.0
+    args = QuickstartArgs()
+    assert sft_args_for(args, choose_recipe(200, 135_000_000, "cpu"), ["self-cognition"]).data.self_cognition_weight_zh == 2.0
+    assert sft_args_for(args, recipe, ["self-cognition"]).data.self_cognition_weight_zh == 1.0
+    with pytest.raises(UserError, match="--self_cognition_weight_zh must be positive"):
+        RecipeArgs(self_cognition_weight_zh=-1)
 
 
 def _report(tmp_path):
