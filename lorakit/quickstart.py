@@ -38,9 +38,10 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # little in place and Chinese general questions drew the new self-introduction (leak 4-5% -> 2-3%, and
 # retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; experiments/results/sweep12-cpu9*).
 REPLAY_ZH_FACTOR = 2.0
-# The same for what is new: the built-in self-cognition's Chinese rows weigh twice its English ones, so each
-# language keeps its identity-to-replay ratio and Chinese as a whole gets twice the pull. Without it Chinese
-# identity under unseen system prompts fell to 84.4/87.5% at seed 1 (experiments/identity_zh/README.md).
+# The same for what is new: the built-in Chinese identity rows weigh twice the English ones, so Chinese keeps
+# English's identity-to-replay ratio. At 1, Chinese identity under unseen system prompts was 84.4/87.5% at seed
+# 1; at 2, 96.9-100% at seeds 42 and 1 with retention and leak within a question of weight 1's. Weighting the
+# Chinese general rows too cost retention (experiments/identity_zh/README.md).
 SELF_COGNITION_ZH_WEIGHT = 2.0
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
