@@ -39,9 +39,9 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # retention 88.6% -> 90.9-93.2%, "Nova" and "Lumen" at seed 42 on the CPU; experiments/results/sweep12-cpu9*).
 REPLAY_ZH_FACTOR = 2.0
 # The same for what is new: the built-in Chinese identity rows weigh twice the English ones, so Chinese keeps
-# English's identity-to-replay ratio. At 1, Chinese identity under unseen system prompts was 84.4/87.5% at seed
-# 1; at 2, 96.9-100% at seeds 42 and 1 with retention and leak within a question of weight 1's. Weighting the
-# Chinese general rows too cost retention (experiments/identity_zh/README.md).
+# English's identity-to-replay ratio. At 1, Chinese identity under unseen system prompts was 84.4-93.8% at seeds
+# 1 and 2; at 2, 96.9-100% at seeds 42, 1 and 2, retention 370 vs 368 of 396 answers, leak 10 vs 6 of 900 (max 2%
+# vs 3%). Weighting the Chinese general rows too cost retention (experiments/identity_zh/README.md).
 SELF_COGNITION_ZH_WEIGHT = 2.0
 BASELINE_PROBES = 4  # identity probes per language asked of the base model (its answers are shown; it scores 0)
 
