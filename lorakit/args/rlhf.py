@@ -153,6 +153,8 @@ class RlhfGroup:
     "KTO: loss weight of desirable completions."
     undesirable_weight: float = 1.0
     "KTO: loss weight of undesirable completions."
+    replay_kl: float = 1.0
+    "Weight of the replay anchor: a KL to the starting policy on its own answers to built-in general prompts, one answer per preference pair, so the preference moves little else (0: off)."
 
     def __post_init__(self):
         check_choice("rlhf_type", self.rlhf_type, RLHF_TYPES)
@@ -174,7 +176,7 @@ class RlhfGroup:
             raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if self.loss_type == "exo_pair" and self.label_smoothing <= 0:
             raise UserError("--loss_type exo_pair needs --label_smoothing > 0 (e.g. 1e-3).")
-        for name in ("rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight"):
+        for name in ("rpo_alpha", "cpo_alpha", "desirable_weight", "undesirable_weight", "replay_kl"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.rpo_alpha is not None and self.rlhf_type not in ("dpo", "grpo"):  # grpo: refuse_other_types_flags
@@ -207,8 +209,8 @@ class RlhfArgs:
         replay = [f"--{name}" for name in ("replay", "replay_max_new_tokens", "replay_weight", "replay_weight_zh")
                   if getattr(self.train, name) != getattr(_TRAIN_DEFAULTS, name)]
         if replay:
-            raise UserError(f"{' '.join(replay)}: replay does not apply to rlhf (the reference policy already anchors "
-                            f"the model); drop them.")
+            raise UserError(f"{' '.join(replay)}: sft's replay flags do not apply to rlhf, which has its own anchor "
+                            f"(--replay_kl WEIGHT: a KL to the starting policy on its own general answers); drop them.")
         if self.data.dataset_num_proc != 1:
             raise UserError(f"--dataset_num_proc {self.data.dataset_num_proc}: rlhf renders its pairs in one process "
                             f"(the flag parallelises sft's rendering); drop it.")
@@ -219,7 +221,7 @@ _TRAIN_DEFAULTS = TrainArgs()
 
 # flags of the preference types that GRPO has no use for, and their defaults
 _PREFERENCE_ONLY = {"label_smoothing": 0.0, "rpo_alpha": None, "simpo_gamma": 1.0, "cpo_alpha": 1.0,
-                    "desirable_weight": 1.0, "undesirable_weight": 1.0}
+                    "desirable_weight": 1.0, "undesirable_weight": 1.0, "replay_kl": 1.0}
 
 
 def refuse_other_types_flags(rlhf: RlhfGroup, grpo: GrpoArgs) -> None:

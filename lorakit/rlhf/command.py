@@ -19,11 +19,13 @@ from lorakit import distributed
 from lorakit.args import RlhfArgs
 from lorakit.launch import refuse_several_processes
 from lorakit.loop import fit, start_run
-from lorakit.model import load_model, pick_device, pick_dtype
+from lorakit.model import CACHE_DIR, load_model, pick_device, pick_dtype
+from lorakit.rlhf.anchor import anchor_answers, anchor_samples, describe_anchor
 from lorakit.rlhf.check import format_preference_report
 from lorakit.rlhf.data import (
     PreferenceData,
     RenderedPair,
+    attach_anchors,
     collate_completions,
     collate_pairs,
     count_completions,
@@ -76,6 +78,16 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
     return time.perf_counter() - started
 
 
+def add_anchor(model, tokenizer, data: PreferenceData, args: RlhfArgs, adapter) -> None:
+    """--replay_kl: the starting policy's answers to the anchor prompts, one per training pair (KTO: one per
+    two completions, weighted two: the same total as its pairs, at half the extra forwards)."""
+    log = lambda m: print(m, file=sys.stderr)
+    answers = anchor_answers(model, tokenizer, system=data.system, cache_dir=CACHE_DIR / "replay", adapter=adapter,
+                             log=log)
+    attach_anchors(data.train, anchor_samples(answers), every=2 if args.rlhf.rlhf_type == "kto" else 1)
+    log(describe_anchor(answers, args.rlhf.replay_kl))
+
+
 def learning_rate_for(args: RlhfArgs) -> float:
     """--learning_rate, else the per-type default (a tenth of it for full fine-tuning)."""
     if args.train.learning_rate is not None:
@@ -109,6 +121,8 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
                        attn_impl=args.model.attn_impl, quant=args.quant)
     model = prepare_policy(model, start, args, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if args.rlhf.replay_kl:
+        add_anchor(model, tokenizer, data, args, start.adapter)
     if args.rlhf.rlhf_type in NEEDS_REFERENCE:
         seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,
                                  batch_size=max(args.train.per_device_eval_batch_size, REFERENCE_BATCH))

@@ -29,6 +29,8 @@ class RenderedPair:
     source: str
     ref_chosen: float | None = None  # the reference policy's summed log-prob, filled before training
     ref_rejected: float | None = None
+    anchor: Rendered | None = None  # a replay anchor answer trained alongside (rlhf/anchor.py), and its weight
+    anchor_weight: float = 0.0
 
     @property
     def length(self) -> int:
@@ -51,6 +53,8 @@ class RenderedCompletion:
     kl: Rendered | None = None  # this prompt followed by another example's completion
     ref: float | None = None
     ref_kl: float | None = None
+    anchor: Rendered | None = None  # as RenderedPair's
+    anchor_weight: float = 0.0
 
     @property
     def length(self) -> int:
@@ -269,7 +273,7 @@ def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix
     if all(p.ref_chosen is not None for p in pairs):
         out["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float32)
         out["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float32)
-    return out
+    return out | collate_anchors(pairs, pad_token_id, shared_prefix=shared_prefix)
 
 
 def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, shared_prefix: bool = False
@@ -285,7 +289,30 @@ def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, s
     if all(x.ref is not None for x in items):
         out["ref"] = torch.tensor([x.ref for x in items], dtype=torch.float32)
         out["ref_kl"] = torch.tensor([x.ref_kl for x in items], dtype=torch.float32)
-    return out
+    return out | collate_anchors(items, pad_token_id, shared_prefix=shared_prefix)
+
+
+def attach_anchors(items: list, samples: list[Rendered], *, every: int = 1) -> None:
+    """Give every `every`-th item the next anchor sample (cycling), weighted `every` so the term's total
+    weight per item stays one anchor answer per item; the others get none."""
+    k = 0
+    for i, item in enumerate(items):
+        if samples and i % every == 0:
+            item.anchor, item.anchor_weight = samples[k % len(samples)], float(every)
+            k += 1
+        else:
+            item.anchor, item.anchor_weight = None, 0.0
+
+
+def collate_anchors(items: list, pad_token_id: int, *, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """anchor_* tensors: the batch items' anchor rows (collate's layout, teacher targets) and anchor_weight [A];
+    empty when no item of the batch carries one."""
+    rows = [(x.anchor, x.anchor_weight) for x in items if getattr(x, "anchor", None) is not None]
+    if not rows:
+        return {}
+    out = collate([r for r, _ in rows], pad_token_id, shared_prefix=shared_prefix)
+    out["weight"] = torch.tensor([w for _, w in rows], dtype=torch.float32)
+    return {f"anchor_{k}": v for k, v in out.items()}
 
 
 def kl_is_own(item: RenderedCompletion) -> bool:

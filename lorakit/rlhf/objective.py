@@ -5,7 +5,8 @@ per-sequence log-probs come from logps.token_logps (chunked lm_head over the ans
 `LossOutput.loss_sum` sums per-pair losses and `n_tokens` counts pairs, so the loop's division gives
 the mean over the pairs of a whole optimizer step. Metrics are (sum, count) pairs named as TRL and
 ms-swift log them: rewards/chosen, rewards/rejected, rewards/accuracies, logps/chosen, logps/rejected
-(rewards/margins is derived from the first two), plus nll and kl where the loss has them.
+(rewards/margins is derived from the first two), plus nll and kl where the loss has them, and replay_kl
+(the anchor's KL to the reference, anchor.py) when the batch carries anchor rows.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from lorakit.args import RlhfGroup
 from lorakit.loss import LossOutput
+from lorakit.rlhf.anchor import anchor_kl
 from lorakit.rlhf.data import sub_batch
 from lorakit.rlhf.logps import token_logps
 from lorakit.rlhf.losses import PreferenceLoss, cpo_loss, dpo_loss, kto_loss, orpo_loss
@@ -56,7 +58,18 @@ def pair_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fused: b
     metrics = pair_metrics(out, shown_c, shown_r)
     if extra is not None:
         metrics["nll_loss"] = _metric(nll_c)
-    return LossOutput(loss_sum=losses.sum(), n_tokens=torch.tensor(b), metrics=metrics)
+    return LossOutput(loss_sum=losses.sum() + anchor_term(model, batch, cfg, metrics), n_tokens=torch.tensor(b),
+                      metrics=metrics)
+
+
+def anchor_term(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, metrics: dict) -> torch.Tensor | float:
+    """--replay_kl x the weighted sum of the batch's anchor rows' KL to the reference (anchor.py); logs replay_kl."""
+    if "anchor_input_ids" not in batch or not cfg.replay_kl:
+        return 0.0
+    anchor = sub_batch(batch, "anchor_")
+    kl = anchor_kl(model, anchor)
+    metrics["replay_kl"] = _metric(kl)
+    return cfg.replay_kl * (kl * anchor["weight"].to(kl.dtype)).sum()
 
 
 def pair_metrics(out: PreferenceLoss, logps_c: torch.Tensor, logps_r: torch.Tensor) -> dict:
@@ -87,7 +100,8 @@ def completion_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fu
         "logps/rejected": _metric(pi[~desirable]),
         "kl": (kl.detach().float(), torch.tensor(1)),
     }
-    return LossOutput(loss_sum=out.losses.sum(), n_tokens=torch.tensor(pi.shape[0]), metrics=metrics)
+    return LossOutput(loss_sum=out.losses.sum() + anchor_term(model, batch, cfg, metrics),
+                      n_tokens=torch.tensor(pi.shape[0]), metrics=metrics)
 
 
 def make_preference_loss_fn(cfg: RlhfGroup, *, fused: bool = True) -> LossFn:
