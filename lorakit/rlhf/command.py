@@ -20,7 +20,7 @@ from lorakit.args import RlhfArgs
 from lorakit.launch import refuse_several_processes
 from lorakit.loop import fit, start_run
 from lorakit.model import CACHE_DIR, load_model, pick_device, pick_dtype
-from lorakit.rlhf.anchor import anchor_answers, anchor_samples, describe_anchor
+from lorakit.rlhf.anchor import ANCHOR_EVERY_PAIRS, anchor_answers, anchor_samples, describe_anchor
 from lorakit.rlhf.check import format_preference_report
 from lorakit.rlhf.data import (
     PreferenceData,
@@ -79,12 +79,12 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
 
 
 def add_anchor(model, tokenizer, data: PreferenceData, args: RlhfArgs, adapter) -> None:
-    """--replay_kl: the starting policy's answers to the anchor prompts, one per training pair (KTO: one per
-    two completions, weighted two: the same total as its pairs, at half the extra forwards)."""
+    """--replay_kl: the starting policy's answers to the anchor prompts, one per ANCHOR_EVERY_PAIRS training pairs
+    (KTO: per twice as many completions), weighted as many times (the same total as one per pair)."""
     log = lambda m: print(m, file=sys.stderr)
     answers = anchor_answers(model, tokenizer, system=data.system, cache_dir=CACHE_DIR / "replay", adapter=adapter,
                              log=log)
-    attach_anchors(data.train, anchor_samples(answers), every=2 if args.rlhf.rlhf_type == "kto" else 1)
+    attach_anchors(data.train, anchor_samples(answers), every=ANCHOR_EVERY_PAIRS * (2 if args.rlhf.rlhf_type == "kto" else 1))
     log(describe_anchor(answers, args.rlhf.replay_kl))
 
 
