@@ -9,7 +9,7 @@ top-k next-token distribution is kept at every answer position, and each trainin
 
     replay_kl x mean over the answer positions of  KL(reference || policy)  (on the reference's top-k + the rest)
 
-for one of those answers per preference pair. The prompts (data/builtin/anchor_prompts.jsonl) are their own
+for one of those answers per two preference pairs (weighted two), the answer's first token left free. The prompts (data/builtin/anchor_prompts.jsonl) are their own
 set: not the eval's retention questions (they stay held out) and not general_prompts.jsonl (the habit
 example's prompts come from there, and an anchor on a held-out prompt would hold its answer in place).
 The answers are cached on disk per (model, starting adapter, template, system, prompts, length).
