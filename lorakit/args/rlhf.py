@@ -125,10 +125,6 @@ RLHF_DEFAULT_BETA = {"simpo": 2.0, "grpo": 0.04}  # ms-swift: 0.1 for the others
 # DPO's NLL weight when --rpo_alpha is empty: pure DPO lowers the chosen answer as well as the rejected one and,
 # on a small set, collapsed SmolLM2's first tokens (docs/rlhf.md); LLaMA-Factory's DPO examples use pref_ftx 1.0
 DPO_DEFAULT_RPO_ALPHA = 1.0
-# --replay_kl when empty (rlhf/anchor.py; measured in experiments/dpo/README.md): on the habit set DPO kept 39 of
-# the base's 44 general answers at 1 and 40 at 3, ORPO 40 at 1; CPO lost its openings at 3 (no reference holds
-# the first answer token, which the anchor leaves free), so the reference-free types keep 1.
-RLHF_DEFAULT_REPLAY_KL = {"dpo": 3.0, "orpo": 1.0, "simpo": 1.0, "cpo": 1.0, "kto": 1.0}
 
 
 @dataclass
@@ -157,8 +153,8 @@ class RlhfGroup:
     "KTO: loss weight of desirable completions."
     undesirable_weight: float = 1.0
     "KTO: loss weight of undesirable completions."
-    replay_kl: float | None = None
-    "Weight of the replay anchor: a KL to the starting policy on its own answers to built-in general prompts, so the preference moves little else (0: off). Empty: 3 for dpo, 1 for orpo, simpo, cpo and kto."
+    replay_kl: float = 0.0
+    "Weight of the replay anchor: a KL to the starting policy on its own answers to built-in general prompts, so the preference moves little else (0: off; habit set: dpo 3 and orpo 1 kept 40 of 44 general answers, cpo and kto lost their openings with it, docs/rlhf.md)."
 
     def __post_init__(self):
         check_choice("rlhf_type", self.rlhf_type, RLHF_TYPES)
@@ -188,8 +184,6 @@ class RlhfGroup:
                             + (" (--cpo_alpha)." if self.rlhf_type in ("cpo", "simpo") else "."))
         if self.rpo_alpha is None and self.rlhf_type == "dpo":
             self.rpo_alpha = DPO_DEFAULT_RPO_ALPHA
-        if self.replay_kl is None:
-            self.replay_kl = RLHF_DEFAULT_REPLAY_KL.get(self.rlhf_type)
 
 
 @dataclass
@@ -227,7 +221,7 @@ _TRAIN_DEFAULTS = TrainArgs()
 
 # flags of the preference types that GRPO has no use for, and their defaults
 _PREFERENCE_ONLY = {"label_smoothing": 0.0, "rpo_alpha": None, "simpo_gamma": 1.0, "cpo_alpha": 1.0,
-                    "desirable_weight": 1.0, "undesirable_weight": 1.0, "replay_kl": None}
+                    "desirable_weight": 1.0, "undesirable_weight": 1.0, "replay_kl": 0.0}
 
 
 def refuse_other_types_flags(rlhf: RlhfGroup, grpo: GrpoArgs) -> None:
