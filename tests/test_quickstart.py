@@ -12,7 +12,7 @@ from lorakit.errors import UserError
 from lorakit.quickstart import (ATTENTION, MAX_EPOCHS, MIN_STEPS, choose_recipe, default_target_modules,
                                  self_cognition_rows, sft_args_for)
 from lorakit.replay import load_general_prompts
-from lorakit.report import Report, figures_table, write_report
+from lorakit.report import Report, figures_table, system_title, write_report
 
 
 def _steps(recipe, n_rows):
@@ -121,8 +121,12 @@ def test_quickstart_end_to_end_on_smollm2(cli, smollm2_dir, tmp_path):
     # a missed target is printed with its explanation, the same lines as in report.json
     missed = [line.removeprefix("missed: ") for line in proc.stdout.splitlines() if line.startswith("missed: ")]
     assert missed == report["missed"]
-    assert any(m.startswith("identity (English)") for m in missed) == (after["identity_en"] < 0.9)
-    assert any(m.startswith("retention") for m in missed) == (after["retention"] < 0.9)
+    # the run's own prompt's lines ("retention 86.4% ..."; the other prompts': "retention under system ...")
+    assert any(re.match(r"identity \(English\) \d", m) for m in missed) == (after["identity_en"] < 0.9)
+    assert any(re.match(r"retention \d", m) for m in missed) == (after["retention"] < 0.9)
+    for entry in report["after"]["systems"][1:]:
+        assert any(m.startswith(f"retention under {system_title(entry)} ") for m in missed) == (
+            entry["retention"] < 0.9)
     # even this short run learns the identity (the base scores 0 on the same held-out probes)
     assert report["after"]["identity_en"] >= 0.25 and report["after"]["identity_zh"] >= 0.25
     # ... and under system prompts no training row uses ("You are a helpful assistant." is the issue's case)
