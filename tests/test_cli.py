@@ -185,7 +185,7 @@ def test_fast_flags_are_the_settings_the_fast_paths_read():
     ("infer", "--infer_backend vllm --attn_impl eager", "vllm has no use for --attn_impl eager"),
     ("infer", "--infer_backend vllm --device cuda:1", "vllm has no use for --device cuda:1"),
     ("infer", "--infer_backend vllm --max_batch_size 4", "vllm has no use for --max_batch_size 4"),
-    ("rlhf", "--replay_weight 2", "--replay_weight: replay does not apply to rlhf"),
+    ("rlhf", "--replay_weight 2", "--replay_weight: sft.s replay flags do not apply to rlhf, which has its own anchor"),
     ("rlhf", "--dataset_num_proc 4", "--dataset_num_proc 4: rlhf renders its pairs in one process"),
 ])
 def test_flags_a_command_has_no_use_for_are_refused(command, argv, message):
