@@ -105,3 +105,13 @@ def test_keep_mask_is_the_murmur3_finalizer_of_the_index():
     expected = [[fmix32((i * 5 + j) * GOLDEN + 99 & 0xFFFFFFFF) >= threshold(0.4) for j in range(5)] for i in range(3)]
     assert mask.tolist() == expected
     assert threshold(0.0) == 0 and threshold(0.5) == 2**31
+
+
+def test_kernels_refuse_inputs_whose_offsets_overflow_int32(monkeypatch):
+    import torch
+
+    from lorakit.fast import lora_dropout
+
+    monkeypatch.setattr(lora_dropout, "available", lambda: True)
+    assert lora_dropout.fits(torch.empty(4, 8))
+    assert not lora_dropout.fits(torch.empty(2**16, 2**15, device="meta"))

@@ -71,7 +71,7 @@ def lora_linear_ops(x, weight, bias, lora_a, lora_b, scale: float, dropout_p: fl
     """lora_linear as plain ops: under torch.compile the partitioner then sees the whole layer and
     may recompute cheap tensors (norm outputs, SwiGLU product) instead of keeping them. With dropout on a
     GPU, the A product makes its mask in the kernel (fast/lora_dropout.py) instead of storing it."""
-    if dropout_p > 0 and x.is_cuda and lora_dropout.available():
+    if dropout_p > 0 and x.is_cuda and lora_dropout.fits(x):
         low_a = lora_dropout.lora_a_through_dropout(x, lora_a, dropout_p)
     else:
         low_in = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x

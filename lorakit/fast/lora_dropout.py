@@ -40,6 +40,12 @@ def available() -> bool:
     return triton is not None
 
 
+def fits(x: Tensor) -> bool:
+    """The kernels can take x: Triton is here and its element offsets fit the kernels' int32 arithmetic
+    (beyond that, a rare batch of over 2^31 activations per projection, the torch ops run instead)."""
+    return available() and x.numel() < 2**31
+
+
 def threshold(p: float) -> int:
     """Hashes below this are dropped: p of the 2^32 values."""
     return min(int(round(p * 2**32)), MASK32)
