@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grpo"
-STEPS = 5
+STEPS = 3
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ an adapter infer loads, exact resume, and a failing reward function."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def test_run_logs_every_step_with_trl_metric_names(grpo_run):
     assert set(completions[0]["rewards"]) == {"accuracy", "short"}
     assert (out / "images" / "reward.png").stat().st_size > 0 and list((out / "runs").iterdir())
     assert "Try it:" in proc.stdout and "held-out" not in proc.stdout
+    # the summary counts the rollouts' tokens: their completions (8 a round) plus the prompts they answered
+    printed = int(re.search(r"Training finished in .*: 3 steps, ([\d,]+) tokens\.", proc.stdout).group(1).replace(",", ""))
+    completion_tokens = sum(r["completions/mean_length"] * 8 for r in steps)
+    assert completion_tokens + 24 * 5 < printed < completion_tokens + 24 * 200
 
 
 def test_checkpoint_is_an_adapter_infer_loads(grpo_run):

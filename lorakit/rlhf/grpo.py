@@ -149,6 +149,7 @@ def run_round(s: GrpoSession, round_index: int, bar) -> None:
     rolled = time.perf_counter()
     batches = micro_batches(s, rollouts, round_index)
     n_items = sum(int(b.completion_mask.sum()) for _, b in batches)
+    s.tokens += n_items + g.num_generations * sum(len(s.prompts.prompt_ids[i]) for i in indices)
     bar.set_description("grpo: reference")
     off_policy = s.plan.num_iterations > 1 or s.plan.steps_per_generation > s.plan.grad_accum
     old = frozen_logps(s, batches, as_reference=False) if off_policy else None
@@ -272,7 +273,7 @@ def train_grpo(args: RlhfArgs) -> TrainResult | None:
         grpo_log.plot_rewards(s.log.history, s.log.run_dir / "images" / "reward.png")
     print_reward_summary(s.log.history)
     return TrainResult(run_dir=s.log.run_dir, last_checkpoint=s.last_checkpoint, best_checkpoint=None,
-                            train_loss=s.log.last("loss"), eval_loss=None, steps=s.step,
+                            train_loss=s.log.last("loss"), eval_loss=None, steps=s.step, tokens=s.tokens,
                             seconds=time.perf_counter() - started, log_history=s.log.history, model=s.model.eval(),
                             tokenizer=tokenizer)
 

@@ -53,6 +53,7 @@ class GrpoSession:
     reference: ReferencePolicy | None  # the starting policy's LoRA tensors, swapped in (None with beta 0)
     end_of_turn: int | None
     step: int = 0
+    tokens: int = 0  # prompt + completion tokens of the rollouts trained on (the run summary's count)
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
     watch: grpo_log.ZeroSignalWatch = field(default_factory=grpo_log.ZeroSignalWatch)
