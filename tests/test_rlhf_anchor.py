@@ -73,28 +73,32 @@ def test_anchor_answers_are_the_starting_policys_and_cached(tiny, tmp_path):
     assert [a.answer_ids for a in again] == [a.answer_ids for a in answers]
 
 
-def test_anchor_kl_equals_plain_transformers(tiny, tmp_path):
+@pytest.mark.parametrize("free, first_weight", [(0, 0.3), (2, 1.0), (1, 0.0)])
+def test_anchor_kl_equals_plain_transformers(tiny, tmp_path, free, first_weight):
     model, tokenizer = tiny
     answers = anchor_answers(model, tokenizer, system=None, cache_dir=tmp_path, max_new_tokens=5, top_k=4,
                              log=lambda m: None)[:3]
     trained_looking(model)
-    samples = anchor_samples(answers, free=2)  # the first two answer tokens carry no target
+    samples = anchor_samples(answers, free=free)  # the first `free` answer tokens carry no target
     for shared in (False, True):
-        got = anchor_kl(model, collate(samples, tokenizer.pad_token_id, shared_prefix=shared))
+        got = anchor_kl(model, collate(samples, tokenizer.pad_token_id, shared_prefix=shared),
+                        first_weight=first_weight)
         for r, a in enumerate(answers):
             with torch.no_grad():
                 logits = model(torch.tensor([a.prompt_ids + a.answer_ids])).logits[0]
             logq = torch.log_softmax(logits, -1)
-            total = 0.0
+            total = weights = 0.0
             for j, (ids, probs) in enumerate(zip(a.top_ids, a.top_probs)):
-                if j < 2:
+                if j < free:
                     continue
                 lq = logq[len(a.prompt_ids) + j - 1]
                 rest = 1 - sum(probs)
                 q_rest = 1 - sum(math.exp(lq[i]) for i in ids)
-                total += sum(p * math.log(p / math.exp(lq[i])) for i, p in zip(ids, probs) if p > 0)
-                total += rest * math.log(rest / q_rest) if rest > 0 else 0.0
-            assert got[r].item() == pytest.approx(total / (len(a.answer_ids) - 2), rel=1e-9)
+                kl = sum(p * math.log(p / math.exp(lq[i])) for i, p in zip(ids, probs) if p > 0)
+                kl += rest * math.log(rest / q_rest) if rest > 0 else 0.0
+                w = first_weight if j == free else 1.0  # the first held answer token weighs first_weight
+                total, weights = total + w * kl, weights + w
+            assert got[r].item() == pytest.approx(total / weights, rel=1e-9)
 
 
 def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
@@ -134,7 +138,10 @@ def test_anchor_prompts_are_apart_from_the_eval_and_the_general_prompts():
 
 
 def test_replay_kl_flag_checks():
-    assert all(RlhfGroup(rlhf_type=t).replay_kl == 0.0 for t in ("dpo", "orpo", "simpo", "cpo", "kto", "grpo"))
+    assert {t: RlhfGroup(rlhf_type=t).replay_kl for t in ("dpo", "orpo", "simpo", "cpo", "kto", "grpo")} == {
+        "dpo": 3.0, "orpo": 1.0, "simpo": 0.0, "cpo": 0.0, "kto": 0.0, "grpo": 0.0}
+    assert RlhfGroup(rlhf_type="dpo", replay_kl=0.0).replay_kl == 0.0  # 0 turns the default off
+    assert RlhfArgs(rlhf=RlhfGroup(rlhf_type="grpo")).rlhf.replay_kl == 0.0  # grpo: off, and accepted so
     with pytest.raises(UserError, match="--replay_kl must be >= 0"):
         RlhfGroup(rlhf_type="orpo", replay_kl=-1.0)
     with pytest.raises(UserError, match="--replay_kl"):

@@ -7,14 +7,15 @@ the habit but lost 5-6 of the 44 general questions the base answered (docs/rlhf.
 model, or the --adapters SFT adapter) answers ANCHOR_PROMPTS built-in general prompts greedily once, its
 top-k next-token distribution is kept at every answer position, and each training step adds
 
-    replay_kl x mean over the answer positions of  KL(reference || policy)  (on the reference's top-k + the rest)
+    replay_kl x weighted mean over the answer positions of  KL(reference || policy)  (top-k + the rest)
 
-for one of those answers per two preference pairs (weighted two), the answer's first token left free. The prompts (data/builtin/anchor_prompts.jsonl) are their own
-set: not the eval's retention questions (they stay held out) and not general_prompts.jsonl (the habit
+for one of those answers per ANCHOR_EVERY_PAIRS preference pairs (weighted as many), the answer's first token
+weighted ANCHOR_FIRST_TOKEN_WEIGHT and every later one 1. The prompts (data/builtin/anchor_prompts.jsonl) are their
+own set: not the eval's retention questions (they stay held out) and not general_prompts.jsonl (the habit
 example's prompts come from there, and an anchor on a held-out prompt would hold its answer in place).
 The answers are cached on disk per (model, starting adapter, template, system, prompts, length).
-Off by default: on the habit set it brought DPO (--replay_kl 3) and ORPO (1) to 40 of 44 general answers, but
-CPO and KTO, with the first token free, opened with new phrases instead of the habit (docs/rlhf.md).
+On by default for dpo (--replay_kl 3) and orpo (1), where it kept 40 of 44 general answers with the habit learned;
+off for simpo, cpo and kto, whose habit or retention it made worse (docs/rlhf.md).
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ from lorakit.replay import (
     write_answers,
 )
 
-ANCHOR_MAX_NEW_TOKENS = 24  # the opening of an answer is where a short answer is right or wrong
-# The answer's first token is left free: it is where a preference on style lives (an opening phrase, a
-# greeting), and holding it to the reference fought the preference itself (habit set, ORPO: the habit in 39%
-# of held-out answers with it held, against 97% without an anchor). Every later position is conditioned on the
-# reference's own opening, so holding it keeps what follows without undoing the preferred opening.
-ANCHOR_FREE_TOKENS = 1
-# One anchor answer per this many preference pairs (weighted as many times): half the extra forwards
-ANCHOR_EVERY_PAIRS = 2
+# The opening of an answer is where a short answer is right or wrong; 16 tokens, not 24: a third fewer anchor tokens
+ANCHOR_MAX_NEW_TOKENS = 16
+# The answer's first token is held at a fifth of the others' weight: it is where a preference on style lives (an
+# opening phrase, a greeting). Held fully it fought the preference itself (habit set, ORPO: the habit in 39% of
+# held-out answers, against 97% without an anchor); a fifth still lets the habit in (dpo 95%) while the opening
+# is not left to wander. Every later position is conditioned on the reference's own opening.
+ANCHOR_FIRST_TOKEN_WEIGHT = 0.2
+# One anchor answer per this many preference pairs (weighted as many times): a third of the extra forwards
+ANCHOR_EVERY_PAIRS = 3
 
 
 def load_anchor_prompts() -> list[str]:
@@ -91,7 +93,7 @@ def anchor_answers(model, tokenizer, *, system: str | None, cache_dir: Path, ada
     return answers
 
 
-def anchor_samples(answers: list[ReplayAnswer], *, free: int = ANCHOR_FREE_TOKENS) -> list[Rendered]:
+def anchor_samples(answers: list[ReplayAnswer], *, free: int = 0) -> list[Rendered]:
     """Prompt + answer, the first `free` answer tokens without a target; each later answer position's target is
     the reference's top-k probabilities as they are (summing to under 1: kl_to_teacher gives the rest of the
     vocabulary the remaining mass)."""
@@ -124,18 +126,21 @@ def kl_to_teacher(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) 
     return (torch.xlogy(p, p) - p * logq).sum(-1) + rest
 
 
-def anchor_kl(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[A] per anchor row: the mean over its answer positions of kl_to_teacher (batch: collate_anchors'
-    keys with the anchor_ prefix removed)."""
+def anchor_kl(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
+              first_weight: float = ANCHOR_FIRST_TOKEN_WEIGHT) -> torch.Tensor:
+    """[A] per anchor row: the weighted mean over its held answer positions of kl_to_teacher, the first of them
+    weighted `first_weight` and every other 1 (batch: collate_anchors' keys with the anchor_ prefix removed)."""
     hidden = hidden_states(model, batch)
     _, head = _causal_lm_parts(model)
     targets = shift_targets(batch["labels"])
     teacher_ids, teacher_probs = shift_teacher(batch)
     mask = (targets != IGNORE_INDEX) & (teacher_probs.sum(-1) > 0)
+    weights = torch.where(mask.cumsum(-1) == 1, first_weight, 1.0) * mask
     rows, cols = mask.nonzero(as_tuple=True)
     kl = kl_to_teacher(head(hidden[rows, cols]), teacher_ids[rows, cols], teacher_probs[rows, cols])
-    per_row = torch.zeros(mask.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl)
-    return per_row / mask.sum(-1).clamp(min=1)
+    w = weights[rows, cols].to(kl.dtype)
+    per_row = torch.zeros(mask.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl * w)
+    return per_row / weights.sum(-1).to(kl.dtype).clamp(min=1e-6)
 
 
 def describe_anchor(answers: list[ReplayAnswer], weight: float) -> str:
