@@ -39,15 +39,15 @@ from lorakit.replay import (
     write_answers,
 )
 
-# The opening of an answer is where a short answer is right or wrong; 16 tokens, not 24: a third fewer anchor tokens
-ANCHOR_MAX_NEW_TOKENS = 16
-# The answer's first token is held at a fifth of the others' weight: it is where a preference on style lives (an
-# opening phrase, a greeting). Held fully it fought the preference itself (habit set, ORPO: the habit in 39% of
-# held-out answers, against 97% without an anchor); a fifth still lets the habit in (dpo 95%) while the opening
-# is not left to wander. Every later position is conditioned on the reference's own opening.
-ANCHOR_FIRST_TOKEN_WEIGHT = 0.2
-# One anchor answer per this many preference pairs (weighted as many times): a third of the extra forwards
-ANCHOR_EVERY_PAIRS = 3
+ANCHOR_MAX_NEW_TOKENS = 24  # the opening of an answer is where a short answer is right or wrong (16: fewer kept)
+# The weight of the answer's first token against 1 for every later one. It is where a preference on style lives (an
+# opening phrase, a greeting): held fully it fought the preference (habit set: the habit in 71% of held-out dpo
+# answers and 39% of orpo's, against 97% without an anchor); at 0.2 dpo and orpo lost habit and retention against
+# 0 (docs/rlhf.md). So it is left free; every later position is conditioned on the reference's own opening.
+ANCHOR_FIRST_TOKEN_WEIGHT = 0.0
+# One anchor answer per this many preference pairs (weighted as many times): half the extra forwards (3, with 16
+# tokens: fewer questions kept)
+ANCHOR_EVERY_PAIRS = 2
 
 
 def load_anchor_prompts() -> list[str]:
