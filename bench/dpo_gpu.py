@@ -12,7 +12,9 @@ own). The comparison is printed at the end in any case.
 lorakit: what `lorakit rlhf --rlhf_type dpo` runs on a GPU: attach_tuner -> prepare_for_training (fused
 LoRA, packed attention, compiled layers, recompute planned under --gpu_memory_limit) -> the command's
 own reference pass (command.fill_reference: REFERENCE_BATCH pairs per no-grad forward) -> pair_loss
-steps. Its costs are split the way a user pays them:
+steps with the replay anchor, on by default for dpo (one anchor answer per ANCHOR_EVERY_PAIRS pairs; stand-in
+answers of the built-in sizes, whose one-off generation is not timed); a second lorakit side runs
+`--replay_kl 0`. Its costs are split the way a user pays them:
 - tok_s: steady training steps (after warm-up);
 - ref_pair_s: the reference pass per pair once warm (a recurring cost: one no-grad forward per pair);
 - epoch_tok_s: tokens per (step + reference per pair), i.e. an epoch's steady rate with the reference
@@ -52,8 +54,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from lorakit.args import LoraArgs, RlhfGroup  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
 from lorakit.rlhf.command import REFERENCE_BATCH, fill_reference  # noqa: E402
-from lorakit.rlhf.data import PreferenceData, RenderedPair, collate_pairs  # noqa: E402
+from lorakit.rlhf.anchor import ANCHOR_EVERY_PAIRS, ANCHOR_MAX_NEW_TOKENS, anchor_samples  # noqa: E402
+from lorakit.rlhf.data import PreferenceData, RenderedPair, attach_anchors, collate_pairs  # noqa: E402
 from lorakit.rlhf.objective import make_preference_loss_fn  # noqa: E402
+from lorakit.replay import REPLAY_TOP_K, ReplayAnswer  # noqa: E402
 from lorakit.tuners import attach_tuner, trainable_parameters  # noqa: E402
 from qwen_arch import QWEN25_7B, TINY, build_random_qwen2  # noqa: E402
 
@@ -61,8 +65,9 @@ GIB = 1024**3
 TOKENIZER = ROOT / "tests" / "fixtures" / "qwen2.5-tokenizer"
 TRL_REFERENCE = {"tok_s": 6190, "peak_gib": 28.9}  # the issue's measurement, H200, TRL 1.16, no checkpointing
 TRL_NAME = "TRL DPOTrainer + PEFT (no checkpointing)"
-LORAKIT_NAME = "lorakit rlhf --rlhf_type dpo (1 pair per step)"
-NAMES = {"lorakit": LORAKIT_NAME, "trl": TRL_NAME}
+LORAKIT_NAME = "lorakit rlhf --rlhf_type dpo (defaults, 1 pair/step)"
+NAMES = {"lorakit": LORAKIT_NAME, "lorakit_no_anchor": "lorakit, --replay_kl 0 (no anchor)", "trl": TRL_NAME}
+ANCHOR_PROMPT_TOKENS = 40  # about a built-in anchor prompt in the chat template
 MARK = "RESULT "
 
 
@@ -89,6 +94,18 @@ def random_pairs(n: int, prompt: int, answer: int, vocab: int, seed: int = 0) ->
     return pairs
 
 
+def random_anchor_answers(n: int, vocab: int, seed: int = 1) -> list[ReplayAnswer]:
+    """Stand-ins for the starting policy's answers to the anchor prompts (`--replay_kl`, on by default for dpo):
+    random prompt and answer ids of the built-in sizes, a top-k distribution at every answer position. Their
+    one-off generation (48 prompts x ANCHOR_MAX_NEW_TOKENS greedy tokens) is not timed."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda k: torch.randint(100, vocab - 100, (k,), generator=g).tolist()  # noqa: E731
+    probs = (torch.rand(REPLAY_TOP_K, generator=g) * 0.9 / REPLAY_TOP_K * 2).clamp(max=0.9 / REPLAY_TOP_K * 2)
+    return [ReplayAnswer(prompt="bench", prompt_ids=rand(ANCHOR_PROMPT_TOKENS), answer_ids=rand(ANCHOR_MAX_NEW_TOKENS),
+                         top_ids=[rand(REPLAY_TOP_K) for _ in range(ANCHOR_MAX_NEW_TOKENS)],
+                         top_probs=[(probs / probs.sum() * 0.9).tolist()] * ANCHOR_MAX_NEW_TOKENS) for _ in range(n)]
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -107,7 +124,7 @@ def timed(device: str, fn) -> float:
 
 
 def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: int, device: str,
-                memory_limit: float | None) -> Result:
+                memory_limit: float | None, anchor: bool = True) -> Result:
     """The command's GPU path: reference pass (first batch warm-up, the rest steady), then the steps."""
     from lorakit.fast import FastOptions, prepare_for_training
 
@@ -124,7 +141,10 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     with torch.compiler.set_stance("force_eager"):  # would skipping the no-grad compile pay for itself?
         ref_eager_pair_s = timed(device, lambda: ref(rest)) / len(rest)
     model.train()
-    loss_fn = make_preference_loss_fn(RlhfGroup(rlhf_type="dpo"))
+    if anchor:  # as the command does: one anchor answer per ANCHOR_EVERY_PAIRS pairs, after the reference pass
+        attach_anchors(pairs, anchor_samples(random_anchor_answers(48, arch["vocab_size"])), every=ANCHOR_EVERY_PAIRS)
+    group = RlhfGroup(rlhf_type="dpo") if anchor else RlhfGroup(rlhf_type="dpo", replay_kl=0.0)
+    loss_fn = make_preference_loss_fn(group)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda" or None)
 
@@ -142,7 +162,8 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     step_s = sum(timed(device, lambda: step(warmup + i)) for i in range(steps)) / steps
     tokens = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
     one_off = (ref_first - ref_pair_s * REFERENCE_BATCH) + (sum(warm) - step_s * warmup)
-    return Result(LORAKIT_NAME, round(tokens / step_s, 1), round(peak_gib(device), 2),
+    name = NAMES["lorakit" if anchor else "lorakit_no_anchor"]
+    return Result(name, round(tokens / step_s, 1), round(peak_gib(device), 2),
                   epoch_tok_s=round(tokens / (step_s + ref_pair_s), 1), ref_pair_s=round(ref_pair_s, 4),
                   ref_eager_pair_s=round(ref_eager_pair_s, 4), one_off_s=round(one_off, 1))
 
@@ -211,9 +232,9 @@ def run_side(side: str, opts) -> Result:
     n = max(opts.steps + opts.warmup, 3 * REFERENCE_BATCH)  # the reference pass: one warm-up batch, two steady
     pairs = random_pairs(n, prompt, answer, arch["vocab_size"])
     gc.collect()
-    if side == "lorakit":
+    if side.startswith("lorakit"):
         return run_lorakit(arch, pairs, steps=opts.steps, warmup=opts.warmup, device=device,
-                           memory_limit=opts.memory_limit)
+                           memory_limit=opts.memory_limit, anchor=side == "lorakit")
     return run_trl(arch, pairs, steps=opts.steps, warmup=opts.warmup, device=device, out_dir=Path(opts.out))
 
 
@@ -237,7 +258,7 @@ def spawn(side: str, opts, name: str) -> Result:
 
 
 def print_table(results: list[Result], smoke: bool) -> None:
-    lorakit, trl = results
+    lorakit, trl = results[0], results[-1]
     print(f"\n{'side':<48} {'tok/s':>9} {'epoch tok/s':>12} {'ref s/pair':>11} {'one-off s':>10} {'peak GiB':>9} "
           f"{'wall s':>7}")
     for r in results:
@@ -268,7 +289,7 @@ def main() -> None:
     parser.add_argument("--memory_limit", type=float, default=28.0, help="lorakit's --gpu_memory_limit, GiB")
     parser.add_argument("--side_timeout", type=int, default=170, help="seconds each side may take")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, short pairs")
-    parser.add_argument("--side", choices=("lorakit", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=tuple(NAMES), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     parser.add_argument("--out", default="/tmp/dpo-gpu")
     opts = parser.parse_args()
