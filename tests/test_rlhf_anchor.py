@@ -139,7 +139,7 @@ def test_anchor_prompts_are_apart_from_the_eval_and_the_general_prompts():
 
 def test_replay_kl_flag_checks():
     assert {t: RlhfGroup(rlhf_type=t).replay_kl for t in ("dpo", "orpo", "simpo", "cpo", "kto", "grpo")} == {
-        "dpo": 3.0, "orpo": 1.0, "simpo": 1.0, "cpo": 1.0, "kto": 0.0, "grpo": 0.0}
+        "dpo": 3.0, "orpo": 1.0, "simpo": 1.0, "cpo": 1.0, "kto": 1.0, "grpo": 0.0}
     assert RlhfGroup(rlhf_type="dpo", replay_kl=0.0).replay_kl == 0.0  # 0 turns the default off
     assert RlhfArgs(rlhf=RlhfGroup(rlhf_type="grpo")).rlhf.replay_kl == 0.0  # grpo: off, and accepted so
     with pytest.raises(UserError, match="--replay_kl must be >= 0"):

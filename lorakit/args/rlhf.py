@@ -126,8 +126,8 @@ RLHF_DEFAULT_BETA = {"simpo": 2.0, "grpo": 0.04}  # ms-swift: 0.1 for the others
 # on a small set, collapsed SmolLM2's first tokens (docs/rlhf.md); LLaMA-Factory's DPO examples use pref_ftx 1.0
 DPO_DEFAULT_RPO_ALPHA = 1.0
 # --replay_kl when empty: the weight that kept 40 of 44 general answers with the habit learned, on two seeds of the
-# habit set (docs/rlhf.md); 0 (off) for a type where no weight got there
-DEFAULT_REPLAY_KL = {"dpo": 3.0, "orpo": 1.0, "simpo": 1.0, "cpo": 1.0}
+# habit set (docs/rlhf.md)
+DEFAULT_REPLAY_KL = {"dpo": 3.0, "orpo": 1.0, "simpo": 1.0, "cpo": 1.0, "kto": 1.0}
 
 
 @dataclass
@@ -157,7 +157,7 @@ class RlhfGroup:
     undesirable_weight: float = 1.0
     "KTO: loss weight of undesirable completions."
     replay_kl: float | None = None
-    "Weight of the replay anchor: a KL to the starting policy on its own answers to built-in general prompts, so the preference moves little else. Empty: 3 for dpo, 1 for orpo, simpo and cpo, 0 (off) for kto and grpo (docs/rlhf.md); 0 turns it off."
+    "Weight of the replay anchor: a KL to the starting policy on its own answers to built-in general prompts, so the preference moves little else. Empty: 3 for dpo, 1 for orpo, simpo, cpo and kto, 0 (off) for grpo (docs/rlhf.md); 0 turns it off."
 
     def __post_init__(self):
         check_choice("rlhf_type", self.rlhf_type, RLHF_TYPES)

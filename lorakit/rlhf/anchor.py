@@ -14,8 +14,8 @@ weighted ANCHOR_FIRST_TOKEN_WEIGHT and every later one 1. The prompts (data/buil
 own set: not the eval's retention questions (they stay held out) and not general_prompts.jsonl (the habit
 example's prompts come from there, and an anchor on a held-out prompt would hold its answer in place).
 The answers are cached on disk per (model, starting adapter, template, system, prompts, length).
-On by default for dpo (--replay_kl 3), orpo, simpo and cpo (1; simpo and cpo at lr 1e-4), where it kept 40 of 44
-general answers with the habit learned on two seeds; off for kto, which lost the habit with it (docs/rlhf.md).
+On by default for dpo (--replay_kl 3), orpo, simpo, cpo and kto (1; simpo, cpo and kto at lr 1e-4), where it kept
+40 of 44 general answers with the habit learned on two seeds (docs/rlhf.md).
 """
 
 from __future__ import annotations

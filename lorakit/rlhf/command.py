@@ -45,8 +45,9 @@ from lorakit.train import print_summary, resolved_args, seed_everything
 # by beta 0.1) took no habit in an epoch at 5e-5. CPO and SimPO have no reference: at 1e-4 alone they drifted
 # 2-3x further from the base than DPO and repeated the habit at later paragraphs; with the replay anchor on (their
 # default) 1e-4 kept 40/44 general answers with the habit at 100% on two seeds, where 5e-5 with the anchor let
-# their openings wander (33-36/44). KTO keeps 5e-5 (habit 95%, answered 97%; no anchor).
-DEFAULT_LEARNING_RATE = {"dpo": 1e-4, "orpo": 1e-4, "simpo": 1e-4, "cpo": 1e-4, "kto": 5e-5}
+# their openings wander (33-36/44). KTO likewise: 5e-5 with the anchor lost the habit (0%), 1e-4 with it kept 40/44
+# with the habit at 100% on two seeds (without the anchor, 5e-5: 38/44).
+DEFAULT_LEARNING_RATE = {"dpo": 1e-4, "orpo": 1e-4, "simpo": 1e-4, "cpo": 1e-4, "kto": 1e-4}
 FULL_FT_LR_FACTOR = 0.1
 NEEDS_REFERENCE = ("dpo", "kto")  # ORPO, SimPO and CPO are reference-free
 REFERENCE_BATCH = 8  # pairs per no-grad reference forward (no activations kept: wider is faster)
