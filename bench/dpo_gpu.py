@@ -54,7 +54,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from lorakit.args import LoraArgs, RlhfGroup  # noqa: E402
 from lorakit.data.render import Rendered  # noqa: E402
 from lorakit.rlhf.command import REFERENCE_BATCH, fill_reference  # noqa: E402
-from lorakit.rlhf.anchor import ANCHOR_EVERY_PAIRS, ANCHOR_MAX_NEW_TOKENS, anchor_samples  # noqa: E402
+from lorakit.rlhf.anchor import (  # noqa: E402
+    ANCHOR_EVERY_PAIRS, ANCHOR_MAX_NEW_TOKENS, anchor_samples, load_anchor_prompts)
 from lorakit.rlhf.data import PreferenceData, RenderedPair, attach_anchors, collate_pairs  # noqa: E402
 from lorakit.rlhf.objective import make_preference_loss_fn  # noqa: E402
 from lorakit.replay import REPLAY_TOP_K, ReplayAnswer  # noqa: E402
@@ -100,10 +101,11 @@ def random_anchor_answers(n: int, vocab: int, seed: int = 1) -> list[ReplayAnswe
     one-off generation (48 prompts x ANCHOR_MAX_NEW_TOKENS greedy tokens) is not timed."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda k: torch.randint(100, vocab - 100, (k,), generator=g).tolist()  # noqa: E731
-    probs = (torch.rand(REPLAY_TOP_K, generator=g) * 0.9 / REPLAY_TOP_K * 2).clamp(max=0.9 / REPLAY_TOP_K * 2)
+    probs = torch.rand(REPLAY_TOP_K, generator=g)
+    probs = (probs / probs.sum() * 0.9).tolist()  # the top-k hold 0.9, the rest of the vocabulary 0.1
     return [ReplayAnswer(prompt="bench", prompt_ids=rand(ANCHOR_PROMPT_TOKENS), answer_ids=rand(ANCHOR_MAX_NEW_TOKENS),
                          top_ids=[rand(REPLAY_TOP_K) for _ in range(ANCHOR_MAX_NEW_TOKENS)],
-                         top_probs=[(probs / probs.sum() * 0.9).tolist()] * ANCHOR_MAX_NEW_TOKENS) for _ in range(n)]
+                         top_probs=[probs] * ANCHOR_MAX_NEW_TOKENS) for _ in range(n)]
 
 
 def synchronize(device: str) -> None:
@@ -142,7 +144,8 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
         ref_eager_pair_s = timed(device, lambda: ref(rest)) / len(rest)
     model.train()
     if anchor:  # as the command does: one anchor answer per ANCHOR_EVERY_PAIRS pairs, after the reference pass
-        attach_anchors(pairs, anchor_samples(random_anchor_answers(48, arch["vocab_size"])), every=ANCHOR_EVERY_PAIRS)
+        answers = random_anchor_answers(len(load_anchor_prompts()), arch["vocab_size"])
+        attach_anchors(pairs, anchor_samples(answers), every=ANCHOR_EVERY_PAIRS)
     group = RlhfGroup(rlhf_type="dpo") if anchor else RlhfGroup(rlhf_type="dpo", replay_kl=0.0)
     loss_fn = make_preference_loss_fn(group)
     params = trainable_parameters(model)
