@@ -80,6 +80,36 @@ def test_fast_paths_equal_reference(opts):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def padded_batch():
+    """Rows of 20, 13 and 6 real tokens, right-padded, the last row left-padded (as a generation batch is)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1000, (3, 20), generator=g)
+    mask = torch.zeros(3, 20, dtype=torch.long)
+    mask[0], mask[1, :13], mask[2, 14:] = 1, 1, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = labels[2, 14:17] = -100  # each row's prompt: the padding before it predicts nothing
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_padding_is_dropped_before_the_layers():
+    """Padded rows run as one packed row of their real tokens; loss and grads equal the padded reference."""
+    ref = lora_model()
+    ref_out = causal_lm_loss(ref, padded_batch(), fused=False)
+    ref_out.loss_sum.backward()
+    model = prepare_for_training(lora_model(), FastOptions(torch_compile=False, gradient_checkpointing=False))
+    shapes = []
+    decoder_layers(model)[0].register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple((a[0] if a else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    out = causal_lm_loss(model, padded_batch(), fused=True)
+    out.loss_sum.backward()
+    assert shapes == [(1, 20 + 13 + 6)]
+    torch.testing.assert_close(out.loss_sum, ref_out.loss_sum, rtol=1e-6, atol=1e-4)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_compiled_layers_trace_without_graph_breaks():
     """The GPU default compiles each block; check dynamo traces our code on CPU (aot_eager)."""
     torch._dynamo.reset()

@@ -17,7 +17,8 @@ from lorakit.errors import UserError
 from lorakit.evaluate import load_retention_questions
 from lorakit.replay import load_general_prompts
 from lorakit.rlhf.anchor import anchor_answers, anchor_kl, anchor_samples, kl_to_teacher, load_anchor_prompts
-from lorakit.rlhf.data import attach_anchors, collate_completions, collate_pairs, load_preference_data, sub_batch
+from lorakit.rlhf.data import (attach_anchors, collate_completions, collate_pairs, joined_anchor_rows,
+                               load_preference_data)
 from lorakit.rlhf.objective import completion_loss, pair_loss
 from lorakit.tuners import attach_tuner
 
@@ -118,16 +119,24 @@ def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
         collate_fn, loss_fn = (collate_completions, completion_loss) if kind == "kto" else (collate_pairs, pair_loss)
         for item in items:
             item.ref_chosen = item.ref_rejected = item.ref = item.ref_kl = -30.0
-        batch = collate_fn(items, tokenizer.pad_token_id)
-        plain = {k: v for k, v in batch.items() if not k.startswith("anchor_")}
+        plain = collate_fn(items, tokenizer.pad_token_id, anchors=False)
         cfg = RlhfGroup(rlhf_type=kind, replay_kl=0.7)
-        with_anchor, without = loss_fn(model, batch, cfg, fused=False), loss_fn(model, plain, cfg, fused=False)
-        kl = anchor_kl(model, sub_batch(batch, "anchor_"))
+        without = loss_fn(model, plain, cfg, fused=False)
+        kl = anchor_kl(model, collate([x.anchor for x in items if x.anchor is not None], tokenizer.pad_token_id))
         assert len(kl) == len(items) // every
         want = without.loss_sum + 0.7 * every * kl.sum()
-        assert torch.allclose(with_anchor.loss_sum, want, rtol=1e-12), kind
-        off = loss_fn(model, batch, RlhfGroup(rlhf_type=kind, replay_kl=0.0), fused=False)
-        assert torch.equal(off.loss_sum, without.loss_sum)
+        # the GPU's layout (anchor rows joined, one forward) and the CPU's (a shared prefix, anchors apart)
+        for shared in (False, True):
+            batch = collate_fn(items, tokenizer.pad_token_id, shared_prefix=shared)
+            assert joined_anchor_rows(batch) == (0 if shared else len(kl))
+            assert ("anchor_input_ids" in batch) == shared
+            with_anchor = loss_fn(model, batch, cfg, fused=False)
+            assert torch.allclose(with_anchor.loss_sum, want, rtol=1e-12), (kind, shared)
+            assert with_anchor.n_tokens == without.n_tokens == len(items)
+            for name, (total, n) in without.metrics.items():
+                torch.testing.assert_close(with_anchor.metrics[name][0], total, rtol=1e-12, atol=1e-12)
+            off = loss_fn(model, batch, RlhfGroup(rlhf_type=kind, replay_kl=0.0), fused=False)
+            torch.testing.assert_close(off.loss_sum, without.loss_sum, rtol=1e-12, atol=1e-12)
 
 
 def test_anchor_prompts_are_apart_from_the_eval_and_the_general_prompts():

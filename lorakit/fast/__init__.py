@@ -108,15 +108,20 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit
 
     Generation (a KV cache, padding masks) goes through the model's own attention instead.
     """
+    module._lorakit_unpadded = None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs["inputs_embeds"]
-    b, t = ids.shape[:2]
     cached = kwargs.get(CACHE_ARG) is not None or bool(kwargs.get("use_cache"))
     if opts.packed_attention:
         config._attn_implementation = reference_attn if cached else attention.ATTN_IMPLEMENTATION
+    if opts.packed_attention and not cached and "input_ids" in kwargs:
+        kwargs = _drop_padding(module, kwargs)
+        ids = kwargs["input_ids"]
+    b, t = ids.shape[:2]
     if opts.packed_attention and not cached:
-        cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"), ids.device)
+        cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"), ids.device,
+                                         starts=module._lorakit_unpadded[2] if module._lorakit_unpadded else None)
         if cu.numel() > b + 1:  # some row holds several samples (or padding)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of samples varies: one graph
             kwargs["cu_seq_lens_q"] = cu
@@ -128,6 +133,39 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i < n
     return args, kwargs
+
+
+def _drop_padding(body, kwargs: dict) -> dict:
+    """Padded rows [B, T] -> their real tokens as one packed row [1, N] (positions restarting per row), so the
+    layers do no work on padding (a pair's shorter side, a short anchor row beside 1,024-token pairs); the
+    forward hook `_restore_padding` puts the hidden states back in the rows. Unchanged without padding."""
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return kwargs
+    keep = mask.reshape(-1).nonzero().squeeze(1)
+    if keep.numel() == mask.numel():
+        return kwargs
+    positions = kwargs.get("position_ids")
+    if positions is None:  # what the model would use: 0..T-1 in every row
+        positions = torch.arange(mask.shape[1], device=mask.device)
+    positions = positions.expand(mask.shape).reshape(-1)[keep]
+    starts = torch.ones_like(keep, dtype=torch.bool)  # a row's first real token starts a segment
+    starts[1:] = keep[1:] // mask.shape[1] != keep[:-1] // mask.shape[1]
+    body._lorakit_unpadded = (keep, tuple(mask.shape), starts)
+    return kwargs | {"input_ids": kwargs["input_ids"].reshape(-1)[keep][None], "position_ids": positions[None],
+                     "attention_mask": None}
+
+
+def _restore_padding(body, args, kwargs, output):
+    """The forward hook after `_drop_padding`: hidden states back at their rows' places (0 on padding)."""
+    unpadded, body._lorakit_unpadded = getattr(body, "_lorakit_unpadded", None), None
+    if unpadded is None:
+        return output
+    keep, (b, t), _ = unpadded
+    hidden = output.last_hidden_state
+    full = hidden.new_zeros(b * t, hidden.shape[-1]).index_copy(0, keep, hidden[0])
+    output.last_hidden_state = full.view(b, t, -1)
+    return output
 
 
 # one object for every layer and every call: compiled layers guard on its identity
@@ -164,7 +202,8 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
     if opts.packed_attention or opts.checkpointing == "auto":
         limit = planned_limit_gib(opts, is_quantized(model))
         hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn, limit)
-        body._lorakit_hook = body.register_forward_pre_hook(hook, with_kwargs=True)
+        body._lorakit_hook = (body.register_forward_pre_hook(hook, with_kwargs=True),
+                              body.register_forward_hook(_restore_padding, with_kwargs=True))
     if opts.torch_compile:
         # all blocks share one graph; dynamo counts each block's first call against the limit
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
@@ -219,10 +258,9 @@ def describe_recompute(opts: FastOptions, quantized: bool) -> str:
 
 
 def _remove_hook(body: torch.nn.Module) -> None:
-    handle = getattr(body, "_lorakit_hook", None)
-    if handle is not None:
+    for handle in getattr(body, "_lorakit_hook", None) or ():
         handle.remove()
-        body._lorakit_hook = None
+    body._lorakit_hook = None
 
 
 def restore_reference(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:

@@ -33,23 +33,27 @@ def packed_boundaries(
     shape: tuple[int, int],
     attention_mask: torch.Tensor | None = None,
     device: torch.device | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int32 cu_seqlens [S + 1] over the flattened [B * T] tokens.
 
-    A segment starts at each row start, at each position_id == 0, and wherever attention_mask
-    switches between real and padding tokens (so padding never shares a segment with a sample).
+    A segment starts at each row start, at each position_id == 0, wherever attention_mask
+    switches between real and padding tokens (so padding never shares a segment with a sample),
+    and wherever `starts` ([B * T] bool: rows joined into one, their padding dropped) is set.
     """
     b, t = shape
     if device is None:
         device = next((x.device for x in (position_ids, attention_mask) if x is not None), None)
-    starts = torch.zeros(b, t, dtype=torch.bool, device=device)
-    starts[:, 0] = True
+    begins = torch.zeros(b, t, dtype=torch.bool, device=device)
+    begins[:, 0] = True
     if position_ids is not None:
-        starts |= position_ids.expand(b, t) == 0
+        begins |= position_ids.expand(b, t) == 0
     if attention_mask is not None:
         m = attention_mask.bool()
-        starts[:, 1:] |= m[:, 1:] != m[:, :-1]
-    idx = starts.reshape(-1).nonzero().squeeze(1)
+        begins[:, 1:] |= m[:, 1:] != m[:, :-1]
+    if starts is not None:
+        begins |= starts.reshape(b, t)
+    idx = begins.reshape(-1).nonzero().squeeze(1)
     end = torch.tensor([b * t], device=idx.device, dtype=idx.dtype)
     return torch.cat([idx, end]).to(torch.int32)
 

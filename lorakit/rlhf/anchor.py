@@ -127,10 +127,12 @@ def kl_to_teacher(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) 
 
 
 def anchor_kl(model: torch.nn.Module, batch: dict[str, torch.Tensor], *,
-              first_weight: float = ANCHOR_FIRST_TOKEN_WEIGHT) -> torch.Tensor:
+              first_weight: float = ANCHOR_FIRST_TOKEN_WEIGHT, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """[A] per anchor row: the weighted mean over its held answer positions of kl_to_teacher, the first of them
-    weighted `first_weight` and every other 1 (batch: collate_anchors' keys with the anchor_ prefix removed)."""
-    hidden = hidden_states(model, batch)
+    weighted `first_weight` and every other 1 (batch: data.anchor_rows; hidden: the rows' final hidden states
+    when the batch's forward made them)."""
+    if hidden is None:
+        hidden = hidden_states(model, batch)
     _, head = _causal_lm_parts(model)
     targets = shift_targets(batch["labels"])
     teacher_ids, teacher_probs = shift_teacher(batch)

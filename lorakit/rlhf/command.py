@@ -65,7 +65,7 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
             for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 pair.ref_chosen, pair.ref_rejected = c, r
 
-        precompute_reference_logps(model, items, lambda c: collate_pairs(c, pad_id, shared_prefix=shared), assign,
+        precompute_reference_logps(model, items, lambda c: collate_pairs(c, pad_id, shared_prefix=shared, anchors=False), assign,
                                    batch_size=batch_size, device=device, fused=fused)
     else:
         def assign(chunk, batch, m):
@@ -75,7 +75,7 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
             for item, a, b in zip(chunk, own.tolist(), kl.tolist()):
                 item.ref, item.ref_kl = a, b
 
-        precompute_reference_logps(model, items, lambda c: collate_completions(c, pad_id, shared_prefix=shared),
+        precompute_reference_logps(model, items, lambda c: collate_completions(c, pad_id, shared_prefix=shared, anchors=False),
                                    assign, batch_size=batch_size, device=device, fused=fused)
     return time.perf_counter() - started
 

@@ -263,24 +263,29 @@ def _load_one(text: str, role: str, tokenizer, data_args, system, rlhf_type: str
 # ---- batches ----
 
 
-def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """Rows [chosen_1..chosen_B, rejected_1..rejected_B] in one batch (one forward for both sides).
+def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix: bool = False,
+                  anchors: bool = True) -> dict[str, torch.Tensor]:
+    """Rows [chosen_1..chosen_B, rejected_1..rejected_B] in one batch (one forward for both sides), then the
+    pairs' replay anchor rows (collate_with_anchors; anchors=False leaves them out: the reference pass).
 
     shared_prefix (CPU): the tokens every row starts with, the whole prompt for one pair, run once.
     Adds ref_chosen / ref_rejected [B] (fp32) once the reference log-probs are known.
     """
-    out = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_token_id, shared_prefix=shared_prefix)
+    out = collate_with_anchors([p.chosen for p in pairs] + [p.rejected for p in pairs], pairs if anchors else [],
+                               pad_token_id, shared_prefix=shared_prefix)
     if all(p.ref_chosen is not None for p in pairs):
         out["ref_chosen"] = torch.tensor([p.ref_chosen for p in pairs], dtype=torch.float32)
         out["ref_rejected"] = torch.tensor([p.ref_rejected for p in pairs], dtype=torch.float32)
-    return out | collate_anchors(pairs, pad_token_id, shared_prefix=shared_prefix)
+    return out
 
 
-def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, shared_prefix: bool = False
-                        ) -> dict[str, torch.Tensor]:
-    """KTO rows: the completions, `desirable` [N] bool, and the KL rows under kl_* keys (with their references;
-    no kl_* rows when every KL row is its own completion: the loss then reuses the completions' log-probs)."""
-    out = collate([x.completion for x in items], pad_token_id, shared_prefix=shared_prefix)
+def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, shared_prefix: bool = False,
+                        anchors: bool = True) -> dict[str, torch.Tensor]:
+    """KTO rows: the completions (then their replay anchor rows, as collate_pairs), `desirable` [N] bool, and the
+    KL rows under kl_* keys (with their references; no kl_* rows when every KL row is its own completion: the loss
+    then reuses the completions' log-probs)."""
+    out = collate_with_anchors([x.completion for x in items], items if anchors else [], pad_token_id,
+                               shared_prefix=shared_prefix)
     out["desirable"] = torch.tensor([x.desirable for x in items], dtype=torch.bool)
     # KL rows that are the completions themselves (chunks of one: batch size 1) are not run twice
     if all(x.kl is not None for x in items) and not all(kl_is_own(x) for x in items):
@@ -289,7 +294,7 @@ def collate_completions(items: list[RenderedCompletion], pad_token_id: int, *, s
     if all(x.ref is not None for x in items):
         out["ref"] = torch.tensor([x.ref for x in items], dtype=torch.float32)
         out["ref_kl"] = torch.tensor([x.ref_kl for x in items], dtype=torch.float32)
-    return out | collate_anchors(items, pad_token_id, shared_prefix=shared_prefix)
+    return out
 
 
 def attach_anchors(items: list, samples: list[Rendered], *, every: int = 1) -> None:
@@ -304,15 +309,41 @@ def attach_anchors(items: list, samples: list[Rendered], *, every: int = 1) -> N
             item.anchor, item.anchor_weight = None, 0.0
 
 
-def collate_anchors(items: list, pad_token_id: int, *, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """anchor_* tensors: the batch items' anchor rows (collate's layout, teacher targets) and anchor_weight [A];
-    empty when no item of the batch carries one."""
-    rows = [(x.anchor, x.anchor_weight) for x in items if getattr(x, "anchor", None) is not None]
-    if not rows:
-        return {}
-    out = collate([r for r, _ in rows], pad_token_id, shared_prefix=shared_prefix)
-    out["weight"] = torch.tensor([w for _, w in rows], dtype=torch.float32)
-    return {f"anchor_{k}": v for k, v in out.items()}
+def collate_with_anchors(rows: list[Rendered], items: list, pad_token_id: int, *,
+                         shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """collate(rows) plus the replay anchor rows the items carry (rlhf/anchor.py), and anchor_weight [A].
+
+    The anchor rows join the batch as its last rows, so one forward runs them with the rest (a separate
+    forward of a short row costs the GPU a whole pass of kernel launches: 160 ms against 17 ms of work on the
+    7B architecture); the GPU layers drop the padding, so a short row costs only its tokens. Where the rows
+    share their prompt's run instead (shared_prefix: the CPU), the anchors, which do not share it, are
+    collated apart as anchor_* tensors and take a forward of their own. `joined_anchor_rows` tells which."""
+    anchors = [(x.anchor, x.anchor_weight) for x in items if getattr(x, "anchor", None) is not None]
+    if not anchors:
+        return collate(rows, pad_token_id, shared_prefix=shared_prefix)
+    weight = {"anchor_weight": torch.tensor([w for _, w in anchors], dtype=torch.float32)}
+    if not shared_prefix:
+        return collate(rows + [a for a, _ in anchors], pad_token_id) | weight
+    apart = collate([a for a, _ in anchors], pad_token_id, shared_prefix=True)
+    return collate(rows, pad_token_id, shared_prefix=True) | {f"anchor_{k}": v for k, v in apart.items()} | weight
+
+
+def joined_anchor_rows(batch: dict[str, torch.Tensor]) -> int:
+    """How many of the batch's last rows are replay anchor rows (0 when it has none or runs them apart)."""
+    if "anchor_weight" not in batch or "anchor_input_ids" in batch:
+        return 0
+    return batch["anchor_weight"].shape[0]
+
+
+def anchor_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's anchor rows as a batch of their own (labels, teacher targets, weight): its last rows when
+    joined (the hidden states then come from the batch's forward), else the anchor_* tensors."""
+    joined = joined_anchor_rows(batch)
+    if not joined:
+        return sub_batch(batch, "anchor_")
+    rows = {k: batch[k][-joined:] for k in ("input_ids", "labels", "attention_mask", "position_ids", "teacher_ids",
+                                           "teacher_probs") if k in batch}
+    return rows | {"weight": batch["anchor_weight"]}
 
 
 def kl_is_own(item: RenderedCompletion) -> bool:
@@ -339,9 +370,9 @@ def holds_preference_rows(specs: list[str], *, use_hf: bool = True) -> bool:
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> int:
     """Pairs in a collate_pairs batch: the unit a preference step's loss is averaged over."""
-    return batch["input_ids"].shape[0] // 2
+    return (batch["input_ids"].shape[0] - joined_anchor_rows(batch)) // 2
 
 
 def count_completions(batch: dict[str, torch.Tensor]) -> int:
     """Completions in a collate_completions batch (KTO's unit)."""
-    return batch["input_ids"].shape[0]
+    return batch["input_ids"].shape[0] - joined_anchor_rows(batch)

@@ -117,10 +117,12 @@ def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 
 
 def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True,
-                chunk_size: int = 1024) -> TokenLogps:
+                chunk_size: int = 1024, hidden: torch.Tensor | None = None) -> TokenLogps:
     """Log-probs of every labelled token of `batch` (collate's layout: input_ids, labels, attention_mask or
-    position_ids, optional prefix_ids) under `model`, through the decoder body and a chunked lm_head."""
-    hidden = hidden_states(model, batch)
+    position_ids, optional prefix_ids) under `model`, through the decoder body and a chunked lm_head.
+    hidden: the rows' final hidden states when a forward shared with other rows already made them."""
+    if hidden is None:
+        hidden = hidden_states(model, batch)
     _, head = _causal_lm_parts(model)
     targets = shift_targets(batch["labels"], batch.get("position_ids"))
     mask = targets != IGNORE_INDEX

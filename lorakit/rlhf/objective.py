@@ -1,7 +1,8 @@
 """The preference loss of one batch as a `loss_fn(model, batch) -> LossOutput`, the sft loop's seam.
 
-A pair batch (data.collate_pairs) holds chosen rows then rejected rows and runs as ONE forward; the
-per-sequence log-probs come from logps.token_logps (chunked lm_head over the answer tokens only).
+A pair batch (data.collate_pairs) holds chosen rows then rejected rows (then any replay anchor rows) and runs
+as ONE forward; the per-sequence log-probs come from logps.token_logps (chunked lm_head over the answer
+tokens only).
 `LossOutput.loss_sum` sums per-pair losses and `n_tokens` counts pairs, so the loop's division gives
 the mean over the pairs of a whole optimizer step. Metrics are (sum, count) pairs named as TRL and
 ms-swift log them: rewards/chosen, rewards/rejected, rewards/accuracies, logps/chosen, logps/rejected
@@ -16,10 +17,10 @@ from typing import Callable
 import torch
 
 from lorakit.args import RlhfGroup
-from lorakit.loss import LossOutput
+from lorakit.loss import LossOutput, hidden_states
 from lorakit.rlhf.anchor import anchor_kl
-from lorakit.rlhf.data import sub_batch
-from lorakit.rlhf.logps import token_logps
+from lorakit.rlhf.data import anchor_rows, joined_anchor_rows, sub_batch
+from lorakit.rlhf.logps import TokenLogps, token_logps
 from lorakit.rlhf.losses import PreferenceLoss, cpo_loss, dpo_loss, kto_loss, orpo_loss
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
@@ -29,9 +30,28 @@ def _metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.detach().float().sum(), torch.tensor(values.numel())
 
 
+def policy_pass(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, metrics: dict, *,
+                fused: bool) -> tuple[TokenLogps, torch.Tensor | float]:
+    """One forward of the batch's rows: the log-probs of its pair (or completion) rows, and --replay_kl x the
+    weighted sum of its anchor rows' KL to the reference (0.0 without anchor rows; logs replay_kl). Anchor rows
+    joined to the batch share its forward; anchor_* rows (the CPU's, data.collate_with_anchors) run their own."""
+    hidden = hidden_states(model, batch)
+    joined = joined_anchor_rows(batch)
+    main = hidden[:hidden.shape[0] - joined]
+    labels = {k: v[:main.shape[0]] for k, v in batch.items() if k in ("labels", "position_ids")}
+    logps = token_logps(model, labels, fused=fused, hidden=main)
+    if "anchor_weight" not in batch or not cfg.replay_kl:
+        return logps, 0.0
+    anchor = anchor_rows(batch)
+    kl = anchor_kl(model, anchor, hidden=hidden[main.shape[0]:] if joined else None)
+    metrics["replay_kl"] = _metric(kl)
+    return logps, cfg.replay_kl * (kl * anchor["weight"].to(kl.dtype)).sum()
+
+
 def pair_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fused: bool = True) -> LossOutput:
     """DPO / CPO / SimPO / ORPO loss of a pair batch (see losses.py for each formula)."""
-    logps = token_logps(model, batch, fused=fused)
+    metrics: dict = {}
+    logps, anchor = policy_pass(model, batch, cfg, metrics, fused=fused)
     sums, counts = logps.sum(), logps.count().float()
     b = sums.shape[0] // 2
     pi_c, pi_r, len_c, len_r = sums[:b], sums[b:], counts[:b], counts[b:]
@@ -55,21 +75,10 @@ def pair_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fused: b
     else:
         raise ValueError(f"pair_loss does not handle --rlhf_type {kind}")
     losses = out.losses + extra if extra is not None else out.losses
-    metrics = pair_metrics(out, shown_c, shown_r)
+    metrics |= pair_metrics(out, shown_c, shown_r)
     if extra is not None:
         metrics["nll_loss"] = _metric(nll_c)
-    return LossOutput(loss_sum=losses.sum() + anchor_term(model, batch, cfg, metrics), n_tokens=torch.tensor(b),
-                      metrics=metrics)
-
-
-def anchor_term(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, metrics: dict) -> torch.Tensor | float:
-    """--replay_kl x the weighted sum of the batch's anchor rows' KL to the reference (anchor.py); logs replay_kl."""
-    if "anchor_input_ids" not in batch or not cfg.replay_kl:
-        return 0.0
-    anchor = sub_batch(batch, "anchor_")
-    kl = anchor_kl(model, anchor)
-    metrics["replay_kl"] = _metric(kl)
-    return cfg.replay_kl * (kl * anchor["weight"].to(kl.dtype)).sum()
+    return LossOutput(loss_sum=losses.sum() + anchor, n_tokens=torch.tensor(b), metrics=metrics)
 
 
 def pair_metrics(out: PreferenceLoss, logps_c: torch.Tensor, logps_r: torch.Tensor) -> dict:
@@ -85,7 +94,9 @@ def pair_metrics(out: PreferenceLoss, logps_c: torch.Tensor, logps_r: torch.Tens
 
 def completion_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fused: bool = True) -> LossOutput:
     """KTO loss of a batch of labelled completions; the KL estimate runs the mismatched rows without grad."""
-    pi = token_logps(model, batch, fused=fused).sum()
+    metrics: dict = {}
+    logps, anchor = policy_pass(model, batch, cfg, metrics, fused=fused)
+    pi = logps.sum()
     with torch.no_grad():
         own = "kl_input_ids" not in batch  # each KL row is its own completion (collate_completions)
         kl_pi = pi.detach() if own else token_logps(model, sub_batch(batch, "kl_"), fused=fused).sum()
@@ -93,15 +104,14 @@ def completion_loss(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, *, fu
     desirable = batch["desirable"]
     out = kto_loss(pi, batch["ref"], desirable, kl, beta=cfg.beta, loss_type=cfg.loss_type,
                    desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
-    metrics = {
+    metrics |= {
         "rewards/chosen": _metric(out.chosen_rewards),
         "rewards/rejected": _metric(out.rejected_rewards),
         "logps/chosen": _metric(pi[desirable]),
         "logps/rejected": _metric(pi[~desirable]),
         "kl": (kl.detach().float(), torch.tensor(1)),
     }
-    return LossOutput(loss_sum=out.losses.sum() + anchor_term(model, batch, cfg, metrics),
-                      n_tokens=torch.tensor(pi.shape[0]), metrics=metrics)
+    return LossOutput(loss_sum=out.losses.sum() + anchor, n_tokens=torch.tensor(pi.shape[0]), metrics=metrics)
 
 
 def make_preference_loss_fn(cfg: RlhfGroup, *, fused: bool = True) -> LossFn:
