@@ -62,18 +62,24 @@ def main() -> None:
             dt = time.perf_counter() - t
             print(f"{name} call {i}: {dt * 1000:.1f} ms", flush=True)
 
+    one_pad = {k: v.to(device) for k, v in collate_pairs(pairs[:1], 0, anchors=False).items()}
+    one_pad = {k: torch.nn.functional.pad(v, (0, 1)) if k in ("input_ids", "attention_mask") else v
+               for k, v in one_pad.items()}  # one padding column: the rows go through the layers unpadded, joined
+    one_pad["labels"] = torch.nn.functional.pad(one_pad["labels"], (0, 1), value=-100)
     timed("pair step, no anchor", lambda: without(model, plain).loss_sum.backward())
+    timed("pair step, no anchor, joined into one row", lambda: without(model, one_pad).loss_sum.backward())
     timed("anchor alone fwd+bwd", lambda: anchor_kl(model, anchor).sum().backward())
     timed("anchor alone fwd no grad", lambda: torch.no_grad()(anchor_kl)(model, anchor))
     timed("pair step with anchor", lambda: with_anchor(model, batch).loss_sum.backward())
     if not opts.smoke:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            anchor_kl(model, anchor).sum().backward()
-            synchronize(device)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
-
+        for name, fn in (("pair step, no anchor", lambda: without(model, plain).loss_sum.backward()),
+                         ("pair step with anchor", lambda: with_anchor(model, batch).loss_sum.backward())):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                synchronize(device)
+            print(name)
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 if __name__ == "__main__":
     main()
