@@ -115,37 +115,51 @@ def can_fuse(module) -> bool:
         from peft.tuners.lora.layer import Linear as LoraLinear
     except ImportError:  # pragma: no cover
         return False
-    return (type(module) is LoraLinear or type(module).__module__ == "peft.tuners.lora.bnb"
-            and type(module).__name__ == "Linear4bit") and fuse_refusal(module) is None
+    kind = peft_class(module)
+    return (kind is LoraLinear or kind.__module__ == "peft.tuners.lora.bnb"
+            and kind.__name__ == "Linear4bit") and fuse_refusal(module) is None
 
 
-def _fused_forward(self, x: torch.Tensor, *args, lora_impl=lora_linear, packed=None, **kwargs) -> torch.Tensor:
+def peft_class(module) -> type:
+    """The module's PEFT class (the one fuse_lora_layers' fused class stands in for)."""
+    return getattr(type(module), "_lorakit_peft_class", type(module))
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.disable_adapters or self.merged or args or kwargs:
-        return type(self).forward(self, x, *args, **kwargs)
+        return self._lorakit_peft_class.forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
     dropout = self.lora_dropout[name]
     p = dropout.p if self.training and isinstance(dropout, torch.nn.Dropout) else 0.0
-    if packed is not None:  # a 4-bit base: de-quantized inside the fused function, forward and backward
-        return qlora_linear(x, packed, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+    if self._lorakit_packed is not None:  # a 4-bit base: de-quantized inside the fused function, forward and backward
+        return qlora_linear(x, self._lorakit_packed, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                             self.scaling[name], p)
-    return lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                     self.scaling[name], p)
+    return self._lorakit_lora_impl(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                   self.scaling[name], p)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(peft: type) -> type:
+    """PEFT's class with the fused forward, one per PEFT class: every layer's projections share the same code and
+    attributes, so a compiled decoder layer's graph serves all the layers (a forward bound per module made dynamo
+    guard on each one's identity: one cache entry and one trace per layer)."""
+    return type(f"Fused{peft.__name__}", (peft,), {"forward": _fused_forward, "_lorakit_peft_class": peft})
 
 
 def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
     """Route every fusable PEFT LoRA Linear through LORA_IMPLS[impl]; returns how many were fused.
 
-    Only the instance's forward changes: parameters, names and saved adapters stay PEFT's.
+    Only the module's class changes (to a subclass of PEFT's with the fused forward): parameters, names and saved
+    adapters stay PEFT's.
     """
     count = 0
     for module in model.modules():
         if can_fuse(module):
-            current = vars(module).get("forward")
-            # keep an identical forward object: compiled layers guard on it and would recompile
-            if not (isinstance(current, functools.partial) and current.keywords.get("lora_impl") is LORA_IMPLS[impl]):
-                packed = packed_4bit(module.base_layer) if is_linear_4bit(module.base_layer) else None
-                module.forward = functools.partial(_fused_forward, module, lora_impl=LORA_IMPLS[impl], packed=packed)
+            module._lorakit_lora_impl = LORA_IMPLS[impl]
+            if type(module) is peft_class(module):
+                module._lorakit_packed = packed_4bit(module.base_layer) if is_linear_4bit(module.base_layer) else None
+                module.__class__ = _fused_class(type(module))
             count += 1
     return count
 
@@ -153,5 +167,6 @@ def fuse_lora_layers(model: torch.nn.Module, impl: str = "function") -> int:
 def unfuse_lora_layers(model: torch.nn.Module) -> None:
     """Undo fuse_lora_layers (back to PEFT's own forward)."""
     for module in model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "func", None) is _fused_forward:
-            del module.forward
+        if type(module) is not peft_class(module):
+            module.__class__ = peft_class(module)
+            del module._lorakit_lora_impl, module._lorakit_packed
