@@ -205,7 +205,9 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
         body._lorakit_hook = (body.register_forward_pre_hook(hook, with_kwargs=True),
                               body.register_forward_hook(_restore_padding, with_kwargs=True))
     if opts.torch_compile:
-        # all blocks share one graph; dynamo counts each block's first call against the limit
+        # all blocks share their graphs (the fused LoRA projections share one class, fast/lora.py): one per
+        # shape kind and grad mode, not per block; the limit stays generous for a quantized base, whose packed
+        # weights are guarded per layer
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
         for layer in layers:
             if layer._compiled_call_impl is None:
