@@ -206,8 +206,8 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
                               body.register_forward_hook(_restore_padding, with_kwargs=True))
     if opts.torch_compile:
         # all blocks share their graphs (the fused LoRA projections share one class, fast/lora.py): one per
-        # shape kind and grad mode, not per block; the limit stays generous for a quantized base, whose packed
-        # weights are guarded per layer
+        # shape kind and grad mode, not per block; the limit stays generous (a 4-bit base's packed weights may
+        # still be guarded per layer: not measured)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
         for layer in layers:
             if layer._compiled_call_impl is None:
