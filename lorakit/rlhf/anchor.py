@@ -93,17 +93,15 @@ def anchor_answers(model, tokenizer, *, system: str | None, cache_dir: Path, ada
     return answers
 
 
-def anchor_samples(answers: list[ReplayAnswer], *, free: int = 0) -> list[Rendered]:
-    """Prompt + answer, the first `free` answer tokens without a target; each later answer position's target is
-    the reference's top-k probabilities as they are (summing to under 1: kl_to_teacher gives the rest of the
-    vocabulary the remaining mass)."""
+def anchor_samples(answers: list[ReplayAnswer]) -> list[Rendered]:
+    """Prompt + answer; each answer position's target is the reference's top-k probabilities as they are (summing
+    to under 1: kl_to_teacher gives the rest of the vocabulary the remaining mass). How much the first answer
+    token counts is anchor_kl's `first_weight`."""
     out = []
     for a in answers:
         start = len(a.prompt_ids)
-        teacher = {start + j: (list(ids), list(probs))
-                   for j, (ids, probs) in enumerate(zip(a.top_ids, a.top_probs)) if j >= free}
-        labels = [IGNORE_INDEX] * (start + free) + a.answer_ids[free:]
-        out.append(Rendered(input_ids=a.prompt_ids + a.answer_ids, labels=labels[:len(a.prompt_ids + a.answer_ids)],
+        teacher = {start + j: (list(ids), list(probs)) for j, (ids, probs) in enumerate(zip(a.top_ids, a.top_probs))}
+        out.append(Rendered(input_ids=a.prompt_ids + a.answer_ids, labels=[IGNORE_INDEX] * start + a.answer_ids,
                             teacher=teacher))
     return out
 
