@@ -12,10 +12,9 @@ own). The comparison is printed at the end in any case.
 lorakit: what `lorakit rlhf --rlhf_type dpo` runs on a GPU: attach_tuner -> prepare_for_training (fused
 LoRA, packed attention, compiled layers, recompute planned under --gpu_memory_limit) -> the command's
 own reference pass (command.fill_reference: REFERENCE_BATCH pairs per no-grad forward) -> pair_loss
-steps with the replay anchor, on by default for dpo (one anchor answer per ANCHOR_EVERY_PAIRS pairs, joined to the
-pair's rows in one forward; stand-in
-answers of the built-in sizes, whose one-off generation is not timed); a second lorakit side runs
-`--replay_kl 0`. Its costs are split the way a user pays them:
+steps with the replay anchor, on by default for dpo (one anchor answer per ANCHOR_EVERY_PAIRS pairs, joined to
+the pair's rows in one forward; stand-in answers of the built-in sizes, whose one-off generation is not timed);
+a second lorakit side runs `--replay_kl 0`. Its costs are split the way a user pays them:
 - tok_s: steady training steps (after warm-up);
 - ref_pair_s: the reference pass per pair once warm (a recurring cost: one no-grad forward per pair);
 - epoch_tok_s: tokens per (step + reference per pair), i.e. an epoch's steady rate with the reference
