@@ -135,8 +135,9 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     if device == "cuda":
         model = prepare_for_training(model, FastOptions(gpu_memory_limit=memory_limit))
     dev = torch.device(device)
+    # a pair's prompt runs once for both sides, as the command does (rlhf.command.shares_prompt_run)
     ref = lambda chunk: fill_reference(model, PreferenceData(chunk, [], []), pad_id=0, device=dev,  # noqa: E731
-                                       batch_size=REFERENCE_BATCH, fused=True)
+                                       batch_size=REFERENCE_BATCH, fused=True, shared=True)
     ref_first = timed(device, lambda: ref(pairs[:REFERENCE_BATCH]))
     rest = pairs[REFERENCE_BATCH:]
     ref_pair_s = timed(device, lambda: ref(rest)) / len(rest)
@@ -152,7 +153,7 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda" or None)
 
     def step(i: int) -> None:
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i:i + 1], 0).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[i:i + 1], 0, shared_prefix=True).items()}
         out = loss_fn(model, batch)
         (out.loss_sum / out.n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -122,9 +122,10 @@ def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     indices = s.plan.micro_batches(s.step)
     mine, weights = s.par.share(indices)  # several processes: this rank's micro-batches (weight 0: a repeat)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
-    # Off the GPU fast path, the rows of a micro-batch share the run of their common start (the system prompt);
-    # not under FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared keys/values.
-    shared = s.device.type != "cuda" and not s.par.sharded
+    # The rows of a micro-batch share the run of their common start (the system prompt; a pair's prompt) on the CPU,
+    # and on a GPU where the run asks (rlhf; sft's GPU rows keep fixed shapes for the compiled layers); not under
+    # FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared keys/values.
+    shared = (s.device.type != "cuda" or s.prefix_on_gpu) and not s.par.sharded
     cpu_batches = [s.collate_fn([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
     real = [(idx, b) for idx, b, w in zip(mine, cpu_batches, weights) if w]
     n_tokens = sum(s.count_fn(b) for _, b in real)
@@ -221,12 +222,13 @@ def plan_run(args: SftArgs, data: TrainData, world_size: int = 1) -> tuple[list,
 def start_run(args: SftArgs, model, tokenizer: PreTrainedTokenizerBase, data: TrainData, *, saved_args: dict[str, Any],
               device: torch.device, loss_fn: LossFn, scaler=None,
               par: distributed.Parallel | None = None, collate_fn: Callable = collate,
-              count_fn: Callable = count_loss_tokens, name: str = "sft") -> TrainingRun:
+              count_fn: Callable = count_loss_tokens, name: str = "sft", prefix_on_gpu: bool = False) -> TrainingRun:
     """Plan the steps, make the run folder (its args.json is `saved_args`) and build the optimizer.
 
     `par`: the processes and the wrapped model (lorakit.distributed.wrap); rank 0 makes the run
     folder and every rank learns its name. collate_fn / count_fn / name: another objective's batches,
-    normalising unit and progress label (`lorakit rlhf`: pairs); the defaults are sft's."""
+    normalising unit and progress label (`lorakit rlhf`: pairs); the defaults are sft's. prefix_on_gpu: see
+    TrainingRun."""
     t = args.train
     par = par or distributed.Parallel()
     learning_rate = default_learning_rate(args)
@@ -241,7 +243,7 @@ def start_run(args: SftArgs, model, tokenizer: PreTrainedTokenizerBase, data: Tr
         optimizer=build_optimizer(model, args, learning_rate), plan=plan, train_samples=train_samples,
         val_samples=data.val, device=device, loss_fn=loss_fn, learning_rate=learning_rate,
         warmup=warmup_steps_for(plan.total_steps, warmup_steps=t.warmup_steps, warmup_ratio=t.warmup_ratio),
-        scaler=scaler, par=par, collate_fn=collate_fn, count_fn=count_fn, name=name,
+        scaler=scaler, par=par, collate_fn=collate_fn, count_fn=count_fn, name=name, prefix_on_gpu=prefix_on_gpu,
     )
 
 

@@ -88,9 +88,15 @@ def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     """Run the decoder body (no lm_head): [B, T] ids -> [B, T, H] final-norm hidden states.
 
     With prefix_ids [1, P] (collate(shared_prefix=True)): the prefix runs once, its keys and values
-    (gradients included) are shared by every row, and the rows continue from position P.
+    (gradients included) are shared by every row, and the rows continue from position P (rows marked False
+    in prefix_rows [B], when given, do not: they start at 0 and see only themselves). Under the GPU's packed
+    attention (lorakit.fast) prefix and rows run as one packed row; elsewhere through a KV cache.
     """
     body, _ = _causal_lm_parts(model)
+    if "prefix_ids" in batch and getattr(body, "_lorakit_joins_prefix", False):
+        from lorakit.fast import joined_prefix_hidden
+
+        return joined_prefix_hidden(body, batch)
     if "prefix_ids" in batch:
         return _hidden_after_prefix(body, batch)
     out = body(
@@ -164,9 +170,14 @@ def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) 
         layer.values = layer.values.expand(rows, -1, -1, -1)
     n = batch["prefix_ids"].shape[1]
     mask = batch.get("attention_mask")
-    if mask is not None:
-        mask = torch.cat([mask.new_ones(rows, n), mask], dim=1)
-    positions = torch.arange(n, n + width, device=batch["input_ids"].device).expand(rows, width)
+    shares = batch.get("prefix_rows")
+    positions = torch.arange(width, device=batch["input_ids"].device).expand(rows, width) + n
+    if mask is not None or shares is not None:
+        mask = batch["input_ids"].new_ones(rows, width) if mask is None else mask
+        sees_prefix = mask.new_ones(rows, n) if shares is None else shares[:, None].to(mask.dtype).expand(rows, n)
+        mask = torch.cat([sees_prefix, mask], dim=1)
+    if shares is not None:
+        positions = positions - n * (~shares.bool())[:, None].long()
     out = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
                **with_cache(cache))
     return out.last_hidden_state

@@ -65,6 +65,8 @@ class TrainingRun:
     "The processes of the run and the model as the step runs it (DDP/FSDP2 wrapper); one process: no wrapper."
     collate_fn: Callable = collate
     "collate(samples, pad_id, shared_prefix=...) -> batch (lorakit rlhf: pair batches)"
+    prefix_on_gpu: bool = False
+    "share the rows' common start on a GPU too (rlhf: a pair's prompt, run once inside the packed forward)"
     count_fn: Callable = count_loss_tokens
     "batch -> the units the step's loss is averaged over (loss tokens; pairs for preference losses)"
     name: str = "sft"

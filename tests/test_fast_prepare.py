@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lorakit.fast import FastOptions, decoder_layers, plan_checkpointing, prepare_for_training, restore_reference
 from lorakit.errors import UserError
-from lorakit.loss import causal_lm_loss
+from lorakit.loss import causal_lm_loss, hidden_states
 
 CFG = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -109,6 +109,54 @@ def test_padding_is_dropped_before_the_layers():
     for name, p in ref.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def prefix_batch():
+    """A 7-token prefix that rows of 9 and 5 real tokens continue (right-padded), and a row of 6 that does not."""
+    g = torch.Generator().manual_seed(7)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    mask[0], mask[1, :5], mask[2, :6] = 1, 1, 1
+    return {"prefix_ids": torch.randint(0, 1000, (1, 7), generator=g), "input_ids": torch.randint(0, 1000, (3, 9), generator=g),
+            "attention_mask": mask, "prefix_rows": torch.tensor([True, True, False])}
+
+
+def projected_hidden(model, rows, weights):
+    """sum(hidden * weights) over the real tokens of each (row, starts) run as the plain model runs it."""
+    body = model.get_base_model().get_decoder()
+    total = 0.0
+    for (ids, skip), w in zip(rows, weights):
+        total = total + (body(input_ids=ids[None]).last_hidden_state[0, skip:] * w[: ids.numel() - skip]).sum()
+    return total
+
+
+def test_a_shared_prefix_runs_once_in_the_packed_row():
+    """rlhf's pair layout: the prefix runs once for the rows that continue it. The GPU's way (prefix and rows as one
+    packed row, each row's attention reading the prefix's keys) and the CPU's (a KV cache) both give every row the
+    hidden states, and the LoRA weights the gradients, of a plain forward of each whole row."""
+    batch = prefix_batch()
+    weights = torch.randn(3, 9, CFG["hidden_size"], generator=torch.Generator().manual_seed(1))
+    real = batch["attention_mask"].bool()
+    ref = lora_model()
+    whole = [(torch.cat([batch["prefix_ids"][0], batch["input_ids"][r, real[r]]]) if batch["prefix_rows"][r]
+              else batch["input_ids"][r, real[r]], 7 if batch["prefix_rows"][r] else 0) for r in range(3)]
+    total = projected_hidden(ref, whole, weights)
+    total.backward()
+    want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    cached = lora_model()
+    packed = prepare_for_training(lora_model(), FastOptions(torch_compile=False, gradient_checkpointing=False))
+    shapes = []
+    decoder_layers(packed)[0].register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple((a[0] if a else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+    for model in (cached, packed):
+        hidden = hidden_states(model, batch)
+        assert hidden.shape == (3, 9, CFG["hidden_size"])
+        got = (hidden * weights * real[..., None]).sum()
+        torch.testing.assert_close(got, total, rtol=1e-5, atol=1e-4)
+        got.backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-4, msg=name)
+    assert shapes == [(1, 7 + 9 + 5 + 6)]  # one packed row: the prefix once
 
 
 def test_compiled_layers_trace_without_graph_breaks():

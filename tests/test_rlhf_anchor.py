@@ -123,11 +123,15 @@ def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
         kl = anchor_kl(model, collate([x.anchor for x in items if x.anchor is not None], tokenizer.pad_token_id))
         assert len(kl) == len(items) // every
         want = without.loss_sum + 0.7 * every * kl.sum()
-        # the GPU's layout (anchor rows joined, one forward) and the CPU's (a shared prefix, anchors apart)
+        # the anchor rows join the batch's forward as its last rows, whole (shared=False) or beside rows that run
+        # their common start once (prefix_ids), which the anchor rows do not continue (prefix_rows False)
         for shared in (False, True):
             batch = collate_fn(items, tokenizer.pad_token_id, shared_prefix=shared)
-            assert joined_anchor_rows(batch) == (0 if shared else len(kl))
-            assert ("anchor_input_ids" in batch) == shared
+            assert joined_anchor_rows(batch) == len(kl)
+            assert ("prefix_ids" in batch) == shared
+            if shared:
+                rows = batch["input_ids"].shape[0] - len(kl)
+                assert batch["prefix_rows"].tolist() == [True] * rows + [False] * len(kl)
             with_anchor = loss_fn(model, batch, cfg, fused=False)
             assert torch.allclose(with_anchor.loss_sum, want, rtol=1e-12), (kind, shared)
             assert with_anchor.n_tokens == without.n_tokens == len(items)

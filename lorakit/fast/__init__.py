@@ -109,6 +109,7 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit
     Generation (a KV cache, padding masks) goes through the model's own attention instead.
     """
     module._lorakit_unpadded = None
+    prefix_layout, module._lorakit_prefix_layout = getattr(module, "_lorakit_prefix_layout", None), None
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         ids = kwargs["inputs_embeds"]
@@ -119,7 +120,11 @@ def _body_pre_hook(opts: FastOptions, layers, config, reference_attn: str, limit
         kwargs = _drop_padding(module, kwargs)
         ids = kwargs["input_ids"]
     b, t = ids.shape[:2]
-    if opts.packed_attention and not cached:
+    if prefix_layout is not None:  # joined_prefix_hidden's one row: its segments and the keys each reads
+        kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["key_index"] = prefix_layout
+        for x in prefix_layout:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+    elif opts.packed_attention and not cached:
         cu = attention.packed_boundaries(kwargs.get("position_ids"), (b, t), kwargs.get("attention_mask"), ids.device,
                                          starts=module._lorakit_unpadded[2] if module._lorakit_unpadded else None)
         if cu.numel() > b + 1:  # some row holds several samples (or padding)
@@ -168,6 +173,40 @@ def _restore_padding(body, args, kwargs, output):
     return output
 
 
+def joined_prefix_hidden(body, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, W, H] hidden states of a batch whose rows continue prefix_ids [1, P] (collate(shared_prefix=True)),
+    the prefix run once, in ONE forward: [prefix, row 1, row 2, ...] as one packed row of real tokens (a
+    continuing row's positions start at P), each row attending to the prefix's keys and its own (packed
+    attention's key_index). batch["prefix_rows"] [B] bool, when present: False for rows that do not continue
+    the prefix (replay anchor rows, positions from 0, their own keys only). The same numbers as
+    lorakit.loss's KV-cache reference; 0 on padding."""
+    prefix, ids = batch["prefix_ids"][0], batch["input_ids"]
+    rows, width = ids.shape
+    n = prefix.numel()
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    shares = batch.get("prefix_rows")
+    shares = torch.ones(rows, dtype=torch.bool, device=ids.device) if shares is None else shares.bool()
+    keep = mask.reshape(-1).nonzero().squeeze(1)
+    positions = torch.arange(width, device=ids.device) + n * shares[:, None].long()
+    stream = torch.cat([prefix, ids.reshape(-1)[keep]])
+    lengths, continues = mask.sum(1).tolist(), shares.tolist()
+    keys, q_bounds, k_bounds, start = [torch.arange(n, device=ids.device)], [0, n], [0, n], n
+    for length, shared in zip(lengths, continues):
+        if shared:
+            keys.append(keys[0])
+        keys.append(torch.arange(start, start + length, device=ids.device))
+        start += length
+        q_bounds.append(start)
+        k_bounds.append(k_bounds[-1] + length + (n if shared else 0))
+    as_int32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=ids.device)
+    body._lorakit_prefix_layout = (as_int32(q_bounds), as_int32(k_bounds), torch.cat(keys))
+    out = body(input_ids=stream[None], position_ids=torch.cat([torch.arange(n, device=ids.device),
+                                                               positions.reshape(-1)[keep]])[None], use_cache=False)
+    hidden = out.last_hidden_state[0, n:]
+    return hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, keep, hidden).view(rows, width, -1)
+
+
 # one object for every layer and every call: compiled layers guard on its identity
 _CHECKPOINT = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
@@ -199,6 +238,12 @@ def prepare_for_training(model: torch.nn.Module, opts: FastOptions) -> torch.nn.
     else:
         unfuse_lora_layers(model)
     set_checkpointing(layers, [opts.checkpointing == "full"] * len(layers))
+    # transformers 5.25 with the `kernels` package wraps each attention forward in a context-variable set and reset
+    # (kernel routing); in a compiled layer that recomputes, dynamo refuses that side effect (a graph break per
+    # layer) unless told the recompute need not replay it, which it need not: the value is restored on return
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    body._lorakit_joins_prefix = opts.packed_attention  # lorakit.loss.hidden_states: joined_prefix_hidden
     if opts.packed_attention or opts.checkpointing == "auto":
         limit = planned_limit_gib(opts, is_quantized(model))
         hook = functools.partial(_body_pre_hook, opts, layers, base.config, reference_attn, limit)
@@ -263,6 +308,7 @@ def _remove_hook(body: torch.nn.Module) -> None:
     for handle in getattr(body, "_lorakit_hook", None) or ():
         handle.remove()
     body._lorakit_hook = None
+    body._lorakit_joins_prefix = False
 
 
 def restore_reference(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch.nn.Module:

@@ -8,6 +8,12 @@ cumulative sample boundaries (cu_seqlens) and handed to torch's variable-length 
 
 Reference beside it: `masked_attention`, plain SDPA with the block-diagonal causal mask built from
 the same boundaries (used on CPU, and by the CPU test that checks it against separate samples).
+
+A shared prefix (a preference pair's prompt, run once for both answers: `fast.joined_prefix_hidden`) is a
+segment whose keys other segments also read: `key_index` lists, segment by segment, the tokens each one
+attends to (its own, after the prefix's where it continues the prefix), and cu_seq_lens_k their boundaries.
+Causal masking is aligned at the segment's end (flash attention's rule when keys outnumber queries), so an
+answer token sees the whole prefix and the answer tokens up to itself.
 """
 
 from __future__ import annotations
@@ -58,17 +64,24 @@ def packed_boundaries(
     return torch.cat([idx, end]).to(torch.int32)
 
 
-def masked_attention(q, k, v, cu_seqlens, scale):
-    """Reference: SDPA over the flattened stream with a block-diagonal causal mask.
-
-    q: [N, Hq, D]; k, v: [N, Hkv, D]; cu_seqlens: [S + 1]. Returns [N, Hq, D].
-    """
-    n = q.shape[0]
-    seg = torch.zeros(n, dtype=torch.int64, device=q.device)
+def _segments(cu_seqlens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment id, offset from the segment's end) of each of n stream positions."""
+    seg = torch.zeros(n, dtype=torch.int64, device=cu_seqlens.device)
     seg[cu_seqlens[1:-1].long()] = 1
     seg = seg.cumsum(0)
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    mask = causal & (seg[:, None] == seg[None, :])
+    ends = cu_seqlens[1:].long()[seg]
+    return seg, torch.arange(n, device=cu_seqlens.device) - ends
+
+
+def masked_attention(q, k, v, cu_seqlens, scale, cu_seqlens_k=None):
+    """Reference: SDPA over the flattened stream with a block-diagonal causal mask.
+
+    q: [N, Hq, D]; k, v: [N, Hkv, D] (or [K, Hkv, D] with cu_seqlens_k [S + 1]: each segment's keys, causal
+    masking aligned at the segment's end); cu_seqlens: [S + 1]. Returns [N, Hq, D].
+    """
+    seg_q, from_end_q = _segments(cu_seqlens, q.shape[0])
+    seg_k, from_end_k = _segments(cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, k.shape[0])
+    mask = (seg_q[:, None] == seg_k[None, :]) & (from_end_k[None, :] <= from_end_q[:, None])
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     out = F.scaled_dot_product_attention(
@@ -77,8 +90,8 @@ def masked_attention(q, k, v, cu_seqlens, scale):
     return out[0].transpose(0, 1)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_len: int, scale):
-    """torch varlen flash attention (causal within each segment). Shapes as masked_attention."""
+def varlen_attention(q, k, v, cu_seqlens, max_len: int, scale, cu_seqlens_k=None, max_len_k: int | None = None):
+    """torch varlen flash attention (causal within each segment, aligned at its end). Shapes as masked_attention."""
     kwargs = {"scale": scale}
     if "window_size" in _VARLEN_PARAMS:
         kwargs["window_size"] = (-1, 0)
@@ -86,18 +99,22 @@ def varlen_attention(q, k, v, cu_seqlens, max_len: int, scale):
         kwargs["is_causal"] = True
     if "enable_gqa" in _VARLEN_PARAMS and q.shape[1] != k.shape[1]:
         kwargs["enable_gqa"] = True
-    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    if cu_seqlens_k is None:
+        cu_seqlens_k, max_len_k = cu_seqlens, max_len
+    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_len, max_len_k, **kwargs)
 
 
 def packed_attention_forward(
-    module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, cu_seq_lens_q=None, **kwargs
+    module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, cu_seq_lens_q=None, cu_seq_lens_k=None,
+    key_index=None, **kwargs
 ):
     """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D].
 
     cu_seq_lens_q (from packed_boundaries, passed through the model's forward kwargs) marks the
     packed samples; without it every row is one causal sequence and plain causal SDPA runs (its
-    fastest kernel for the card). Packed rows use varlen flash attention on CUDA, the masked
-    reference elsewhere.
+    fastest kernel for the card). key_index with cu_seq_lens_k (a shared prefix, see the module's
+    docstring): each segment's keys gathered from the stream. Packed rows use varlen flash attention on
+    CUDA, the masked reference elsewhere.
     """
     if dropout:
         raise ValueError("lorakit packed attention has no attention dropout; set attention_dropout=0")
@@ -108,10 +125,14 @@ def packed_attention_forward(
     q = query.transpose(1, 2).reshape(b * t, hq, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    if query.is_cuda and _varlen_attn is not None:
-        out = varlen_attention(q, k, v, cu_seq_lens_q, t, scaling)
+    if key_index is not None:
+        k, v = k.index_select(0, key_index), v.index_select(0, key_index)
     else:
-        out = masked_attention(q, k, v, cu_seq_lens_q, scaling)
+        cu_seq_lens_k = None
+    if query.is_cuda and _varlen_attn is not None:
+        out = varlen_attention(q, k, v, cu_seq_lens_q, t, scaling, cu_seq_lens_k, k.shape[0])
+    else:
+        out = masked_attention(q, k, v, cu_seq_lens_q, scaling, cu_seq_lens_k)
     return out.reshape(b, t, hq, d), None
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lorakit.data.loading import resolve_system, split_val
 from lorakit.data.sources import _read_spec, parse_spec, raise_row_errors, sample_rows
-from lorakit.data.packing import collate
+from lorakit.data.packing import collate, shared_prefix_length, strip_prefix
 from lorakit.data.render import IGNORE_INDEX, Rendered, render_conversations, render_prompt, set_chat_template
 from lorakit.errors import UserError
 from lorakit.rlhf.pair_rows import PreferenceExample, is_preference_row, parse_preference_row
@@ -268,7 +268,7 @@ def collate_pairs(pairs: list[RenderedPair], pad_token_id: int, *, shared_prefix
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B] in one batch (one forward for both sides), then the
     pairs' replay anchor rows (collate_with_anchors; anchors=False leaves them out: the reference pass).
 
-    shared_prefix (CPU): the tokens every row starts with, the whole prompt for one pair, run once.
+    shared_prefix: the tokens every row starts with, the whole prompt for one pair, run once.
     Adds ref_chosen / ref_rejected [B] (fp32) once the reference log-probs are known.
     """
     out = collate_with_anchors([p.chosen for p in pairs] + [p.rejected for p in pairs], pairs if anchors else [],
@@ -311,36 +311,33 @@ def attach_anchors(items: list, samples: list[Rendered], *, every: int = 1) -> N
 
 def collate_with_anchors(rows: list[Rendered], items: list, pad_token_id: int, *,
                          shared_prefix: bool = False) -> dict[str, torch.Tensor]:
-    """collate(rows) plus the replay anchor rows the items carry (rlhf/anchor.py), and anchor_weight [A].
+    """collate(rows) plus the replay anchor rows the items carry (rlhf/anchor.py) as the batch's last rows, and
+    anchor_weight [A].
 
-    The anchor rows join the batch as its last rows, so one forward runs them with the rest (a separate
-    forward of a short row costs the GPU a whole pass of kernel launches: 160 ms against 17 ms of work on the
-    7B architecture); the GPU layers drop the padding, so a short row costs only its tokens. Where the rows
-    share their prompt's run instead (shared_prefix: the CPU), the anchors, which do not share it, are
-    collated apart as anchor_* tensors and take a forward of their own. `joined_anchor_rows` tells which."""
+    One forward runs the anchor rows with the rest (a separate forward of a short row costs the GPU a whole pass
+    of kernel launches: 160 ms against 17 ms of work on the 7B architecture); the GPU layers drop the padding,
+    so a short row costs only its tokens. With shared_prefix the rows' common start is cut once (prefix_ids);
+    the anchor rows, which do not continue it, are marked False in prefix_rows [R + A]."""
     anchors = [(x.anchor, x.anchor_weight) for x in items if getattr(x, "anchor", None) is not None]
     if not anchors:
         return collate(rows, pad_token_id, shared_prefix=shared_prefix)
-    weight = {"anchor_weight": torch.tensor([w for _, w in anchors], dtype=torch.float32)}
-    if not shared_prefix:
-        return collate(rows + [a for a, _ in anchors], pad_token_id) | weight
-    apart = collate([a for a, _ in anchors], pad_token_id, shared_prefix=True)
-    return collate(rows, pad_token_id, shared_prefix=True) | {f"anchor_{k}": v for k, v in apart.items()} | weight
+    prefix = shared_prefix_length(rows) if shared_prefix else 0
+    out = collate([strip_prefix(x, prefix) for x in rows] + [a for a, _ in anchors], pad_token_id)
+    out["anchor_weight"] = torch.tensor([w for _, w in anchors], dtype=torch.float32)
+    if prefix:
+        out["prefix_ids"] = torch.tensor([rows[0].input_ids[:prefix]], dtype=torch.long)
+        out["prefix_rows"] = torch.tensor([True] * len(rows) + [False] * len(anchors))
+    return out
 
 
 def joined_anchor_rows(batch: dict[str, torch.Tensor]) -> int:
-    """How many of the batch's last rows are replay anchor rows (0 when it has none or runs them apart)."""
-    if "anchor_weight" not in batch or "anchor_input_ids" in batch:
-        return 0
-    return batch["anchor_weight"].shape[0]
+    """How many of the batch's last rows are replay anchor rows (0 when it has none)."""
+    return batch["anchor_weight"].shape[0] if "anchor_weight" in batch else 0
 
 
 def anchor_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch's anchor rows as a batch of their own (labels, teacher targets, weight): its last rows when
-    joined (the hidden states then come from the batch's forward), else the anchor_* tensors."""
+    """The batch's anchor rows (its last rows) as a batch of their own: labels, teacher targets, weight."""
     joined = joined_anchor_rows(batch)
-    if not joined:
-        return sub_batch(batch, "anchor_")
     rows = {k: batch[k][-joined:] for k in ("input_ids", "labels", "attention_mask", "position_ids", "teacher_ids",
                                            "teacher_probs") if k in batch}
     return rows | {"weight": batch["anchor_weight"]}

@@ -33,17 +33,17 @@ def _metric(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def policy_pass(model, batch: dict[str, torch.Tensor], cfg: RlhfGroup, metrics: dict, *,
                 fused: bool) -> tuple[TokenLogps, torch.Tensor | float]:
     """One forward of the batch's rows: the log-probs of its pair (or completion) rows, and --replay_kl x the
-    weighted sum of its anchor rows' KL to the reference (0.0 without anchor rows; logs replay_kl). Anchor rows
-    joined to the batch share its forward; anchor_* rows (the CPU's, data.collate_with_anchors) run their own."""
+    weighted sum of its anchor rows' (the batch's last rows) KL to the reference (0.0 without anchor rows; logs
+    replay_kl)."""
     hidden = hidden_states(model, batch)
     joined = joined_anchor_rows(batch)
     main = hidden[:hidden.shape[0] - joined]
     labels = {k: v[:main.shape[0]] for k, v in batch.items() if k in ("labels", "position_ids")}
     logps = token_logps(model, labels, fused=fused, hidden=main)
-    if "anchor_weight" not in batch or not cfg.replay_kl:
+    if not joined or not cfg.replay_kl:
         return logps, 0.0
     anchor = anchor_rows(batch)
-    kl = anchor_kl(model, anchor, hidden=hidden[main.shape[0]:] if joined else None)
+    kl = anchor_kl(model, anchor, hidden=hidden[main.shape[0]:])
     metrics["replay_kl"] = _metric(kl)
     return logps, cfg.replay_kl * (kl * anchor["weight"].to(kl.dtype)).sum()
 
