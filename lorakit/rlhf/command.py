@@ -65,8 +65,11 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
             for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 pair.ref_chosen, pair.ref_rejected = c, r
 
+        # on the GPU one pair per forward: its prompt then runs once for both sides (a wider batch shares only its
+        # rows' common start); the GEMMs of 1,000+ tokens keep the card busy (measured in bench/dpo_gpu.py)
+        per_forward = 1 if shared and device.type == "cuda" else batch_size
         precompute_reference_logps(model, items, lambda c: collate_pairs(c, pad_id, shared_prefix=shared, anchors=False), assign,
-                                   batch_size=batch_size, device=device, fused=fused)
+                                   batch_size=per_forward, device=device, fused=fused)
     else:
         def assign(chunk, batch, m):
             own = sequence_logps(m, {k: v for k, v in batch.items() if not k.startswith("kl_")}, fused=fused)
