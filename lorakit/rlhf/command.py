@@ -65,11 +65,10 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
             for pair, c, r in zip(chunk, logps[:len(chunk)], logps[len(chunk):]):
                 pair.ref_chosen, pair.ref_rejected = c, r
 
-        # on the GPU one pair per forward: its prompt then runs once for both sides (a wider batch shares only its
-        # rows' common start); the GEMMs of 1,000+ tokens keep the card busy (measured in bench/dpo_gpu.py)
-        per_forward = 1 if shared and device.type == "cuda" else batch_size
+        # several pairs per forward share only their rows' common start; one pair per forward (its prompt run once)
+        # was slower on the H200 (0.065 vs 0.050 s a pair, 512 + 512 + 512 tokens, 2026-12-04)
         precompute_reference_logps(model, items, lambda c: collate_pairs(c, pad_id, shared_prefix=shared, anchors=False), assign,
-                                   batch_size=per_forward, device=device, fused=fused)
+                                   batch_size=batch_size, device=device, fused=fused)
     else:
         def assign(chunk, batch, m):
             own = sequence_logps(m, {k: v for k, v in batch.items() if not k.startswith("kl_")}, fused=fused)
