@@ -163,7 +163,10 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
     warm = [timed(device, lambda: step(i)) for i in range(warmup)]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_s = sum(timed(device, lambda: step(warmup + i)) for i in range(steps)) / steps
+    times = [timed(device, lambda: step(warmup + i)) for i in range(steps)]
+    print(json.dumps({"side": "lorakit" if anchor else "lorakit_no_anchor", "warmup_s": [round(t, 3) for t in warm],
+                      "step_s": [round(t, 4) for t in times]}), flush=True)
+    step_s = sum(times) / steps
     tokens = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
     one_off = (ref_first - ref_pair_s * REFERENCE_BATCH) + (sum(warm) - step_s * warmup)
     name = NAMES["lorakit" if anchor else "lorakit_no_anchor"]
