@@ -165,7 +165,7 @@ def run_lorakit(arch: dict, pairs: list[RenderedPair], *, steps: int, warmup: in
         torch.cuda.reset_peak_memory_stats()
     times = [timed(device, lambda: step(warmup + i)) for i in range(steps)]
     print(json.dumps({"side": "lorakit" if anchor else "lorakit_no_anchor", "warmup_s": [round(t, 3) for t in warm],
-                      "step_s": [round(t, 4) for t in times]}), flush=True)
+                      "step_s": [round(t, 4) for t in times]}), file=sys.stderr, flush=True)
     step_s = sum(times) / steps
     tokens = len(pairs[0].chosen.input_ids) + len(pairs[0].rejected.input_ids)
     one_off = (ref_first - ref_pair_s * REFERENCE_BATCH) + (sum(warm) - step_s * warmup)
