@@ -4,6 +4,7 @@ policy's own."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit.args import DataArgs, LoraArgs, RlhfArgs, RlhfGroup
 from lorakit.data.packing import collate
 from lorakit.errors import UserError
+from lorakit.fast import FastOptions, prepare_for_training
 from lorakit.evaluate import load_retention_questions
 from lorakit.replay import load_general_prompts
 from lorakit.rlhf.anchor import anchor_answers, anchor_kl, anchor_samples, kl_to_teacher, load_anchor_prompts
@@ -108,6 +110,8 @@ def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
     answers = anchor_answers(model, tokenizer, system=None, cache_dir=tmp_path, max_new_tokens=4, top_k=4,
                              log=lambda m: None)
     trained_looking(model)
+    # the GPU's layout: the same batches through the packed layers (one packed row; the CPU runs its reference attention)
+    packed = prepare_for_training(copy.deepcopy(model), FastOptions(torch_compile=False, gradient_checkpointing=False))
     for kind in ("dpo", "orpo", "simpo", "cpo", "kto"):
         items = load_preference_data(DataArgs(dataset=[str(path)]), tokenizer, rlhf_type=kind, batch_size=2,
                                      log=lambda m: None).train
@@ -139,6 +143,8 @@ def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
                 torch.testing.assert_close(with_anchor.metrics[name][0], total, rtol=1e-12, atol=1e-12)
             off = loss_fn(model, batch, RlhfGroup(rlhf_type=kind, replay_kl=0.0), fused=False)
             torch.testing.assert_close(off.loss_sum, without.loss_sum, rtol=1e-12, atol=1e-12)
+            on_gpu_path = loss_fn(packed, batch, cfg, fused=True)
+            torch.testing.assert_close(on_gpu_path.loss_sum, want, rtol=1e-9, atol=1e-9, msg=f"{kind} {shared}")
 
 
 def test_anchor_prompts_are_apart_from_the_eval_and_the_general_prompts():
