@@ -116,7 +116,8 @@ def prefix_batch():
     g = torch.Generator().manual_seed(7)
     mask = torch.zeros(3, 9, dtype=torch.long)
     mask[0], mask[1, :5], mask[2, :6] = 1, 1, 1
-    return {"prefix_ids": torch.randint(0, 1000, (1, 7), generator=g), "input_ids": torch.randint(0, 1000, (3, 9), generator=g),
+    return {"prefix_ids": torch.randint(0, 1000, (1, 7), generator=g),
+            "input_ids": torch.randint(0, 1000, (3, 9), generator=g),
             "attention_mask": mask, "prefix_rows": torch.tensor([True, True, False])}
 
 

@@ -110,7 +110,7 @@ def test_every_preference_loss_adds_the_weighted_anchor_term(tiny, tmp_path):
     answers = anchor_answers(model, tokenizer, system=None, cache_dir=tmp_path, max_new_tokens=4, top_k=4,
                              log=lambda m: None)
     trained_looking(model)
-    # the GPU's layout: the same batches through the packed layers (one packed row; the CPU runs its reference attention)
+    # the GPU's layout: the same batches through the packed layers (one packed row; on the CPU, reference attention)
     packed = prepare_for_training(copy.deepcopy(model), FastOptions(torch_compile=False, gradient_checkpointing=False))
     for kind in ("dpo", "orpo", "simpo", "cpo", "kto"):
         items = load_preference_data(DataArgs(dataset=[str(path)]), tokenizer, rlhf_type=kind, batch_size=2,
