@@ -113,6 +113,14 @@ def default_learning_rate(args: SftArgs) -> float:
     return 1e-4 if args.lora.train_type == "lora" else 1e-5
 
 
+def shares_prefix(device: torch.device, *, prefix_on_gpu: bool, sharded: bool = False) -> bool:
+    """Whether a batch's rows run their common start (the system prompt; a pair's prompt) once: on the CPU, and on
+    a GPU where the run asks (rlhf, under packed attention; sft's GPU rows keep fixed shapes for the compiled
+    layers); not under FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared
+    keys/values."""
+    return (device.type != "cuda" or prefix_on_gpu) and not sharded
+
+
 def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     """One optimizer step: set the lr, accumulate, clip, check, apply. Returns (loss, grad norm, tokens seen)."""
     lr = s.learning_rate * lr_factor(s.step, total_steps=s.plan.total_steps, warmup=s.warmup,
@@ -122,10 +130,7 @@ def optimizer_step(s: TrainingRun) -> tuple[float, float, int]:
     indices = s.plan.micro_batches(s.step)
     mine, weights = s.par.share(indices)  # several processes: this rank's micro-batches (weight 0: a repeat)
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else 0
-    # The rows of a micro-batch share the run of their common start (the system prompt; a pair's prompt) on the CPU,
-    # and on a GPU where the run asks (rlhf; sft's GPU rows keep fixed shapes for the compiled layers); not under
-    # FSDP2, whose backward regathers a layer's weights from its outputs, not from the shared keys/values.
-    shared = (s.device.type != "cuda" or s.prefix_on_gpu) and not s.par.sharded
+    shared = shares_prefix(s.device, prefix_on_gpu=s.prefix_on_gpu, sharded=s.par.sharded)
     cpu_batches = [s.collate_fn([s.train_samples[i] for i in idx], pad_id, shared_prefix=shared) for idx in mine]
     real = [(idx, b) for idx, b, w in zip(mine, cpu_batches, weights) if w]
     n_tokens = sum(s.count_fn(b) for _, b in real)

@@ -169,16 +169,11 @@ def _hidden_after_prefix(body: torch.nn.Module, batch: dict[str, torch.Tensor]) 
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     n = batch["prefix_ids"].shape[1]
-    mask = batch.get("attention_mask")
-    shares = batch.get("prefix_rows")
-    positions = torch.arange(width, device=batch["input_ids"].device).expand(rows, width) + n
-    if mask is not None or shares is not None:
-        mask = batch["input_ids"].new_ones(rows, width) if mask is None else mask
-        sees_prefix = mask.new_ones(rows, n) if shares is None else shares[:, None].to(mask.dtype).expand(rows, n)
-        mask = torch.cat([sees_prefix, mask], dim=1)
-    if shares is not None:
-        positions = positions - n * (~shares.bool())[:, None].long()
-    out = body(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+    ids = batch["input_ids"]
+    shares = batch.get("prefix_rows", torch.ones(rows, dtype=torch.bool, device=ids.device)).bool()[:, None]
+    mask = torch.cat([shares.expand(rows, n), batch.get("attention_mask", torch.ones_like(ids)).bool()], dim=1).long()
+    positions = torch.arange(width, device=ids.device) + n * shares.long()  # rows not continuing the prefix: from 0
+    out = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                **with_cache(cache))
     return out.last_hidden_state
 

@@ -183,12 +183,10 @@ def joined_prefix_hidden(body, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     prefix, ids = batch["prefix_ids"][0], batch["input_ids"]
     rows, width = ids.shape
     n = prefix.numel()
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
-    shares = batch.get("prefix_rows")
-    shares = torch.ones(rows, dtype=torch.bool, device=ids.device) if shares is None else shares.bool()
+    mask = batch.get("attention_mask", torch.ones_like(ids))
+    shares = batch.get("prefix_rows", torch.ones(rows, dtype=torch.bool, device=ids.device)).bool()
     keep = mask.reshape(-1).nonzero().squeeze(1)
-    positions = torch.arange(width, device=ids.device) + n * shares[:, None].long()
+    positions = torch.arange(width, device=ids.device) + n * shares[:, None].long()  # as the KV-cache reference
     stream = torch.cat([prefix, ids.reshape(-1)[keep]])
     lengths, continues = mask.sum(1).tolist(), shares.tolist()
     keys, q_bounds, k_bounds, start = [torch.arange(n, device=ids.device)], [0, n], [0, n], n

@@ -18,7 +18,7 @@ import torch
 from lorakit import distributed
 from lorakit.args import RlhfArgs
 from lorakit.launch import refuse_several_processes
-from lorakit.loop import fit, start_run
+from lorakit.loop import fit, shares_prefix, start_run
 from lorakit.model import CACHE_DIR, load_model, pick_device, pick_dtype
 from lorakit.rlhf.anchor import ANCHOR_EVERY_PAIRS, anchor_answers, anchor_samples, describe_anchor
 from lorakit.rlhf.check import format_preference_report
@@ -56,7 +56,7 @@ REFERENCE_BATCH = 8  # pairs per no-grad reference forward (no activations kept:
 def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.device, batch_size: int,
                    fused: bool, shared: bool) -> float:
     """Precompute the reference log-probs of every train and val example; returns the seconds it took.
-    shared: the rows of a batch run their common start once (shares_prompt_run)."""
+    shared: the rows of a batch run their common start once (loop.shares_prefix)."""
     started = time.perf_counter()
     items = sorted(data.train + data.val, key=lambda x: x.length)  # alike lengths batched: less padding
     if items and isinstance(items[0], RenderedPair):
@@ -80,13 +80,6 @@ def fill_reference(model, data: PreferenceData, *, pad_id: int, device: torch.de
         precompute_reference_logps(model, items, lambda c: collate_completions(c, pad_id, shared_prefix=shared, anchors=False),
                                    assign, batch_size=batch_size, device=device, fused=fused)
     return time.perf_counter() - started
-
-
-def shares_prompt_run(args: RlhfArgs, device: torch.device) -> bool:
-    """Whether a pair's (or a batch's) common prompt runs once for its rows: on the CPU (a KV cache) and under
-    the GPU's packed attention (one packed row, fast.joined_prefix_hidden); 512 + 512 + 512-token pairs then
-    run 1,536 tokens a pair instead of 2,048."""
-    return device.type != "cuda" or args.fast.packed_attention
 
 
 def add_anchor(model, tokenizer, data: PreferenceData, args: RlhfArgs, adapter) -> None:
@@ -137,7 +130,7 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
     if args.rlhf.rlhf_type in NEEDS_REFERENCE:
         seconds = fill_reference(model, data, pad_id=pad_id, device=device, fused=args.fast.fused_loss,
                                  batch_size=max(args.train.per_device_eval_batch_size, REFERENCE_BATCH),
-                                 shared=shares_prompt_run(args, device))
+                                 shared=shares_prefix(device, prefix_on_gpu=args.fast.packed_attention))
         print(f"reference log-probs of {len(data.train) + len(data.val)} examples precomputed in {seconds:.1f}s",
               file=sys.stderr)
     args.train.learning_rate = learning_rate_for(args)
@@ -150,7 +143,7 @@ def train_preference(args: RlhfArgs, env: distributed.DistEnv | None = None):
                     loss_fn=make_preference_loss_fn(args.rlhf, fused=args.fast.fused_loss),
                     collate_fn=collate_completions if kto else collate_pairs,
                     count_fn=count_completions if kto else count_pairs, name=f"rlhf {args.rlhf.rlhf_type}",
-                    prefix_on_gpu=shares_prompt_run(args, device),
+                    prefix_on_gpu=args.fast.packed_attention,  # a pair's prompt runs once: fast.joined_prefix_hidden
                     scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 and device.type == "cuda" else None,
                     par=par)
     result = fit(run)
